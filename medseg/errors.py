@@ -1,0 +1,17 @@
+"""Errors users can cause. The CLI prints them as one line and exits with code 2."""
+
+
+class MedsegError(Exception):
+    """Base class: a problem with the user's input, printed without a traceback."""
+
+
+class ConfigError(MedsegError):
+    """A config file or override is malformed, unknown or of the wrong type."""
+
+
+class DataError(MedsegError):
+    """A dataset, image or label file is missing, unreadable or inconsistent."""
+
+
+class CheckpointError(MedsegError):
+    """A checkpoint is missing, corrupted, unsafe or does not match the data."""
