@@ -1,0 +1,201 @@
+"""Finding cases: MSD/nnU-Net folders with dataset.json, or plain folders of image/label pairs.
+
+Also the deterministic k-fold split.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medseg.errors import DataError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+LABEL_SUFFIXES = ("_label", "_labels", "_seg", "_mask")
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training case: its image file(s) (one per channel, or one multi-channel file) and label."""
+
+    name: str
+    images: tuple[Path, ...]
+    label: Path | None
+
+    def as_dict(self) -> dict:
+        """The dictionary MONAI transforms work on."""
+        image: str | list[str] = str(self.images[0]) if len(self.images) == 1 else [str(p) for p in self.images]
+        item = {"name": self.name, "image": image}
+        if self.label is not None:
+            item["label"] = str(self.label)
+        return item
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset folder holds."""
+
+    root: Path
+    cases: tuple[Case, ...]
+    labels: dict[int, str] = field(default_factory=dict)  # label value -> name, 0 = background
+    modalities: tuple[str, ...] = ()  # one per input channel, e.g. ("CT",) or ("T1", "T2")
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output classes including background."""
+        return max(self.labels) + 1 if self.labels else 0
+
+
+def find_dataset(root: str | Path) -> DatasetInfo:
+    """Read a dataset folder: `dataset.json` + imagesTr/labelsTr, or image/label pairs."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: dataset folder does not exist")
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset path is not a folder")
+    description = root / "dataset.json"
+    if description.is_file():
+        info = _from_dataset_json(root, description)
+    else:
+        info = _from_pairs(root)
+    if not info.cases:
+        raise DataError(f"{root}: no cases found (expected dataset.json with imagesTr/labelsTr, or image/label pairs)")
+    return info
+
+
+def split(cases: tuple[Case, ...] | list[Case], folds: int, fold: int, seed: int) -> tuple[list[Case], list[Case]]:
+    """Deterministic k-fold split: cases sorted by name, shuffled by `seed`, dealt into `folds`.
+
+    fold = -1 means train on everything, validate on nothing.
+    """
+    ordered = sorted(cases, key=lambda c: c.name)
+    if fold == -1:
+        return ordered, []
+    if folds < 2 or not 0 <= fold < folds:
+        raise DataError(f"fold {fold} is not in 0..{folds - 1} (data.folds={folds})")
+    if len(ordered) < folds:
+        raise DataError(f"{len(ordered)} cases cannot be split into {folds} folds")
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    chunks = np.array_split(order, folds)
+    val_index = set(chunks[fold].tolist())
+    train = [c for i, c in enumerate(ordered) if i not in val_index]
+    val = [c for i, c in enumerate(ordered) if i in val_index]
+    return train, val
+
+
+def _from_dataset_json(root: Path, path: Path) -> DatasetInfo:
+    try:
+        description = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(description, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    labels = _labels(description.get("labels", {}), path)
+    modalities = description.get("channel_names") or description.get("modality") or {}
+    modality_names = tuple(str(modalities[k]) for k in sorted(modalities, key=lambda k: int(k)))
+    ending = description.get("file_ending", ".nii.gz")
+    cases = []
+    if isinstance(description.get("training"), list):
+        for entry in description["training"]:
+            if not isinstance(entry, dict) or "image" not in entry:
+                raise DataError(f"{path}: each 'training' entry needs an 'image'")
+            image = _inside(root, entry["image"], path)
+            label = _inside(root, entry["label"], path) if entry.get("label") else None
+            name = _case_name(image)
+            images = _channel_files(image, ending)
+            if not images:
+                raise DataError(f"{image}: listed in {path.name} but missing")
+            if label is not None and not label.exists():
+                raise DataError(f"{label}: listed in {path.name} but missing")
+            cases.append(Case(name, images, label))
+    else:
+        cases = _scan(root / "imagesTr", root / "labelsTr", ending)
+    return DatasetInfo(root, tuple(cases), labels, modality_names)
+
+
+def _from_pairs(root: Path) -> DatasetInfo:
+    for images_dir, labels_dir in (("imagesTr", "labelsTr"), ("images", "labels")):
+        if (root / images_dir).is_dir() and (root / labels_dir).is_dir():
+            return DatasetInfo(root, tuple(_scan(root / images_dir, root / labels_dir, None)))
+    # A flat folder: <case>.nii.gz beside <case>_label.nii.gz (or _seg, _mask).
+    files = sorted(p for p in root.iterdir() if _suffix(p))
+    labels = {}
+    for p in files:
+        stem = _case_name(p)
+        for marker in LABEL_SUFFIXES:
+            if stem.endswith(marker):
+                labels[stem[: -len(marker)]] = p
+    cases = [
+        Case(_case_name(p), (p,), labels[_case_name(p)])
+        for p in files
+        if _case_name(p) in labels
+    ]
+    return DatasetInfo(root, tuple(cases))
+
+
+def _scan(images_dir: Path, labels_dir: Path, ending: str | None) -> list[Case]:
+    if not labels_dir.is_dir():
+        raise DataError(f"{labels_dir}: folder does not exist")
+    cases = []
+    for label in sorted(p for p in labels_dir.iterdir() if _suffix(p)):
+        name = _case_name(label)
+        images = _channel_files(images_dir / (name + (ending or _suffix(label))), ending or _suffix(label))
+        if not images:
+            raise DataError(f"{label}: no image for case '{name}' in {images_dir}")
+        cases.append(Case(name, images, label))
+    return cases
+
+
+def _channel_files(image: Path, ending: str) -> tuple[Path, ...]:
+    """The image itself if it exists, else nnU-Net's per-channel files <case>_0000<ending>, ..."""
+    if image.exists():
+        return (image,)
+    ending = _suffix(image) or ending
+    stem = str(image)[: -len(ending)] if ending and str(image).endswith(ending) else str(image)
+    channels = []
+    while Path(f"{stem}_{len(channels):04d}{ending}").exists():
+        channels.append(Path(f"{stem}_{len(channels):04d}{ending}"))
+    return tuple(channels)
+
+
+def _inside(root: Path, relative: str, source: Path) -> Path:
+    # Paths in dataset.json are relative to the dataset; refuse ones that leave it.
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise DataError(f"{source}: path '{relative}' points outside the dataset folder")
+    return path
+
+
+def _labels(raw: object, path: Path) -> dict[int, str]:
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: 'labels' must be an object")
+    labels: dict[int, str] = {}
+    for key, value in raw.items():
+        # MSD: {"0": "background"}; nnU-Net v2: {"background": 0}.
+        if isinstance(value, int) and not isinstance(value, bool):
+            labels[value] = str(key)
+        elif str(key).lstrip("-").isdigit():
+            labels[int(key)] = str(value)
+        else:
+            raise DataError(f"{path}: label entry {key!r}: {value!r} is neither 'value: name' nor 'name: value'")
+    if labels and sorted(labels) != list(range(len(labels))):
+        raise DataError(f"{path}: label values must be 0..{len(labels) - 1}, got {sorted(labels)}")
+    return labels
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix) and not name.startswith("."):
+            return suffix
+    return ""
+
+
+def _case_name(path: Path) -> str:
+    suffix = _suffix(path)
+    return path.name[: -len(suffix)] if suffix else path.name

@@ -1,0 +1,52 @@
+"""Dataset statistics the preprocessing needs: target spacing and CT intensity statistics."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from medseg.data.cases import Case
+from medseg.data.io import read_header, spacing_in_ras
+
+
+def median_spacing(cases: Sequence[Case]) -> tuple[float, float, float]:
+    """Median voxel spacing (mm) of the cases, per axis in RAS order. Reads headers only."""
+    spacings = np.array([spacing_in_ras(read_header(case.images[0]).affine) for case in cases])
+    return tuple(float(s) for s in np.median(spacings, axis=0))  # type: ignore[return-value]
+
+
+def foreground_intensity_statistics(
+    cases: Sequence[Case], percentiles: Sequence[float], samples_per_case: int = 10_000, seed: int = 0
+) -> dict[str, tuple[float, ...]]:
+    """Per-channel clip window (foreground percentiles) and mean/std of the clipped foreground.
+
+    nnU-Net's CT scheme: sample foreground voxels from every training case, so that the statistics
+    describe the structures to segment rather than air or the table.
+    """
+    from medseg.data.transforms import load
+
+    loader = load(("image", "label"))
+    rng = np.random.default_rng(seed)
+    samples: list[list[np.ndarray]] = []
+    for case in cases:
+        item = loader[0](case.as_dict())
+        image = np.asarray(item["image"])
+        mask = np.asarray(item["label"])[0] > 0
+        if not samples:
+            samples = [[] for _ in range(image.shape[0])]
+        for c in range(image.shape[0]):
+            values = image[c][mask]
+            if values.size > samples_per_case:
+                values = rng.choice(values, samples_per_case, replace=False)
+            samples[c].append(values.astype(np.float64))
+    low, high, mean, std = [], [], [], []
+    for per_case in samples:
+        values = np.concatenate(per_case) if per_case else np.zeros(1)
+        lo, hi = np.percentile(values, percentiles)
+        clipped = np.clip(values, lo, hi)
+        low.append(float(lo))
+        high.append(float(hi))
+        mean.append(float(clipped.mean()))
+        std.append(float(clipped.std()))
+    return {"clip_low": tuple(low), "clip_high": tuple(high), "mean": tuple(mean), "std": tuple(std)}

@@ -1,0 +1,151 @@
+"""MONAI dictionary transforms for training, validation and inference.
+
+`preprocessing()` is deterministic and cached: load, channel-first, RAS orientation, foreground
+crop, resampling to the target spacing, intensity normalisation. `training_augmentation()` is the
+random part applied to cached volumes every time a patch is drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from monai import transforms as T
+from monai.config import KeysCollection
+
+from medseg.data.io import readers
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything needed to turn a raw volume into network input; stored in every checkpoint."""
+
+    spacing: tuple[float, float, float]
+    normalization: str  # "ct" | "zscore" | "none"
+    channels: int
+    num_classes: int
+    crop_foreground: bool = True
+    # CT only, one entry per channel: clip window and z-score statistics of the training foreground.
+    clip_low: tuple[float, ...] = ()
+    clip_high: tuple[float, ...] = ()
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    labels: dict[int, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only, so checkpoints load with weights_only=True."""
+        values = asdict(self)
+        values["labels"] = {str(k): v for k, v in self.labels.items()}
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Preprocessing":
+        """Inverse of `to_dict`."""
+        values = dict(values)
+        values["labels"] = {int(k): v for k, v in values.get("labels", {}).items()}
+        for key in ("spacing", "clip_low", "clip_high", "mean", "std"):
+            values[key] = tuple(values.get(key, ()))
+        return cls(**values)
+
+
+class ClipAndStandardized(T.MapTransform):
+    """CT normalisation with dataset statistics: clip each channel to a fixed window, then z-score."""
+
+    def __init__(self, keys: KeysCollection, low: tuple[float, ...], high: tuple[float, ...],
+                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__(keys)
+        self.low, self.high, self.mean, self.std = low, high, mean, std
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            for c in range(image.shape[0]):
+                image[c] = (image[c].clamp(self.low[c], self.high[c]) - self.mean[c]) / max(self.std[c], 1e-8)
+            d[key] = image
+        return d
+
+
+def load(keys: tuple[str, ...] = ("image", "label")) -> list:
+    """Read files into channel-first MetaTensors in RAS orientation (no resampling)."""
+    return [
+        T.LoadImaged(keys, reader=readers(), image_only=True, ensure_channel_first=True, allow_missing_keys=True),
+        T.Orientationd(keys, axcodes="RAS", allow_missing_keys=True),
+    ]
+
+
+def preprocessing(p: Preprocessing, with_label: bool = True) -> T.Compose:
+    """Deterministic chain from files to normalised tensors at the target spacing."""
+    keys = ("image", "label") if with_label else ("image",)
+    steps = load(keys)
+    if p.crop_foreground:
+        # Crop to the image's non-zero box before resampling: less work, and the zero background
+        # of skull-stripped or cropped MRI carries no information.
+        steps.append(T.CropForegroundd(keys, source_key="image", select_fn=_nonzero, allow_smaller=True))
+    modes = ("bilinear", "nearest") if with_label else ("bilinear",)
+    steps.append(T.Spacingd(keys, pixdim=p.spacing, mode=modes, dtype=np.float32))
+    if p.normalization == "zscore":
+        steps.append(T.NormalizeIntensityd("image", nonzero=True, channel_wise=True))
+    elif p.normalization == "ct":
+        steps.append(ClipAndStandardized("image", p.clip_low, p.clip_high, p.mean, p.std))
+    steps.append(T.EnsureTyped("image", dtype=torch.float32, track_meta=True))
+    if with_label:
+        # Labels are cached as uint8: a quarter of float32's memory for large volumes.
+        steps.append(T.EnsureTyped("label", dtype=torch.uint8, track_meta=True))
+    return T.Compose(steps)
+
+
+def patch_sampling(p: Preprocessing, patch_size: list[int], max_per_class: int = 20_000) -> T.Compose:
+    """Deterministic preparation for patch sampling, cached with the preprocessed volume: pad to at
+    least the patch size, then list voxel indices per class (a bounded random subset of each) so
+    that drawing a foreground-centred patch costs nothing per step."""
+    return T.Compose([
+        T.SpatialPadd(("image", "label"), spatial_size=patch_size),
+        T.ClassesToIndicesd("label", num_classes=p.num_classes, max_samples_per_class=max_per_class),
+    ])
+
+
+def training_augmentation(p: Preprocessing, patch_size: list[int], foreground_fraction: float,
+                          augment: bool = True) -> T.Compose:
+    """Random patch sampling (foreground-balanced) and spatial/intensity augmentation, applied to
+    volumes prepared by `preprocessing` and `patch_sampling`.
+
+    Defaults follow nnU-Net's: rotations up to 30 degrees and scaling 0.7-1.4 with probability 0.2,
+    mirroring on every axis, Gaussian noise and blur, brightness, contrast and gamma changes.
+    """
+    keys = ("image", "label")
+    foreground_classes = max(p.num_classes - 1, 1)
+    ratios = [1.0 - foreground_fraction] + [foreground_fraction / foreground_classes] * foreground_classes
+    steps: list = [
+        T.EnsureTyped("label", dtype=torch.float32, track_meta=False),
+        T.EnsureTyped("image", track_meta=False),
+        T.RandCropByLabelClassesd(
+            keys, label_key="label", spatial_size=patch_size, ratios=ratios,
+            num_classes=p.num_classes, num_samples=1, indices_key="label_cls_indices", warn=False,
+        ),
+    ]
+    if augment:
+        rotation = math.pi / 6
+        steps += [
+            T.RandAffined(
+                keys, prob=0.2, rotate_range=(rotation,) * 3, scale_range=((-0.3, 0.4),) * 3,
+                mode=("bilinear", "nearest"), padding_mode="zeros", spatial_size=patch_size, cache_grid=True,
+            ),
+            T.RandGaussianNoised("image", prob=0.1, std=0.1),
+            T.RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+            T.RandScaleIntensityd("image", prob=0.15, factors=0.25),
+            T.RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
+            T.RandFlipd(keys, prob=0.5, spatial_axis=0),
+            T.RandFlipd(keys, prob=0.5, spatial_axis=1),
+            T.RandFlipd(keys, prob=0.5, spatial_axis=2),
+        ]
+    steps.append(T.SelectItemsd(keys))
+    return T.Compose(steps)
+
+
+def _nonzero(image: Any) -> Any:
+    # Module-level (not a lambda) so the transform pickles into data-loading workers.
+    return image != 0

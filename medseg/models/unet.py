@@ -1,0 +1,201 @@
+"""A 3D U-Net in the shape of nnU-Net's default network, with activation checkpointing modes.
+
+Encoder: per stage two conv-norm-LeakyReLU blocks, the first strided (downsampling by a strided
+convolution rather than pooling). Decoder: transposed-conv upsampling, concatenation with the
+encoder's skip tensor, two conv blocks, and a 1x1x1 segmentation head per decoder stage for deep
+supervision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+CHECKPOINTING_MODES = ("off", "stage")
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    """Per-stage geometry of the network: stage 0 has stride 1, deeper stages downsample."""
+
+    widths: tuple[int, ...]
+    strides: tuple[tuple[int, int, int], ...]
+    kernels: tuple[tuple[int, int, int], ...]
+
+    @property
+    def divisor(self) -> tuple[int, int, int]:
+        """What each patch axis must be divisible by: the product of the strides."""
+        total = [1, 1, 1]
+        for stride in self.strides:
+            total = [t * s for t, s in zip(total, stride)]
+        return tuple(total)  # type: ignore[return-value]
+
+
+def plan_network(
+    patch_size: tuple[int, ...] | list[int],
+    spacing: tuple[float, ...] | list[float] = (1.0, 1.0, 1.0),
+    depth: int | None = None,
+    base_width: int = 32,
+    max_width: int = 320,
+    min_feature_size: int = 4,
+    max_depth: int = 7,
+) -> NetworkPlan:
+    """Derive strides, kernel sizes and widths from the patch size and voxel spacing.
+
+    nnU-Net's rules: an axis is halved while it stays at least `min_feature_size` voxels and even;
+    an axis whose spacing is more than twice the finest spacing is neither downsampled nor
+    convolved (kernel 1) until the other axes' effective spacing has caught up with it.
+    """
+    size = [int(s) for s in patch_size]
+    current_spacing = [float(s) for s in spacing]
+    strides: list[tuple[int, int, int]] = [(1, 1, 1)]
+    kernels: list[tuple[int, int, int]] = [_kernel(current_spacing)]
+    limit = max_depth if depth is None else depth
+    while len(strides) < limit:
+        finest = min(current_spacing)
+        stride = []
+        for axis in range(3):
+            can_halve = size[axis] % 2 == 0 and size[axis] // 2 >= min_feature_size
+            isotropic_enough = current_spacing[axis] <= 2 * finest
+            stride.append(2 if can_halve and isotropic_enough else 1)
+        if stride == [1, 1, 1]:
+            break
+        size = [s // st for s, st in zip(size, stride)]
+        current_spacing = [sp * st for sp, st in zip(current_spacing, stride)]
+        strides.append(tuple(stride))  # type: ignore[arg-type]
+        kernels.append(_kernel(current_spacing))
+    if depth is not None and len(strides) < depth:
+        raise ValueError(
+            f"patch {list(patch_size)} allows only {len(strides)} stages, not model.depth={depth}"
+        )
+    widths = tuple(min(base_width * 2**i, max_width) for i in range(len(strides)))
+    return NetworkPlan(widths=widths, strides=tuple(strides), kernels=tuple(kernels))
+
+
+class ConvBlock(nn.Sequential):
+    """Conv3d -> normalisation -> LeakyReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: tuple[int, int, int],
+                 stride: tuple[int, int, int], norm: str) -> None:
+        padding = tuple(k // 2 for k in kernel)
+        super().__init__(
+            nn.Conv3d(in_channels, out_channels, kernel, stride=stride, padding=padding, bias=True),
+            _norm(norm, out_channels),
+            nn.LeakyReLU(0.01, inplace=True),
+        )
+
+
+class EncoderStage(nn.Sequential):
+    """Two conv blocks; the first one downsamples by its stride."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: tuple[int, int, int],
+                 stride: tuple[int, int, int], norm: str) -> None:
+        super().__init__(
+            ConvBlock(in_channels, out_channels, kernel, stride, norm),
+            ConvBlock(out_channels, out_channels, kernel, (1, 1, 1), norm),
+        )
+
+
+class DecoderStage(nn.Module):
+    """Upsample the coarser features, concatenate the skip tensor, two conv blocks."""
+
+    def __init__(self, below_channels: int, skip_channels: int, kernel: tuple[int, int, int],
+                 stride: tuple[int, int, int], norm: str) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose3d(below_channels, skip_channels, stride, stride=stride, bias=False)
+        self.convs = nn.Sequential(
+            ConvBlock(2 * skip_channels, skip_channels, kernel, (1, 1, 1), norm),
+            ConvBlock(skip_channels, skip_channels, kernel, (1, 1, 1), norm),
+        )
+
+    def forward(self, below: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.convs(torch.cat([self.up(below), skip], dim=1))
+
+
+class UNet3D(nn.Module):
+    """3D U-Net. In training mode with deep supervision it returns a list of logits, finest first;
+    otherwise the full-resolution logits alone."""
+
+    def __init__(self, in_channels: int, num_classes: int, plan: NetworkPlan, norm: str = "instance",
+                 deep_supervision: bool = True, checkpointing: str = "off") -> None:
+        super().__init__()
+        self.plan = plan
+        self.deep_supervision = deep_supervision
+        widths = plan.widths
+        self.encoder = nn.ModuleList()
+        channels = in_channels
+        for width, kernel, stride in zip(widths, plan.kernels, plan.strides):
+            self.encoder.append(EncoderStage(channels, width, kernel, stride, norm))
+            channels = width
+        # decoder[i] brings stage i+1's resolution up to stage i's; listed deepest first.
+        self.decoder = nn.ModuleList(
+            DecoderStage(widths[i + 1], widths[i], plan.kernels[i], plan.strides[i + 1], norm)
+            for i in reversed(range(len(widths) - 1))
+        )
+        self.heads = nn.ModuleList(
+            nn.Conv3d(widths[i], num_classes, 1) for i in reversed(range(len(widths) - 1))
+        )
+        self.checkpointing = "off"
+        self.set_checkpointing(checkpointing)
+        self.apply(_init_weights)
+
+    def set_checkpointing(self, mode: str) -> None:
+        """Choose what is recomputed in backward instead of being kept from forward.
+
+        off:   keep every activation (fastest, most memory).
+        stage: keep only each stage's input (and the skip tensors, which are stage outputs anyway);
+               each encoder and decoder stage's inner activations (conv outputs, norm statistics,
+               activations) are recomputed in backward, one stage at a time.
+        """
+        if mode not in CHECKPOINTING_MODES:
+            raise ValueError(f"checkpointing must be one of {CHECKPOINTING_MODES}, got {mode!r}")
+        self.checkpointing = mode
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        skips = []
+        features = image
+        for stage in self.encoder:
+            features = self._run(stage, features)
+            skips.append(features)
+        outputs = []
+        features = skips.pop()
+        for stage, head in zip(self.decoder, self.heads):
+            features = self._run(stage, features, skips.pop())
+            if self.training and self.deep_supervision:
+                outputs.append(head(features))
+        if not (self.training and self.deep_supervision):
+            return self.heads[-1](features)
+        return outputs[::-1]
+
+    def _run(self, stage: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing == "stage" and torch.is_grad_enabled():
+            # Non-reentrant checkpointing: works with autocast and inputs that need no grad, and
+            # recomputes the stage under the same autocast state as in forward.
+            return checkpoint(stage, *inputs, use_reentrant=False)
+        return stage(*inputs)
+
+
+def _kernel(spacing: list[float]) -> tuple[int, int, int]:
+    finest = min(spacing)
+    return tuple(3 if s <= 2 * finest else 1 for s in spacing)  # type: ignore[return-value]
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, eps=1e-5, affine=True)
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    raise ValueError(f"unknown norm {kind!r}")
+
+
+def _init_weights(module: nn.Module) -> None:
+    # He initialisation for LeakyReLU(0.01), as nnU-Net does.
+    if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+        nn.init.kaiming_normal_(module.weight, a=0.01)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
