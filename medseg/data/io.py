@@ -1,0 +1,549 @@
+"""Reading and writing volumes with one array layout and one world frame for every format.
+
+NIfTI goes through MONAI's own ``NibabelReader``; NRRD, MetaImage and DICOM series go through
+:class:`SimpleITKReader`, which returns what ``NibabelReader`` would have returned for the same
+physical volume: an array indexed ``(x, y, z[, channel])`` and a 4x4 affine mapping voxel indices
+to RAS world coordinates in mm. ITK works in LPS, so its direction and origin are converted by
+negating the first two rows of the affine, as MONAI's ``ITKReader`` does.
+
+Give :func:`readers` to ``LoadImaged(keys, reader=readers())``. When ``reader=`` is given, MONAI
+does *not* pick a reader by suffix: it calls ``read`` on every registered reader, newest first, and
+keeps the first that does not raise. :class:`SimpleITKReader` is therefore tried first and refuses
+(raises) anything that is not one of its formats, so NIfTI falls through to ``NibabelReader``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import nibabel as nib
+import numpy as np
+from monai.data import ImageReader, NibabelReader
+from monai.utils import MetaKeys, SpaceKeys
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+from nibabel.wrapstruct import WrapStructError
+
+from medseg.errors import DataError
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+__all__ = [
+    "Header",
+    "SimpleITKReader",
+    "load_volume",
+    "read_header",
+    "readers",
+    "spacing_in_ras",
+    "write_nifti",
+]
+
+PathLike = Union[str, os.PathLike]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+
+# Errors that third-party readers raise for unreadable files; turned into DataError at the boundary.
+_READ_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    RuntimeError,
+    zlib.error,
+    ImageFileError,
+    HeaderDataError,
+    WrapStructError,
+)
+
+
+@dataclass(frozen=True, eq=False)
+class Header:
+    """Cheaply read geometry of a volume.
+
+    Attributes:
+        shape: spatial shape, in the array axis order ``(x, y, z)`` that the readers return.
+        spacing: voxel size in mm along those axes.
+        affine: voxel-to-RAS-world affine (4x4 for 3D images), as in MONAI's ``meta["affine"]``.
+        channels: number of channels (vector components or non-spatial axes); 1 for scalar images.
+    """
+
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    affine: np.ndarray
+    channels: int
+
+    def __post_init__(self) -> None:
+        affine = np.array(self.affine, dtype=np.float64)
+        affine.flags.writeable = False
+        object.__setattr__(self, "affine", affine)
+
+
+class SimpleITKReader(ImageReader):
+    """MONAI image reader for NRRD, MetaImage and DICOM series, in NibabelReader's conventions.
+
+    ``get_data`` returns an array indexed ``(x, y, z[, component])`` (the transpose of
+    ``SimpleITK.GetArrayFromImage``) and meta with a RAS ``affine``/``original_affine``,
+    ``spatial_shape``, ``space`` and ``original_channel_dim`` (``nan`` for scalar images, ``-1``
+    for vector pixels, ``0`` when a list of files is stacked into channels).
+
+    Args:
+        series_uid: SeriesInstanceUID to read when a DICOM directory holds several series.
+            Without it such a directory is refused with a DataError.
+    """
+
+    def __init__(self, series_uid: str | None = None) -> None:
+        super().__init__()
+        self.series_uid = series_uid
+
+    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
+        """Return True if every given path is an NRRD/MetaImage file or a (DICOM) directory."""
+        return all(_is_sitk_path(name) for name in _as_paths(filename))
+
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> Any:
+        """Read one image, or a list of images for a list of paths (stacked as channels later).
+
+        Raises:
+            DataError: a path is not one of this reader's formats, or cannot be read.
+        """
+        paths = _as_paths(data)
+        if not paths:
+            raise DataError("no image path given")
+        images = [_sitk_read(path, self.series_uid) for path in paths]
+        return images if len(images) > 1 else images[0]
+
+    def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
+        """Return ``(array, meta)`` for an image or list of images returned by :meth:`read`."""
+        images = list(img) if isinstance(img, (list, tuple)) else [img]
+        arrays: list[np.ndarray] = []
+        metas: list[dict] = []
+        for image in images:
+            array, meta = _sitk_array_and_meta(image)
+            arrays.append(array)
+            metas.append(meta)
+        if len(arrays) == 1:
+            return arrays[0], metas[0]
+        meta = metas[0]
+        for other in metas[1:]:
+            if not np.array_equal(other[MetaKeys.SPATIAL_SHAPE], meta[MetaKeys.SPATIAL_SHAPE]):
+                raise DataError(
+                    f"channel images differ in shape: {tuple(meta[MetaKeys.SPATIAL_SHAPE])} "
+                    f"vs {tuple(other[MetaKeys.SPATIAL_SHAPE])}"
+                )
+            if not np.allclose(other[MetaKeys.AFFINE], meta[MetaKeys.AFFINE], atol=1e-4):
+                raise DataError("channel images differ in affine (voxel-to-world geometry)")
+        if _is_no_channel(meta[MetaKeys.ORIGINAL_CHANNEL_DIM]):
+            meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = 0
+            return np.stack(arrays, axis=0), meta
+        return np.concatenate(arrays, axis=int(meta[MetaKeys.ORIGINAL_CHANNEL_DIM])), meta
+
+
+def readers() -> list[ImageReader]:
+    """Readers for ``LoadImaged(keys, reader=readers())``.
+
+    MONAI tries the given readers last-to-first; the SimpleITK reader refuses NIfTI, which then
+    goes to nibabel, exactly as ``LoadImaged`` without ``reader=`` would load it.
+    """
+    return [NibabelReader(), SimpleITKReader()]
+
+
+def load_volume(
+    path: Sequence[PathLike] | PathLike, *, label: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Load a volume channel-first with its RAS affine, through the same readers as training.
+
+    Args:
+        path: an image file, a DICOM series directory, or a list of them stacked as channels.
+        label: keep the stored dtype (for label maps) instead of converting to float32.
+
+    Returns:
+        ``(array, affine)``: array shaped ``(C, x, y, z)``, not reoriented; affine 4x4 RAS.
+
+    Raises:
+        DataError: the file is missing, unreadable or of an unsupported type.
+    """
+    paths = _as_paths(path)
+    if not paths:
+        raise DataError("no image path given")
+    for p in paths:
+        _check_readable(p)
+    reader = _pick_reader(paths)
+    shown = paths[0] if len(paths) == 1 else ", ".join(paths)
+    try:
+        array, meta = reader.get_data(reader.read(paths if len(paths) > 1 else paths[0]))
+        array = np.asarray(array)
+    except DataError:
+        raise
+    except _READ_ERRORS as exc:
+        raise DataError(f"{shown}: {_short_reason(exc)}") from exc
+    channel_dim = meta[MetaKeys.ORIGINAL_CHANNEL_DIM]
+    if _is_no_channel(channel_dim):
+        array = array[None]
+    else:
+        array = np.moveaxis(array, int(channel_dim), 0)
+    if not label:
+        array = array.astype(np.float32, copy=False)
+    return np.ascontiguousarray(array), np.asarray(meta[MetaKeys.AFFINE], dtype=np.float64)
+
+
+def read_header(path: PathLike) -> Header:
+    """Read a volume's spatial shape, spacing, RAS affine and channel count without its voxels.
+
+    NIfTI: nibabel header only. NRRD/MetaImage: ``ImageFileReader.ReadImageInformation``.
+    DICOM directory: the first and last slice headers plus the slice count, reproducing how
+    ``ImageSeriesReader`` derives slice spacing and direction. A truncated file whose header is
+    intact is not detected here; :func:`load_volume` detects it.
+
+    Raises:
+        DataError: the file is missing, unreadable or of an unsupported type.
+    """
+    name = os.fspath(path)
+    _check_readable(name)
+    try:
+        if _has_suffix(name, NIFTI_SUFFIXES):
+            return _nifti_header(name)
+        if _is_sitk_path(name):
+            return _sitk_header(name)
+    except DataError:
+        raise
+    except _READ_ERRORS as exc:
+        raise DataError(f"{name}: {_short_reason(exc)}") from exc
+    raise DataError(f"{name}: {_unsupported_reason()}")
+
+
+def spacing_in_ras(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel sizes (mm) in the axis order a volume has after ``Orientationd(axcodes="RAS")``.
+
+    Args:
+        affine: 4x4 voxel-to-world affine of the volume as loaded.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"expected a 4x4 affine, got shape {affine.shape}")
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    ornt = nib.orientations.io_orientation(affine)
+    out = [0.0, 0.0, 0.0]
+    for axis, (target, _flip) in enumerate(ornt):
+        out[int(target)] = float(sizes[axis])
+    return out[0], out[1], out[2]
+
+
+def write_nifti(
+    array: np.ndarray,
+    affine: np.ndarray,
+    path: PathLike,
+    dtype: np.dtype | type | str | None = None,
+) -> None:
+    """Write ``array`` (indexed ``(x, y, z[, c])``) as NIfTI with the given RAS affine, atomically.
+
+    The data go to a temporary file in the target directory, which is flushed, fsynced and then
+    renamed over ``path``; a failure leaves any existing file at ``path`` untouched.
+
+    Args:
+        array: voxel data, spatial axes first (as the readers return them, not channel-first).
+        affine: 4x4 voxel-to-RAS-world affine, e.g. ``meta["affine"]`` of the matching image.
+        path: target ``.nii.gz`` (gzip-compressed) or ``.nii`` file.
+        dtype: stored dtype. ``None``: integer/bool arrays get the smallest of uint8, int16,
+            uint16, int32 that holds their range (label maps); float arrays get float32.
+
+    Raises:
+        DataError: the target directory is missing or not writable, or writing fails.
+        ValueError: bad array/affine shape, or values that do not fit ``dtype``.
+    """
+    target = Path(os.fspath(path))
+    if not _has_suffix(target.name, NIFTI_SUFFIXES):
+        raise ValueError(f"{target}: NIfTI file names end in .nii or .nii.gz")
+    data = _nifti_data(np.asarray(array), dtype)
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"expected a 4x4 affine, got shape {affine.shape}")
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm", "sec")
+    payload = image.to_bytes()
+    if target.name.lower().endswith(".gz"):
+        payload = gzip.compress(payload, compresslevel=1, mtime=0)
+    _atomic_write(target, payload)
+
+
+# ---------------------------------------------------------------------------------------------
+# private helpers
+
+
+def _as_paths(data: Sequence[PathLike] | PathLike) -> list[str]:
+    if isinstance(data, (str, os.PathLike)):
+        return [os.fspath(data)]
+    return [os.fspath(d) for d in data]
+
+
+def _has_suffix(name: str, suffixes: Sequence[str]) -> bool:
+    return name.lower().endswith(tuple(suffixes))
+
+
+def _is_sitk_path(name: PathLike) -> bool:
+    name = os.fspath(name)
+    return os.path.isdir(name) or _has_suffix(name, SITK_SUFFIXES)
+
+
+def _is_no_channel(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value)) or value == "no_channel"
+
+
+def _unsupported_reason() -> str:
+    return "unsupported file type (expected .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd or a DICOM directory)"
+
+
+def _check_readable(name: str) -> None:
+    if not os.path.exists(name):
+        raise DataError(f"{name}: no such file or directory")
+    if not os.access(name, os.R_OK):
+        raise DataError(f"{name}: permission denied")
+
+
+def _pick_reader(paths: list[str]) -> ImageReader:
+    for reader in reversed(readers()):
+        if reader.verify_suffix(paths):
+            return reader
+    bad = next((p for p in paths if not (_is_sitk_path(p) or _has_suffix(p, NIFTI_SUFFIXES))), None)
+    if bad is None:
+        raise DataError(f"{', '.join(paths)}: cannot stack NIfTI and non-NIfTI files as channels")
+    raise DataError(f"{bad}: {_unsupported_reason()}")
+
+
+def _short_reason(exc: BaseException) -> str:
+    """One line from a library exception; ITK messages carry source locations before 'ERROR:'."""
+    text = str(exc).strip()
+    if "ERROR:" in text:
+        text = text.rsplit("ERROR:", 1)[1].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = lines[0] if lines else type(exc).__name__
+    if len(reason) > 200:
+        reason = reason[:197] + "..."
+    return f"cannot read ({type(exc).__name__}: {reason})" if lines else f"cannot read ({reason})"
+
+
+def _sitk_read(name: str, series_uid: str | None) -> sitk.Image:
+    import SimpleITK as sitk
+
+    _check_readable(name)
+    if os.path.isdir(name):
+        files = _dicom_series_files(name, series_uid)
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(list(files))
+        reader.MetaDataDictionaryArrayUpdateOff()
+    elif _has_suffix(name, SITK_SUFFIXES):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+    else:
+        raise DataError(f"{name}: not a SimpleITKReader format ({', '.join(SITK_SUFFIXES)} or a directory)")
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise DataError(f"{name}: {_short_reason(exc)}") from exc
+
+
+def _dicom_series_files(directory: str, series_uid: str | None) -> tuple[str, ...]:
+    import SimpleITK as sitk
+
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(directory)
+    if not series:
+        raise DataError(f"{directory}: no DICOM series found in directory")
+    if series_uid is not None:
+        if series_uid not in series:
+            raise DataError(f"{directory}: no DICOM series with SeriesInstanceUID {series_uid}")
+        uid = series_uid
+    elif len(series) > 1:
+        raise DataError(
+            f"{directory}: directory holds {len(series)} DICOM series; choose one with series_uid"
+        )
+    else:
+        uid = series[0]
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(directory, uid)
+    if not files:
+        raise DataError(f"{directory}: DICOM series {uid} has no readable files")
+    return tuple(files)
+
+
+def _ras_affine(direction: Sequence[float], spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
+    """ITK (LPS) geometry to a voxel-to-RAS affine, as MONAI's ITKReader builds it."""
+    dim = len(spacing)
+    rank = max(min(dim, 3), 1)
+    matrix = np.asarray(direction, dtype=np.float64).reshape(dim, dim)[:rank, :rank]
+    affine = np.eye(rank + 1)
+    affine[:rank, :rank] = matrix @ np.diag(np.asarray(spacing, dtype=np.float64)[:rank])
+    affine[:rank, rank] = np.asarray(origin, dtype=np.float64)[:rank]
+    flip = min(rank, 2)
+    affine[:flip, :] *= -1.0
+    return affine
+
+
+def _sitk_array_and_meta(image: sitk.Image) -> tuple[np.ndarray, dict]:
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(image)
+    dim = image.GetDimension()
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        # (z, y, x, c) -> (x, y, z, c)
+        array = np.transpose(array, (*range(dim - 1, -1, -1), dim))
+    else:
+        array = array.T
+    rank = max(min(dim, 3), 1)
+    spatial_shape = np.asarray(image.GetSize()[:rank])
+    affine = _ras_affine(image.GetDirection(), image.GetSpacing(), image.GetOrigin())
+    meta: dict = {
+        "spacing": np.asarray(image.GetSpacing(), dtype=np.float64),
+        MetaKeys.ORIGINAL_AFFINE: affine,
+        MetaKeys.AFFINE: affine.copy(),
+        MetaKeys.SPATIAL_SHAPE: spatial_shape,
+        MetaKeys.SPACE: SpaceKeys.RAS,
+        MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan") if array.ndim == rank else -1,
+    }
+    return array, meta
+
+
+def _nifti_header(name: str) -> Header:
+    image = nib.load(name)
+    shape = tuple(int(s) for s in image.header.get_data_shape())
+    affine = np.array(image.affine, dtype=np.float64)
+    rank = min(len(shape), 3)
+    spacing = np.linalg.norm(affine[:3, :rank], axis=0)
+    channels = int(np.prod(shape[3:])) if len(shape) > 3 else 1
+    return Header(shape[:rank], tuple(float(s) for s in spacing), affine, channels)
+
+
+def _sitk_header(name: str) -> Header:
+    import SimpleITK as sitk
+
+    if os.path.isdir(name):
+        return _dicom_header(name)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(name)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise DataError(f"{name}: {_short_reason(exc)}") from exc
+    size, dim = reader.GetSize(), reader.GetDimension()
+    rank = max(min(dim, 3), 1)
+    channels = reader.GetNumberOfComponents() * int(np.prod(size[rank:], dtype=np.int64))
+    affine = _ras_affine(reader.GetDirection(), reader.GetSpacing(), reader.GetOrigin())
+    spacing = tuple(float(s) for s in reader.GetSpacing()[:rank])
+    return Header(tuple(int(s) for s in size[:rank]), spacing, affine, channels)
+
+
+def _dicom_header(directory: str) -> Header:
+    """Series geometry from its first and last slice, as ITK's ImageSeriesReader computes it."""
+    import SimpleITK as sitk
+
+    files = _dicom_series_files(directory, None)
+    infos = []
+    for name in (files[0], files[-1]):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise DataError(f"{name}: {_short_reason(exc)}") from exc
+        infos.append(reader)
+    first, last = infos
+    size = list(first.GetSize())[:3]
+    spacing = list(first.GetSpacing())[:3]
+    direction = np.asarray(first.GetDirection(), dtype=np.float64).reshape(3, 3)
+    if len(files) > 1:
+        step = np.asarray(last.GetOrigin()) - np.asarray(first.GetOrigin())
+        distance = float(np.linalg.norm(step))
+        if distance > 0:
+            spacing[2] = distance / (len(files) - 1)
+            direction[:, 2] = step / distance
+        size[2] = len(files)
+    affine = _ras_affine(direction.ravel(), spacing, first.GetOrigin())
+    return Header(tuple(int(s) for s in size), tuple(float(s) for s in spacing), affine, first.GetNumberOfComponents())
+
+
+def _nifti_data(array: np.ndarray, dtype: np.dtype | type | str | None) -> np.ndarray:
+    if array.size == 0:
+        raise ValueError("cannot write an empty array")
+    if array.ndim == 4 and array.shape[0] == 1 and array.shape[-1] != 1:
+        raise ValueError(
+            f"array of shape {array.shape} looks channel-first; NIfTI wants (x, y, z[, c]): squeeze it"
+        )
+    if array.ndim not in (2, 3, 4, 5):
+        raise ValueError(f"expected a 2-5 dimensional array, got shape {array.shape}")
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    if dtype is None:
+        if np.issubdtype(array.dtype, np.integer):
+            low, high = int(array.min()), int(array.max())
+            for candidate in (np.uint8, np.int16, np.uint16, np.int32):
+                info = np.iinfo(candidate)
+                if info.min <= low and high <= info.max:
+                    return array.astype(candidate, copy=False)
+            raise ValueError(f"label values {low}..{high} do not fit in int32")
+        return array.astype(np.float32, copy=False)
+    target = np.dtype(dtype)
+    if np.issubdtype(target, np.integer):
+        if np.issubdtype(array.dtype, np.floating):
+            if not np.all(np.isfinite(array)):
+                raise ValueError(f"cannot store non-finite values as {target}")
+            array = np.rint(array)
+        info = np.iinfo(target)
+        if array.min() < info.min or array.max() > info.max:
+            raise ValueError(f"values {array.min()}..{array.max()} do not fit in {target}")
+    return array.astype(target, copy=False)
+
+
+def _atomic_write(target: Path, payload: bytes) -> None:
+    directory = target.parent
+    if not directory.is_dir():
+        raise DataError(f"{target}: directory {directory} does not exist")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise DataError(f"{target}: cannot write to {directory} ({exc.strerror or exc})") from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o666 & ~_umask())
+        os.replace(tmp_name, target)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp_name)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise DataError(f"{target}: cannot write ({exc.strerror or exc})") from exc
+        raise
+    _fsync_directory(directory)
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,66 @@
+"""Datasets and loaders: preprocessed volumes cached once, patches drawn at random every step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from monai import data as monai_data
+from monai import transforms as T
+
+from medseg.config import Config
+from medseg.data.cases import Case
+from medseg.data.transforms import Preprocessing, patch_sampling, preprocessing, training_augmentation
+
+
+def training_loader(cases: Sequence[Case], prep: Preprocessing, cfg: Config, cache_dir: Path | None,
+                    device: torch.device) -> monai_data.DataLoader:
+    """An endless-by-epoch loader: each pass yields `iterations_per_epoch` batches of random patches.
+
+    Cases are drawn with replacement (every case equally likely), so an epoch is a number of
+    optimiser steps rather than a pass over the cases, as in nnU-Net.
+    """
+    train = cfg.train
+    transform = T.Compose([
+        *preprocessing(prep).transforms,
+        *patch_sampling(prep, train.patch_size).transforms,
+        *training_augmentation(prep, train.patch_size, cfg.data.foreground_oversample, train.augment).transforms,
+    ])
+    # Seeds: the augmentation's own random state (used without workers) and the loader's
+    # generator (case order, and the base seed MONAI derives each worker's random state from).
+    transform.set_random_state(seed=train.seed)
+    dataset = _dataset([c.as_dict() for c in cases], transform, cfg.data.cache, cache_dir, train.workers)
+    generator = torch.Generator().manual_seed(train.seed)
+    sampler = torch.utils.data.RandomSampler(
+        dataset, replacement=True, num_samples=train.iterations_per_epoch * train.batch_size, generator=generator
+    )
+    return monai_data.DataLoader(
+        dataset,
+        batch_size=train.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=train.workers,
+        persistent_workers=train.workers > 0,
+        pin_memory=device.type == "cuda",
+        generator=generator,
+    )
+
+
+def validation_dataset(cases: Sequence[Case], prep: Preprocessing, cfg: Config,
+                       cache_dir: Path | None) -> monai_data.Dataset:
+    """Whole preprocessed validation volumes, cached like the training ones."""
+    return _dataset([c.as_dict() for c in cases], preprocessing(prep), cfg.data.cache, cache_dir, cfg.train.workers)
+
+
+def _dataset(items: list[dict], transform: T.Compose, cache: str, cache_dir: Path | None,
+             workers: int) -> monai_data.Dataset:
+    # MONAI's cached datasets run the transforms up to the first random one once, keep the result,
+    # and apply only the random rest per draw: epochs after the first never re-read or re-resample.
+    if cache == "memory":
+        return monai_data.CacheDataset(items, transform, num_workers=max(workers, 1), progress=False)
+    if cache == "disk":
+        assert cache_dir is not None
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return monai_data.PersistentDataset(items, transform, cache_dir=cache_dir)
+    return monai_data.Dataset(items, transform)
