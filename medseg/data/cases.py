@@ -6,6 +6,7 @@ Also the deterministic k-fold split.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,9 +165,11 @@ def _channel_files(image: Path, ending: str) -> tuple[Path, ...]:
 
 
 def _inside(root: Path, relative: str, source: Path) -> Path:
-    # Paths in dataset.json are relative to the dataset; refuse ones that leave it.
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root.resolve()):
+    # Paths in dataset.json are relative to the dataset; refuse ones that leave it (judged on the
+    # text of the path, so that a dataset of symbolic links to files elsewhere still works).
+    base = Path(os.path.normpath(root.absolute()))
+    path = Path(os.path.normpath(base / relative))
+    if not path.is_relative_to(base):
         raise DataError(f"{source}: path '{relative}' points outside the dataset folder")
     return path
 

@@ -73,7 +73,7 @@ def load(keys: tuple[str, ...] = ("image", "label")) -> list:
     """Read files into channel-first MetaTensors in RAS orientation (no resampling)."""
     return [
         T.LoadImaged(keys, reader=readers(), image_only=True, ensure_channel_first=True, allow_missing_keys=True),
-        T.Orientationd(keys, axcodes="RAS", allow_missing_keys=True),
+        T.Orientationd(keys, axcodes="RAS", labels=None, allow_missing_keys=True),
     ]
 
 

@@ -1,0 +1,115 @@
+"""End to end: `medseg train` through the real CLI on the bundled sample data."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from medseg import checkpoint
+from medseg.cli import app
+from tests.conftest import HIPPOCAMPUS, ROOT
+
+runner = CliRunner()
+
+TINY = [
+    "model.base_width=4", "model.max_width=16", "train.epochs=2", "train.iterations_per_epoch=3",
+    "train.batch_size=1", "train.patch_size=[16,16,16]", "train.workers=0", "validate.every=1",
+    "validate.sw_batch_size=4",
+]
+
+
+def _train(tmp_path, *extra, dataset=str(ROOT / "sample_data"), name="run"):
+    args = ["train", str(ROOT / "configs" / "sample.yaml")]
+    for item in [*TINY, f"data.dataset={dataset}", f"output_dir={tmp_path}", f"run_name={name}", *extra]:
+        args += ["--set", item]
+    return runner.invoke(app, args)
+
+
+def test_train_on_sample_data_writes_run_directory(tmp_path):
+    result = _train(tmp_path)
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "run"
+    for name in ("last.pt", "best.pt", "config.yaml", "metrics.csv", "preprocessing.json"):
+        assert (run_dir / name).is_file(), name
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["train"]["patch_size"] == [16, 16, 16]
+    assert resolved["data"]["dataset"].endswith("sample_data")
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert 0.0 <= float(rows[-1]["val_dice"]) <= 1.0
+    assert {"dice_core", "dice_shell"} <= set(rows[-1])
+    state = checkpoint.load(run_dir / "last.pt")
+    assert state["epoch"] == 1
+    assert state["preprocessing"]["num_classes"] == 3
+    assert json.loads((run_dir / "preprocessing.json").read_text())["normalization"] == "zscore"
+
+
+def test_resume_continues_to_more_epochs(tmp_path):
+    assert _train(tmp_path).exit_code == 0
+    run_dir = tmp_path / "run"
+    # Extend the finished run by editing its resolved config, as a user would to train longer.
+    state = checkpoint.load(run_dir / "last.pt")
+    state["config"]["train"]["epochs"] = 3
+    checkpoint.save(state, run_dir / "last.pt")
+    result = runner.invoke(app, ["train", "--resume", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert checkpoint.load(run_dir / "last.pt")["epoch"] == 2
+
+
+def test_training_is_reproducible_on_cpu(tmp_path):
+    assert _train(tmp_path, name="a").exit_code == 0
+    assert _train(tmp_path, name="b").exit_code == 0
+    first = checkpoint.load(tmp_path / "a" / "last.pt")["model"]
+    second = checkpoint.load(tmp_path / "b" / "last.pt")["model"]
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
+
+
+def test_bf16_and_checkpointing_train(tmp_path):
+    result = _train(tmp_path, "train.amp=bf16", "model.checkpointing=stage", "train.epochs=1")
+    assert result.exit_code == 0, result.output
+    assert "amp bf16" in result.output and "checkpointing stage" in result.output
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [("train.batchsize=2", "train.batchsize"), ("train.epochs=many", "train.epochs"),
+     ("model.checkpointing=sometimes", "model.checkpointing")],
+)
+def test_bad_config_is_one_line_error(tmp_path, override, expected):
+    result = _train(tmp_path, override)
+    assert result.exit_code == 2
+    assert expected in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_dataset_is_one_line_error(tmp_path):
+    result = _train(tmp_path, dataset=str(tmp_path / "nowhere"))
+    assert result.exit_code == 2
+    assert "nowhere" in result.output and "does not exist" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason="shared hippocampus data not present")
+def test_trains_on_four_hippocampus_cases(tmp_path):
+    subset = tmp_path / "hippo4"
+    (subset / "imagesTr").mkdir(parents=True)
+    (subset / "labelsTr").mkdir()
+    description = json.loads((HIPPOCAMPUS / "dataset.json").read_text())
+    description["training"] = description["training"][:4]
+    for entry in description["training"]:
+        for key in ("image", "label"):
+            (subset / entry[key]).symlink_to(HIPPOCAMPUS / entry[key])
+    (subset / "dataset.json").write_text(json.dumps(description))
+    result = _train(tmp_path, "data.folds=2", "train.patch_size=[24,32,24]", dataset=str(subset))
+    assert result.exit_code == 0, result.output
+    state = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert state["preprocessing"]["labels"] == {"0": "background", "1": "Anterior", "2": "Posterior"}
+    assert state["preprocessing"]["spacing"] == pytest.approx([1.0, 1.0, 1.0], abs=1e-3)
