@@ -219,10 +219,19 @@ def _scalar(name: str, value: Any, kind: type) -> Any:
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-3` (no dot) as a string; it is a float to anyone writing it.
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif kind is str:
-        # YAML 1.1 reads a bare `off` as false; the string keys that offer "off" mean exactly that.
-        if value is False:
+        # YAML 1.1 reads a bare `off` as false; for keys with a fixed set of words it meant "off"
+        # (an error follows if "off" is not one of them). Free-text keys must quote such words.
+        if value is False and name in CHOICES:
             return "off"
+        if isinstance(value, bool):
+            raise ConfigError(f"'{name}' must be str, got {value!r} (quote words like yes/no/on/off)")
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     raise ConfigError(f"'{name}' must be {kind.__name__}, got {value!r}")

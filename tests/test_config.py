@@ -157,20 +157,10 @@ def test_set_int_for_float_key_becomes_float():
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG medseg/config.py _scalar: PyYAML (YAML 1.1) reads '1e-3' as a string and float keys "
-    "accept no strings, so `--set train.lr=1e-3` raises ConfigError",
-)
 def test_set_float_in_exponent_notation():
     assert config.load(overrides=["train.lr=1e-3"]).train.lr == pytest.approx(1e-3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG medseg/config.py _scalar: YAML false becomes 'off' for every str key, so "
-    "`--set run_name=no` silently gives run_name='off' (only keys offering 'off' should do that)",
-)
 def test_set_yaml_boolean_word_for_free_string_key_is_not_turned_into_off():
     try:
         value = config.load(overrides=["run_name=no"]).run_name

@@ -25,11 +25,14 @@ def network_plan(cfg: Config, spacing: tuple[float, ...] | list[float]) -> Netwo
 def build_model(cfg: Config, in_channels: int, num_classes: int,
                 spacing: tuple[float, ...] | list[float]) -> UNet3D:
     """The 3D U-Net that `cfg` describes, for data at `spacing` (mm, RAS axis order)."""
-    return UNet3D(
-        in_channels,
-        num_classes,
-        network_plan(cfg, spacing),
-        norm=cfg.model.norm,
-        deep_supervision=cfg.model.deep_supervision,
-        checkpointing=cfg.model.checkpointing,
-    )
+    try:
+        return UNet3D(
+            in_channels,
+            num_classes,
+            network_plan(cfg, spacing),
+            norm=cfg.model.norm,
+            deep_supervision=cfg.model.deep_supervision,
+            checkpointing=cfg.model.checkpointing,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"'model.checkpointing': {exc}") from None

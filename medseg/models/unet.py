@@ -152,6 +152,9 @@ class UNet3D(nn.Module):
         """
         if mode not in CHECKPOINTING_MODES:
             raise ValueError(f"checkpointing must be one of {CHECKPOINTING_MODES}, got {mode!r}")
+        if mode != "off" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules()):
+            # Recomputing a stage in backward would update BatchNorm's running statistics twice.
+            raise ValueError("checkpointing cannot be combined with batch norm; use instance or group norm")
         self.checkpointing = mode
 
     def forward(self, image: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:

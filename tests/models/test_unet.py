@@ -303,6 +303,16 @@ def test_stage_checkpointing_under_bf16_autocast(model, image):
                                    msg=name)
 
 
+def test_stage_checkpointing_refuses_batchnorm(plan):
+    # Recomputing a stage in backward would update BatchNorm's running statistics twice per step.
+    with pytest.raises(ValueError, match="batch norm"):
+        UNet3D(IN_CHANNELS, NUM_CLASSES, plan, norm="batch", checkpointing="stage")
+    net = UNet3D(IN_CHANNELS, NUM_CLASSES, plan, norm="batch")
+    with pytest.raises(ValueError, match="batch norm"):
+        net.set_checkpointing("stage")
+    assert net.checkpointing == "off"
+
+
 def test_checkpointing_is_skipped_without_grad(model, image):
     net = _twin(model, "stage")
     with torch.no_grad(), _SavedTensors(net) as saved:
