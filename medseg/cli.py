@@ -50,6 +50,92 @@ def train(
         run_training(cfg, resume=resume, console=console)
 
 
+@app.command()
+def infer(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by medseg train (best.pt / last.pt).")],
+    inputs: Annotated[list[Path], typer.Argument(help="Images (NIfTI, NRRD, MHA), DICOM series folders, or folders of these.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the <name>.nii.gz label maps.")] = Path("predictions"),
+    overlap: Annotated[float, typer.Option(help="Sliding-window overlap (0..1).")] = 0.5,
+    mirror: Annotated[bool, typer.Option("--mirror", help="Test-time augmentation: average over the 8 axis flips.")] = False,
+    save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write <name>_probabilities.nii.gz.")] = False,
+    largest_component: Annotated[bool, typer.Option("--largest-component", help="Keep only the largest connected component of each class.")] = False,
+    sw_batch_size: Annotated[int, typer.Option(help="Windows evaluated together.")] = 4,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+) -> None:
+    """Segment volumes with a trained checkpoint; outputs share each input's grid exactly."""
+    with _user_errors():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.table import Table
+
+        from medseg.infer import predict
+
+        columns = (TextColumn("segmenting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("infer", total=None)
+
+            def report(result):
+                if result.error:
+                    errors.print(f"[bold red]error:[/] {result.error}", highlight=False, soft_wrap=True)
+                progress.advance(task)
+
+            results = predict(checkpoint, inputs, out, overlap=overlap, mirror=mirror,
+                              save_probabilities=save_probabilities, largest_component=largest_component,
+                              sw_batch_size=sw_batch_size, device=device, on_result=report)
+        table = Table(title="medseg infer", title_justify="left")
+        for column in ("input", "shape", "spacing (mm)", "seconds", "output"):
+            table.add_column(column, overflow="fold")
+        for r in results:
+            table.add_row(r.source, "×".join(map(str, r.shape)), "×".join(f"{s:.3g}" for s in r.spacing),
+                          f"{r.seconds:.2f}", str(r.output) if r.output else "[red]failed[/]")
+        console.print(table)
+        failed = sum(r.error is not None for r in results)
+        if failed:
+            errors.print(f"{failed} of {len(results)} inputs failed")
+            raise typer.Exit(code=1)
+
+
+@app.command()
+def evaluate(
+    predictions: Annotated[Path, typer.Argument(help="Folder (or file) of predicted label maps.")],
+    references: Annotated[Path, typer.Argument(help="Folder (or file) of reference label maps, matched by case name.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for evaluation.csv and evaluation.json (default: the predictions folder).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Take class names from this checkpoint.")] = None,
+) -> None:
+    """Dice, HD95 and mean surface distance (mm) and volumes per case and class."""
+    with _user_errors():
+        from rich.table import Table
+
+        from medseg.evaluate import evaluate as run_evaluation
+
+        labels = None
+        if checkpoint is not None:
+            from medseg import checkpoint as checkpoint_module
+
+            names = checkpoint_module.load(checkpoint)["preprocessing"]["labels"]
+            labels = {int(k): v for k, v in names.items() if int(k) > 0}
+        result = run_evaluation(predictions, references, labels)
+        folder = out or (predictions if predictions.is_dir() else predictions.parent)
+        folder.mkdir(parents=True, exist_ok=True)
+        result.write_csv(folder / "evaluation.csv")
+        result.write_json(folder / "evaluation.json")
+        table = Table(title=f"medseg evaluate ({len({r['case'] for r in result.rows})} cases)", title_justify="left")
+        metrics = ("dice", "hd95_mm", "msd_mm")
+        table.add_column("class")
+        for metric in metrics:
+            table.add_column(metric, justify="right")
+        for name, summary in result.summary.items():
+            table.add_row(name, *[_mean_std(summary.get(m)) for m in metrics])
+        console.print(table)
+        console.print(f"wrote {folder / 'evaluation.csv'} and {folder / 'evaluation.json'}")
+
+
+def _mean_std(value) -> str:
+    if not value:
+        return "-"
+    mean, std, count = value
+    return "-" if count == 0 else f"{mean:.4f} ± {std:.4f}"
+
+
 class _user_errors:
     """Turn MedsegError into one line on stderr and exit code 2, without a traceback."""
 

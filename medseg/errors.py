@@ -15,3 +15,15 @@ class DataError(MedsegError):
 
 class CheckpointError(MedsegError):
     """A checkpoint is missing, corrupted, unsafe or does not match the data."""
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain: MONAI wraps a reader's error in "applying transform ..."."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = error.__cause__ or error.__context__
+        if inner is None:
+            break
+        error = inner
+    return error

@@ -1,20 +1,172 @@
-"""Inference: sliding-window prediction over whole volumes."""
+"""Inference: sliding-window prediction, mapped back onto each input's own grid.
+
+`predict(checkpoint, inputs, out_dir)` segments NIfTI/NRRD/MetaImage files and DICOM series with a
+trained checkpoint alone (no config file): the checkpoint carries the model config and the
+preprocessing. Each prediction is resampled back from the network's spacing and orientation with
+MONAI's inverse transforms, so the written label map has exactly the input's shape and geometry.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+import itertools
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
+from monai import transforms as T
+from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from torch import nn
+
+from medseg.errors import DataError, MedsegError, root_cause
+
+# Above this many bytes of float32 class scores, windows are blended on the CPU instead of the GPU.
+DEVICE_AGGREGATION_LIMIT = 4 * 2**30
+
+
+@dataclass
+class Prediction:
+    """What happened to one input."""
+
+    source: str
+    output: Path | None = None
+    shape: tuple[int, ...] = ()
+    spacing: tuple[float, ...] = ()
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A trained model ready for inference, with what it needs to know about its inputs."""
+
+    model: nn.Module
+    prep: Any  # medseg.data.transforms.Preprocessing
+    patch_size: tuple[int, ...]
+    device: torch.device
+    amp_dtype: torch.dtype | None
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, device: str = "auto") -> "Predictor":
+        """Load a checkpoint (safely: weights and plain data only) and build its model."""
+        from medseg import checkpoint, config
+        from medseg.data.transforms import Preprocessing
+        from medseg.errors import CheckpointError
+        from medseg.models import build_model
+        from medseg.train import _amp_dtype, _device
+
+        state = checkpoint.load(path)
+        try:
+            cfg = config.from_dict(state["config"])
+            prep = Preprocessing.from_dict(state["preprocessing"])
+            model = build_model(cfg.replace(model={"checkpointing": "off"}), prep.channels, prep.num_classes, prep.spacing)
+            model.load_state_dict(state["model"])
+        except (KeyError, TypeError, RuntimeError, MedsegError) as exc:
+            raise CheckpointError(f"{path}: checkpoint does not describe a medseg model ({exc.__class__.__name__})") from None
+        torch_device = _device(device)
+        model.to(torch_device).eval()
+        return cls(model, prep, tuple(cfg.train.patch_size), torch_device, _amp_dtype("auto", torch_device))
+
+    def segment(self, image: MetaTensor, chain: T.Compose, output: Path, overlap: float = 0.5,
+                mirror: bool = False, sw_batch_size: int = 4, save_probabilities: bool = False,
+                largest_component: bool = False) -> Path:
+        """Predict one preprocessed image and write its label map on the input's own grid."""
+        from medseg.data.io import write_nifti
+
+        probabilities = self.probabilities(image, overlap, mirror, sw_batch_size)
+        labels = _restore_grid(probabilities.argmax(0, keepdim=True).to(torch.uint8), image, chain, nearest=True)
+        affine = np.asarray(labels.affine, dtype=np.float64)
+        labels = labels.as_tensor()
+        if largest_component:
+            labels = T.KeepLargestConnectedComponent(applied_labels=list(range(1, self.prep.num_classes)),
+                                                     independent=True)(labels)
+        write_nifti(np.asarray(labels[0], dtype=np.uint8), affine, output)
+        if save_probabilities:
+            restored = _restore_grid(probabilities, image, chain, nearest=False).as_tensor()
+            name = output.name.removesuffix(".nii.gz")
+            write_nifti(restored.movedim(0, -1).numpy().astype(np.float32), affine,
+                        output.with_name(f"{name}_probabilities.nii.gz"))
+        return output
+
+    @torch.no_grad()
+    def probabilities(self, image: MetaTensor, overlap: float = 0.5, mirror: bool = False,
+                      sw_batch_size: int = 4) -> torch.Tensor:
+        """Softmax class probabilities (K, ...) on the network's grid, returned on the CPU.
+
+        With `mirror`, the average over all 8 combinations of flipping the three axes.
+        """
+        volume = image.as_tensor()[None]
+        # Bounded memory: the blended scores of a large volume with many classes stay on the CPU.
+        score_bytes = 4 * self.prep.num_classes * volume[0, 0].numel()
+        aggregate = self.device if score_bytes <= DEVICE_AGGREGATION_LIMIT else torch.device("cpu")
+        flips: list[tuple[int, ...]] = [()]
+        if mirror:
+            flips += [axes for r in (1, 2, 3) for axes in itertools.combinations((2, 3, 4), r)]
+        total = None
+        for axes in flips:
+            flipped = volume.flip(axes) if axes else volume
+            logits = predict_logits(self.model, flipped, self.patch_size, overlap, sw_batch_size,
+                                    self.amp_dtype, aggregate)
+            scores = logits.softmax(1)
+            scores = scores.flip(axes) if axes else scores
+            total = scores if total is None else total.add_(scores)
+        return (total[0] / len(flips)).cpu()
+
+
+
+def predict(checkpoint_path: Path, inputs: Sequence[Path], out_dir: Path, overlap: float = 0.5,
+            mirror: bool = False, save_probabilities: bool = False, largest_component: bool = False,
+            sw_batch_size: int = 4, device: str = "auto",
+            on_result: Callable[[Prediction], None] | None = None) -> list[Prediction]:
+    """Segment every input; write `<name>.nii.gz` label maps (and probabilities) into `out_dir`.
+
+    A failing input is reported in its `Prediction.error` and the others still run. Loading and
+    preprocessing of the next input run in a background thread while the current one is predicted.
+    """
+    from medseg.data.cases import find_inputs
+
+    predictor = Predictor.from_checkpoint(checkpoint_path, device)
+    cases = find_inputs(list(inputs), predictor.prep.channels)
+    if not cases:
+        raise DataError(f"{', '.join(map(str, inputs))}: no images or DICOM series found")
+    out_dir = Path(out_dir)
+    _make_output_folder(out_dir)
+    results = []
+    for case, loaded in _prefetch(cases, predictor):
+        started = time.perf_counter()
+        result = Prediction(case.source)
+        try:
+            image, chain = loaded.result()
+            original_affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
+            result.shape = tuple(int(n) for n in image.meta["spatial_shape"])
+            result.spacing = tuple(float(s) for s in np.linalg.norm(original_affine[:3, :3], axis=0))
+            result.output = predictor.segment(image, chain, out_dir / f"{case.name}.nii.gz", overlap, mirror,
+                                              sw_batch_size, save_probabilities, largest_component)
+        except MedsegError as exc:
+            result.error = str(exc)
+        except (RuntimeError, ValueError, OSError) as exc:
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                raise
+            result.error = f"{case.source}: {_first_line(exc)}"
+        result.seconds = time.perf_counter() - started
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results
 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, image: torch.Tensor, patch_size: Sequence[int], overlap: float = 0.5,
-                   sw_batch_size: int = 2, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+                   sw_batch_size: int = 2, amp_dtype: torch.dtype | None = None,
+                   aggregate_device: torch.device | None = None) -> torch.Tensor:
     """Logits (B, K, ...) of a whole preprocessed volume (B, C, ...) by Gaussian-weighted sliding windows.
 
-    Windows run on the model's device under autocast; blending happens in float32 on the same device.
+    Windows run on the model's device under autocast; blending happens in float32 on
+    `aggregate_device` (default: the model's device).
     """
     device = next(model.parameters()).device
     model.eval()
@@ -22,5 +174,53 @@ def predict_logits(model: nn.Module, image: torch.Tensor, patch_size: Sequence[i
         logits = sliding_window_inference(
             image.to(device), roi_size=list(patch_size), sw_batch_size=sw_batch_size, predictor=model,
             overlap=overlap, mode="gaussian", sigma_scale=0.125, padding_mode="constant",
+            sw_device=device, device=aggregate_device or device,
         )
     return logits.float()
+
+
+def _prefetch(cases: list, predictor: Predictor) -> Iterator[tuple[Any, Future]]:
+    """Yield each case with a future of (preprocessed image, preprocessing chain); the next case
+    loads in a background thread while the caller predicts the current one."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_load_case, cases[0], predictor)
+        for index, case in enumerate(cases):
+            current = pending
+            if index + 1 < len(cases):
+                pending = pool.submit(_load_case, cases[index + 1], predictor)
+            yield case, current
+
+
+def _load_case(case: Any, predictor: Predictor) -> tuple[MetaTensor, T.Compose]:
+    from medseg.data.transforms import preprocessing
+
+    chain = preprocessing(predictor.prep, with_label=False, series_uid=case.series_uid)
+    try:
+        image = chain(case.as_dict())["image"]
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        cause = root_cause(exc)
+        if isinstance(cause, MedsegError):
+            raise DataError(str(cause)) from None
+        raise DataError(f"{case.source}: cannot read ({cause.__class__.__name__}: {_first_line(cause)})") from None
+    if image.shape[0] != predictor.prep.channels:
+        raise DataError(f"{case.source}: {image.shape[0]} channel(s), the model expects {predictor.prep.channels}")
+    return image, chain
+
+
+def _restore_grid(values: torch.Tensor, image: MetaTensor, chain: T.Compose, nearest: bool) -> MetaTensor:
+    """Map `values` (on the network's grid) back to the input's grid by inverting `chain`."""
+    prediction = MetaTensor(values, meta=dict(image.meta))
+    inverter = T.Invertd("prediction", transform=chain, orig_keys="image", nearest_interp=nearest)
+    return inverter({"image": image, "prediction": prediction})["prediction"]
+
+
+def _make_output_folder(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{out_dir}: cannot create output folder ({exc.strerror})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else exc.__class__.__name__

@@ -17,6 +17,7 @@ from medseg.errors import DataError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 LABEL_SUFFIXES = ("_label", "_labels", "_seg", "_mask")
+_NOT_DICOM = (".json", ".txt", ".csv", ".md", ".yaml", ".yml", ".png", ".jpg", ".pt", ".gz", ".zip")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -202,3 +203,73 @@ def _suffix(path: Path) -> str:
 def _case_name(path: Path) -> str:
     suffix = _suffix(path)
     return path.name[: -len(suffix)] if suffix else path.name
+
+
+@dataclass(frozen=True)
+class InferenceInput:
+    """One volume to segment: its file(s) (one per channel) or a DICOM series in a directory."""
+
+    name: str
+    images: tuple[Path, ...]
+    series_uid: str | None = None
+
+    @property
+    def source(self) -> str:
+        """How the input is named in messages and tables."""
+        where = str(self.images[0]) if len(self.images) == 1 else f"{self.images[0]} (+{len(self.images) - 1} channels)"
+        return f"{where} [series {self.series_uid}]" if self.series_uid else where
+
+    def as_dict(self) -> dict:
+        """The dictionary MONAI transforms work on."""
+        image: str | list[str] = str(self.images[0]) if len(self.images) == 1 else [str(p) for p in self.images]
+        return {"name": self.name, "image": image}
+
+
+def find_inputs(paths: list[Path], channels: int) -> list[InferenceInput]:
+    """Volumes to segment from files and folders.
+
+    Files: NIfTI, NRRD, MetaImage. Folders: every such file inside, every DICOM series (one output
+    per series; a study folder of several series gives several), recursively. nnU-Net-style channel
+    files `<case>_0000.nii.gz`, `<case>_0001.nii.gz` ... are grouped into one `channels`-channel case.
+    """
+    found: list[InferenceInput] = []
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            raise DataError(f"{path}: input does not exist")
+        if path.is_dir():
+            found += _inputs_in_folder(path, channels)
+        elif _suffix(path):
+            found += _group_channels([path], channels)
+        else:
+            raise DataError(f"{path}: not a supported image ({', '.join(IMAGE_SUFFIXES)}) or a DICOM folder")
+    return found
+
+
+def _inputs_in_folder(folder: Path, channels: int) -> list[InferenceInput]:
+    import SimpleITK as sitk
+
+    found: list[InferenceInput] = []
+    series: tuple[str, ...] = ()
+    if any(p.is_file() and not _suffix(p) and p.suffix.lower() not in _NOT_DICOM for p in folder.iterdir()):
+        # Only folders with candidate files are scanned: GDCM prints a warning for folders without.
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    for index, uid in enumerate(sorted(series)):
+        name = folder.name if len(series) == 1 else f"{folder.name}_series{index}"
+        found.append(InferenceInput(name, (folder,), uid if len(series) > 1 else None))
+    found += _group_channels(sorted(p for p in folder.iterdir() if p.is_file() and _suffix(p)), channels)
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        found += _inputs_in_folder(sub, channels)
+    return found
+
+
+def _group_channels(files: list[Path], channels: int) -> list[InferenceInput]:
+    groups: dict[str, list[Path]] = {}
+    for path in files:
+        match = _CHANNEL.match(_case_name(path))
+        if match and (channels > 1 or match["channel"] == "0000"):
+            groups.setdefault(str(path.parent / match["case"]), []).append(path)
+        else:
+            groups[str(path.parent / _case_name(path))] = [path]
+    # A wrong number of channel files is reported when the case is loaded, per input.
+    return [InferenceInput(Path(key).name, tuple(sorted(members))) for key, members in groups.items()]

@@ -145,13 +145,14 @@ class SimpleITKReader(ImageReader):
         return np.concatenate(arrays, axis=int(meta[MetaKeys.ORIGINAL_CHANNEL_DIM])), meta
 
 
-def readers() -> list[ImageReader]:
+def readers(series_uid: str | None = None) -> list[ImageReader]:
     """Readers for ``LoadImaged(keys, reader=readers())``.
 
     MONAI tries the given readers last-to-first; the SimpleITK reader refuses NIfTI, which then
-    goes to nibabel, exactly as ``LoadImaged`` without ``reader=`` would load it.
+    goes to nibabel, exactly as ``LoadImaged`` without ``reader=`` would load it. `series_uid`
+    picks one DICOM series in a directory that holds several.
     """
-    return [NibabelReader(), SimpleITKReader()]
+    return [NibabelReader(), SimpleITKReader(series_uid=series_uid)]
 
 
 def load_volume(

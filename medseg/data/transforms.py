@@ -69,18 +69,23 @@ class ClipAndStandardized(T.MapTransform):
         return d
 
 
-def load(keys: tuple[str, ...] = ("image", "label")) -> list:
+def load(keys: tuple[str, ...] = ("image", "label"), series_uid: str | None = None) -> list:
     """Read files into channel-first MetaTensors in RAS orientation (no resampling)."""
     return [
-        T.LoadImaged(keys, reader=readers(), image_only=True, ensure_channel_first=True, allow_missing_keys=True),
+        T.LoadImaged(keys, reader=readers(series_uid), image_only=True, ensure_channel_first=True,
+                     allow_missing_keys=True),
         T.Orientationd(keys, axcodes="RAS", labels=None, allow_missing_keys=True),
     ]
 
 
-def preprocessing(p: Preprocessing, with_label: bool = True) -> T.Compose:
-    """Deterministic chain from files to normalised tensors at the target spacing."""
+def preprocessing(p: Preprocessing, with_label: bool = True, series_uid: str | None = None) -> T.Compose:
+    """Deterministic chain from files to normalised tensors at the target spacing.
+
+    Every spatial step records itself on the MetaTensor, so `T.Invertd` can map a prediction back
+    onto the input's original grid.
+    """
     keys = ("image", "label") if with_label else ("image",)
-    steps = load(keys)
+    steps = load(keys, series_uid)
     if p.crop_foreground:
         # Crop to the image's non-zero box before resampling: less work, and the zero background
         # of skull-stripped or cropped MRI carries no information.
