@@ -13,7 +13,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,9 +23,6 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from medseg.errors import DataError, MedsegError, root_cause
-
-# Above this many bytes of float32 class scores, windows are blended on the CPU instead of the GPU.
-DEVICE_AGGREGATION_LIMIT = 4 * 2**30
 
 
 @dataclass
@@ -77,15 +74,16 @@ class Predictor:
         """Predict one preprocessed image and write its label map on the input's own grid."""
         from medseg.data.io import write_nifti
 
-        probabilities = self.probabilities(image, overlap, mirror, sw_batch_size)
-        labels = _restore_grid(probabilities.argmax(0, keepdim=True).to(torch.uint8), image, chain, nearest=True)
+        scores = self.scores(image, overlap, mirror, sw_batch_size)
+        labels = _restore_grid(scores.argmax(0, keepdim=True).to(torch.uint8), image, chain, nearest=True)
         affine = np.asarray(labels.affine, dtype=np.float64)
-        labels = labels.as_tensor()
+        labels = np.asarray(labels.as_tensor()[0], dtype=np.uint8)
         if largest_component:
-            labels = T.KeepLargestConnectedComponent(applied_labels=list(range(1, self.prep.num_classes)),
-                                                     independent=True)(labels)
-        write_nifti(np.asarray(labels[0], dtype=np.uint8), affine, output)
+            labels = keep_largest_component(labels, range(1, self.prep.num_classes))
+        write_nifti(labels, affine, output)
         if save_probabilities:
+            probabilities = scores if mirror else scores.softmax(0)
+            del scores
             restored = _restore_grid(probabilities, image, chain, nearest=False).as_tensor()
             name = output.name.removesuffix(".nii.gz")
             write_nifti(restored.movedim(0, -1).numpy().astype(np.float32), affine,
@@ -93,16 +91,13 @@ class Predictor:
         return output
 
     @torch.no_grad()
-    def probabilities(self, image: MetaTensor, overlap: float = 0.5, mirror: bool = False,
-                      sw_batch_size: int = 4) -> torch.Tensor:
-        """Softmax class probabilities (K, ...) on the network's grid, returned on the CPU.
-
-        With `mirror`, the average over all 8 combinations of flipping the three axes.
+    def scores(self, image: MetaTensor, overlap: float = 0.5, mirror: bool = False,
+               sw_batch_size: int = 4) -> torch.Tensor:
+        """Class scores (K, ...) on the network's grid, on the CPU: logits, or with `mirror` the
+        mean softmax over all 8 combinations of flipping the three axes. Their argmax is the label.
         """
         volume = image.as_tensor()[None]
-        # Bounded memory: the blended scores of a large volume with many classes stay on the CPU.
-        score_bytes = 4 * self.prep.num_classes * volume[0, 0].numel()
-        aggregate = self.device if score_bytes <= DEVICE_AGGREGATION_LIMIT else torch.device("cpu")
+        aggregate = self._aggregation_device(self.prep.num_classes * volume[0, 0].numel() * 4)
         flips: list[tuple[int, ...]] = [()]
         if mirror:
             flips += [axes for r in (1, 2, 3) for axes in itertools.combinations((2, 3, 4), r)]
@@ -111,11 +106,20 @@ class Predictor:
             flipped = volume.flip(axes) if axes else volume
             logits = predict_logits(self.model, flipped, self.patch_size, overlap, sw_batch_size,
                                     self.amp_dtype, aggregate)
-            scores = logits.softmax(1)
-            scores = scores.flip(axes) if axes else scores
+            if not mirror:
+                return logits[0].cpu()
+            scores = logits.softmax(1).flip(axes) if axes else logits.softmax(1)
+            del logits
             total = scores if total is None else total.add_(scores)
         return (total[0] / len(flips)).cpu()
 
+    def _aggregation_device(self, score_bytes: int) -> torch.device:
+        # Bounded memory: blend the windows' scores on the GPU only while they (and a softmax copy)
+        # take at most a quarter of its memory; beyond that they are blended in host memory.
+        if self.device.type != "cuda":
+            return self.device
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return self.device if 2 * score_bytes <= total // 4 else torch.device("cpu")
 
 
 def predict(checkpoint_path: Path, inputs: Sequence[Path], out_dir: Path, overlap: float = 0.5,
@@ -157,6 +161,20 @@ def predict(checkpoint_path: Path, inputs: Sequence[Path], out_dir: Path, overla
         if on_result is not None:
             on_result(result)
     return results
+
+
+def keep_largest_component(labels: np.ndarray, classes: Iterable[int]) -> np.ndarray:
+    """Keep only the largest 26-connected component of each class; the rest becomes background."""
+    from scipy import ndimage
+
+    result = labels.copy()
+    for cls in classes:
+        components, count = ndimage.label(labels == cls, structure=np.ones((3, 3, 3), dtype=bool))
+        if count > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            result[(components != 0) & (components != sizes.argmax())] = 0
+    return result
 
 
 @torch.no_grad()
