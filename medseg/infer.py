@@ -75,14 +75,14 @@ class Predictor:
         from medseg.data.io import write_nifti
 
         scores = self.scores(image, overlap, mirror, sw_batch_size)
-        labels = _restore_grid(scores.argmax(0, keepdim=True).to(torch.uint8), image, chain, nearest=True)
+        labels = _restore_grid(scores.argmax(0, keepdim=True).to(torch.uint8).cpu(), image, chain, nearest=True)
         affine = np.asarray(labels.affine, dtype=np.float64)
         labels = np.asarray(labels.as_tensor()[0], dtype=np.uint8)
         if largest_component:
             labels = keep_largest_component(labels, range(1, self.prep.num_classes))
         write_nifti(labels, affine, output)
         if save_probabilities:
-            probabilities = scores if mirror else scores.softmax(0)
+            probabilities = (scores if mirror else scores.softmax(0)).cpu()
             del scores
             restored = _restore_grid(probabilities, image, chain, nearest=False).as_tensor()
             name = output.name.removesuffix(".nii.gz")
@@ -93,8 +93,9 @@ class Predictor:
     @torch.no_grad()
     def scores(self, image: MetaTensor, overlap: float = 0.5, mirror: bool = False,
                sw_batch_size: int = 4) -> torch.Tensor:
-        """Class scores (K, ...) on the network's grid, on the CPU: logits, or with `mirror` the
-        mean softmax over all 8 combinations of flipping the three axes. Their argmax is the label.
+        """Class scores (K, ...) on the network's grid: logits, or with `mirror` the mean softmax
+        over all 8 combinations of flipping the three axes. Their argmax is the label. They stay
+        where they were blended (the GPU, or host memory for very large volumes).
         """
         volume = image.as_tensor()[None]
         aggregate = self._aggregation_device(self.prep.num_classes * volume[0, 0].numel() * 4)
@@ -107,11 +108,11 @@ class Predictor:
             logits = predict_logits(self.model, flipped, self.patch_size, overlap, sw_batch_size,
                                     self.amp_dtype, aggregate)
             if not mirror:
-                return logits[0].cpu()
+                return logits[0]
             scores = logits.softmax(1).flip(axes) if axes else logits.softmax(1)
             del logits
             total = scores if total is None else total.add_(scores)
-        return (total[0] / len(flips)).cpu()
+        return total[0] / len(flips)
 
     def _aggregation_device(self, score_bytes: int) -> torch.device:
         # Bounded memory: blend the windows' scores on the GPU only while they (and a softmax copy)
