@@ -247,12 +247,12 @@ def find_inputs(paths: list[Path], channels: int) -> list[InferenceInput]:
 
 
 def _inputs_in_folder(folder: Path, channels: int) -> list[InferenceInput]:
-    import SimpleITK as sitk
-
     found: list[InferenceInput] = []
     series: tuple[str, ...] = ()
     if any(p.is_file() and not _suffix(p) and p.suffix.lower() not in _NOT_DICOM for p in folder.iterdir()):
         # Only folders with candidate files are scanned: GDCM prints a warning for folders without.
+        import SimpleITK as sitk
+
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     for index, uid in enumerate(sorted(series)):
         name = folder.name if len(series) == 1 else f"{folder.name}_series{index}"
