@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, TrainingInterrupted
 
 app = typer.Typer(
     help="Train 3D medical image segmentation networks and run them on new scans.",
@@ -143,6 +143,9 @@ class _user_errors:
         return None
 
     def __exit__(self, kind, error, traceback) -> bool:
+        if isinstance(error, TrainingInterrupted):
+            errors.print(f"interrupted: {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=130)
         if isinstance(error, MedsegError):
             errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2)

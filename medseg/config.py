@@ -64,6 +64,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 4
     augment: bool = True
+    max_nonfinite_steps: int = 20
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,10 @@ class CheckpointError(MedsegError):
     """A checkpoint is missing, corrupted, unsafe or does not match the data."""
 
 
+class TrainingInterrupted(MedsegError):
+    """SIGINT/SIGTERM stopped training after a checkpoint was saved; the message says how to resume."""
+
+
 def root_cause(error: BaseException) -> BaseException:
     """The innermost exception of a chain: MONAI wraps a reader's error in "applying transform ..."."""
     seen = set()

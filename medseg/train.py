@@ -6,14 +6,19 @@ Read top to bottom: set-up (run directory, data, preprocessing, model, optimiser
 
 from __future__ import annotations
 
+import ast
 import csv
+import itertools
 import json
 import math
+import random
+import signal
+import threading
 import time
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -29,7 +34,7 @@ from medseg.data.fingerprint import foreground_intensity_statistics, median_spac
 from medseg.data.io import load_volume, read_header
 from medseg.data.loader import training_loader, validation_dataset
 from medseg.data.transforms import Preprocessing
-from medseg.errors import ConfigError, DataError
+from medseg.errors import ConfigError, DataError, MedsegError, TrainingInterrupted
 from medseg.infer import predict_logits
 from medseg.losses import DiceCELoss
 from medseg.metrics import dice_per_class
@@ -74,89 +79,126 @@ def train(cfg: Config, resume: Path | None = None, console: Console | None = Non
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loss_fn = DiceCELoss()
     history: list[dict[str, Any]] = []
-    start_epoch = 0
+    start_epoch, steps_done = 0, 0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        _set_rng_states(state.get("rng", {}))
         history = list(state["history"])
-        start_epoch = int(state["epoch"]) + 1
-        console.print(f"resuming {run_dir} at epoch {start_epoch + 1}")
+        start_epoch, steps_done = int(state["epoch"]) + 1, int(state.get("steps_done", 0))
+        where = f"epoch {start_epoch + 1}" + (f", step {steps_done + 1}" if steps_done else "")
+        console.print(f"resuming {run_dir} at {where}")
 
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "cache"
     batches = training_loader(train_cases, prep, cfg, cache_dir / "train", device)
     val_data = validation_dataset(val_cases, prep, cfg, cache_dir / "val") if val_cases else None
     best = max((row["val_dice"] for row in history if not math.isnan(row.get("val_dice", math.nan))), default=-1.0)
 
-    for epoch in range(start_epoch, cfg.train.epochs):
-        started = time.perf_counter()
-        train_loss = train_one_epoch(model, batches, loss_fn, optimizer, scheduler, scaler, amp_dtype, device,
-                                     cfg.train.grad_clip, description=f"epoch {epoch + 1}/{cfg.train.epochs}")
-        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
-        last = epoch == cfg.train.epochs - 1
-        every = cfg.validate.every
-        if val_data is not None and (last or (every > 0 and (epoch + 1) % every == 0)):
-            per_class = validate(model, val_data, prep, cfg, amp_dtype)
-            row["val_dice"] = float(np.nanmean(per_class)) if not np.all(np.isnan(per_class)) else math.nan
-            for value, name in zip(per_class, _class_names(prep)):
-                row[f"dice_{name}"] = value
-            _print_validation(console, epoch + 1, row, prep)
-        row["seconds"] = time.perf_counter() - started
-        history.append(row)
-        _write_metrics(run_dir / "metrics.csv", history)
-
-        state_dict = {
+    def snapshot(completed_epoch: int, steps: int) -> dict[str, Any]:
+        return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
-            "epoch": epoch,
+            "epoch": completed_epoch,  # index of the last completed epoch (-1: none yet)
+            "steps_done": steps,  # optimiser steps already taken in the epoch after it
+            "rng": _rng_states(),
             "config": cfg.to_dict(),
             "preprocessing": prep.to_dict(),
             "history": history,
         }
-        checkpoint.save(state_dict, run_dir / "last.pt")
-        if not math.isnan(row.get("val_dice", math.nan)) and row["val_dice"] > best:
-            best = row["val_dice"]
-            checkpoint.save(state_dict, run_dir / "best.pt")
+
+    with _StopRequests() as stop:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            started = time.perf_counter()
+            steps = cfg.train.iterations_per_epoch - steps_done
+            train_loss, taken = train_one_epoch(
+                model, batches, loss_fn, optimizer, scheduler, scaler, amp_dtype, device, cfg.train.grad_clip,
+                steps=steps, stop=stop, max_nonfinite=cfg.train.max_nonfinite_steps,
+                description=f"epoch {epoch + 1}/{cfg.train.epochs}",
+            )
+            if taken < steps:  # interrupted: keep the progress, say how to continue
+                checkpoint.save(snapshot(epoch - 1, steps_done + taken), run_dir / "last.pt")
+                raise TrainingInterrupted(
+                    f"stopped by {stop.reason} at epoch {epoch + 1}, step {steps_done + taken}; "
+                    f"saved {run_dir / 'last.pt'}; continue with: medseg train --resume {run_dir}"
+                )
+            steps_done = 0
+            row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
+            last = epoch == cfg.train.epochs - 1
+            every = cfg.validate.every
+            if val_data is not None and (last or (every > 0 and (epoch + 1) % every == 0)):
+                per_class = validate(model, val_data, prep, cfg, amp_dtype)
+                row["val_dice"] = float(np.nanmean(per_class)) if not np.all(np.isnan(per_class)) else math.nan
+                for value, name in zip(per_class, _class_names(prep)):
+                    row[f"dice_{name}"] = value
+                _print_validation(console, epoch + 1, row, prep)
+            row["seconds"] = time.perf_counter() - started
+            history.append(row)
+            _write_metrics(run_dir / "metrics.csv", history)
+            state_dict = snapshot(epoch, 0)
+            checkpoint.save(state_dict, run_dir / "last.pt")
+            if not math.isnan(row.get("val_dice", math.nan)) and row["val_dice"] > best:
+                best = row["val_dice"]
+                checkpoint.save(state_dict, run_dir / "best.pt")
     console.print(f"done: {run_dir}  (last.pt, best.pt, metrics.csv, config.yaml)")
     return run_dir
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                    amp_dtype: torch.dtype | None, device: torch.device, grad_clip: float,
-                    description: str = "train") -> float:
-    """One epoch of optimiser steps; returns the mean training loss."""
+                    amp_dtype: torch.dtype | None, device: torch.device, grad_clip: float, steps: int,
+                    stop: Callable[[], bool] = lambda: False, max_nonfinite: int = 20,
+                    description: str = "train") -> tuple[float, int]:
+    """Up to `steps` optimiser steps (fewer if `stop()` turns true); returns (mean loss, steps taken).
+
+    Steps with a non-finite loss are skipped; `max_nonfinite` of them in a row end training with
+    an error, before anything is saved, so the last good checkpoint stays as it is.
+    """
     model.train()
     running = torch.zeros((), device=device)
-    steps = 0
+    taken = finite_steps = nonfinite_in_row = 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} it/s"), TimeElapsedColumn())
-    total = len(batches) if hasattr(batches, "__len__") else None
     started = time.perf_counter()
     with Progress(*columns, transient=False) as progress:
-        task = progress.add_task(description, total=total, loss=float("nan"), rate=0.0)
-        for batch in batches:
+        task = progress.add_task(description, total=steps, loss=float("nan"), rate=0.0)
+        for batch in itertools.islice(batches, steps):
             image = batch["image"].to(device, non_blocking=True)
             label = batch["label"].to(device, non_blocking=True)
-            loss = train_step(model, image, label, loss_fn, optimizer, scaler, amp_dtype, grad_clip)
+            loss, finite = train_step(model, image, label, loss_fn, optimizer, scaler, amp_dtype, grad_clip)
             scheduler.step()
-            running += loss.detach()
-            steps += 1
-            # Reading the loss forces a host sync; do it only every few steps.
-            if steps % 25 == 0 or steps == total:
-                progress.update(task, advance=0, loss=float(running) / steps,
-                                rate=steps / (time.perf_counter() - started))
+            taken += 1
+            if finite:
+                running += loss.detach()
+                finite_steps += 1
+                nonfinite_in_row = 0
+            else:
+                nonfinite_in_row += 1
+                if nonfinite_in_row >= max_nonfinite:
+                    raise MedsegError(
+                        f"training diverged: {nonfinite_in_row} consecutive steps with a non-finite loss "
+                        f"({description}, step {taken}); the last checkpoint is kept; try a lower train.lr"
+                    )
+            # Reading the loss is a host sync: update the display only every few steps.
+            if taken % 25 == 0 or taken == steps:
+                progress.update(task, loss=float(running) / max(finite_steps, 1),
+                                rate=taken / (time.perf_counter() - started))
             progress.advance(task)
-    return float(running) / max(steps, 1)
+            if stop():
+                break
+    return float(running) / max(finite_steps, 1), taken
 
 
 def train_step(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss_fn: nn.Module,
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None,
-               grad_clip: float) -> torch.Tensor:
-    """The AMP step, written once: forward under autocast, scaled backward, clip, step, update."""
+               grad_clip: float) -> tuple[torch.Tensor, bool]:
+    """The AMP step, written once: forward under autocast, scaled backward, clip, step, update.
+
+    Returns the loss and whether it was finite; a non-finite loss takes no optimiser step.
+    """
     with torch.autocast(image.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         outputs = model(image)
         loss = loss_fn(outputs, label)
@@ -164,11 +206,14 @@ def train_step(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss_
     if grad_clip > 0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+    # One host sync per step, at the point where GradScaler.step synchronises for fp16 anyway.
+    finite = bool(torch.isfinite(loss))
+    if finite or scaler.is_enabled():
+        scaler.step(optimizer)  # with fp16, skips the step itself when the gradients overflowed
     scaler.update()
     # set_to_none frees the gradient memory between steps instead of writing zeros into it.
     optimizer.zero_grad(set_to_none=True)
-    return loss
+    return loss, finite
 
 
 def validate(model: nn.Module, volumes: Iterable[dict], prep: Preprocessing, cfg: Config,
@@ -213,6 +258,58 @@ def _labels_from_files(cases: list[Case]) -> dict[int, str]:
     if not values or max(values) < 1:
         raise DataError(f"{cases[0].label.parent}: label files hold no foreground")
     return {v: ("background" if v == 0 else f"class_{v}") for v in range(max(values) + 1)}
+
+
+class _StopRequests:
+    """While active, SIGINT and SIGTERM ask training to stop after the current step (a second
+    SIGINT stops at once). Calling the object tells whether a stop was asked for."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __call__(self) -> bool:
+        return self.reason is not None
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, number: int, frame: Any) -> None:
+        if self.reason is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.reason = signal.Signals(number).name
+
+
+def _rng_states() -> dict[str, Any]:
+    states = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": repr(random.getstate())}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if "numpy" in states:
+        kind, keys, position, has_gauss, cached = states["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    if "python" in states:
+        random.setstate(ast.literal_eval(states["python"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _numpy_state() -> list[Any]:
+    # Plain types only: checkpoints are loaded with weights_only=True.
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)]
 
 
 def _device(name: str) -> torch.device:

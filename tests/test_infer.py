@@ -321,9 +321,10 @@ def test_study_with_two_series_gives_two_outputs(model: Path, scan: dict, tmp_pa
 
 
 def _two_channels(shape, affine, head_centre, head_radii, balls, rng):
-    """Channel 0: bright ball in a grey head; channel 1 (a T2-like contrast): dark ball in a bright head."""
+    """Channel 0: bright ball in a grey head; channel 1: another contrast, ball still brighter (a dark
+    ball would be mimicked by partial volume at the head's rim, where 3 mm slices are interpolated)."""
     first, label = _phantom(shape, affine, head_centre, head_radii, balls, rng)
-    second, _ = _phantom(shape, affine, head_centre, head_radii, balls, rng, contrast=(180.0, 60.0))
+    second, _ = _phantom(shape, affine, head_centre, head_radii, balls, rng, contrast=(50.0, 150.0))
     return first, second, label
 
 
@@ -416,19 +417,41 @@ def test_cli_nonexistent_input(model: Path, tmp_path: Path) -> None:
     assert "Traceback" not in result.output
 
 
-def test_cli_save_probabilities(model: Path, scan: dict, tmp_path: Path) -> None:
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def probabilities(model: Path, scan: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Output folder of `infer --save-probabilities` on the oblique NIfTI."""
+    out = tmp_path_factory.mktemp("infer_probabilities")
     result = _infer(model, scan["nifti"], "-o", out, "--save-probabilities")
     assert result.exit_code == 0, result.output
-    label, affine = _labels(out / "oblique.nii.gz")
-    probabilities = nib.load(out / "oblique_probabilities.nii.gz")
-    assert probabilities.shape == (*SHAPE, 2)
-    np.testing.assert_allclose(probabilities.affine, affine, atol=1e-4)
-    values = np.asarray(probabilities.dataobj, dtype=np.float64)
+    return out
+
+
+def test_cli_save_probabilities(probabilities: Path, scan: dict) -> None:
+    label, affine = _labels(probabilities / "oblique.nii.gz")
+    _assert_ball_found(label, affine, scan["truth"])
+    written = nib.load(probabilities / "oblique_probabilities.nii.gz")
+    assert written.shape == (*SHAPE, 2)  # the input's grid, classes last
+    np.testing.assert_allclose(written.affine, AFFINE, atol=1e-4)
+    values = np.asarray(written.dataobj, dtype=np.float64)
     assert values.min() >= -1e-6 and values.max() <= 1 + 1e-6
+    # Where the network saw the image (inside the head), the classes are a distribution ...
+    head = scan["image"] != 0
+    np.testing.assert_allclose(values[head].sum(-1), 1.0, atol=1e-3)
+    # ... whose arg-max is the label map: exactly where the probabilities are decisive, and up to
+    # linear (probabilities) vs nearest (labels) resampling at the ball's rim elsewhere.
+    decisive = values.max(-1) > 0.9
+    np.testing.assert_array_equal(values.argmax(-1)[decisive], label[decisive])
+    assert _dice(values.argmax(-1), label) > 0.9
+    assert values[..., 1][label == 1].mean() > 0.8
+
+
+@pytest.mark.xfail(strict=True, reason="BUG infer.Predictor.segment: probabilities outside the foreground crop box "
+                   "are 0 for every class (Invertd pads the cropped-away border with zeros), not background = 1")
+def test_cli_probabilities_sum_to_one_everywhere(probabilities: Path) -> None:
+    values = np.asarray(nib.load(probabilities / "oblique_probabilities.nii.gz").dataobj, dtype=np.float64)
+    # The label map calls the cropped-away border background; its probabilities must say so too.
     np.testing.assert_allclose(values.sum(-1), 1.0, atol=1e-3)
-    # The label map is the arg-max of these probabilities (up to ties and nearest/linear resampling).
-    assert np.mean(values.argmax(-1) == label) > 0.99
+    assert values[0, 0, 0, 0] == pytest.approx(1.0, abs=1e-3)
 
 
 def _two_balls(shape=(36, 28, 28)):
@@ -450,19 +473,31 @@ def test_cli_largest_component_removes_the_small_blob(model: Path, tmp_path: Pat
     kept = _infer(model, tmp_path / "two.nii.gz", "-o", tmp_path / "kept", "--largest-component")
     assert plain.exit_code == 0 and kept.exit_code == 0, plain.output + kept.output
     without, _ = _labels(tmp_path / "plain" / "two.nii.gz")
-    assert ndimage.label(without == 1)[1] == 2  # the small ball is found (a "false" blob to remove)
+    full = np.ones((3, 3, 3), dtype=bool)
+    components, count = ndimage.label(without == 1, structure=full)
+    assert count == 2  # the small ball is found too: the "false" blob to remove
+    sizes = np.bincount(components.ravel())[1:]
     label, out_affine = _labels(tmp_path / "kept" / "two.nii.gz")
-    components, count = ndimage.label(label == 1)
-    assert count == 1
+    np.testing.assert_allclose(out_affine, affine, atol=1e-4)
+    assert ndimage.label(label == 1, structure=full)[1] == 1
+    assert ndimage.label(label == 1)[1] == 1
+    # Exactly the big component survives, untouched; the small one became background.
+    np.testing.assert_array_equal(label == 1, components == 1 + sizes.argmax())
+    assert set(np.unique(label)) == {0, 1}
     assert np.linalg.norm(_centroid_world(label, out_affine) - big) < 1.0
-    assert np.array_equal(label == 1, (without == 1) & (components > 0))
-    assert (label == 1).sum() < (without == 1).sum()
 
 
-def test_cli_mirror_keeps_geometry(model: Path, scan: dict, tmp_path: Path) -> None:
-    result = _infer(model, scan["nifti"], "-o", tmp_path, "--mirror")
+def test_cli_mirror_keeps_geometry(model: Path, scan: dict, probabilities: Path, tmp_path: Path) -> None:
+    result = _infer(model, scan["nifti"], "-o", tmp_path, "--mirror", "--save-probabilities")
     assert result.exit_code == 0, result.output
     label, affine = _labels(tmp_path / "oblique.nii.gz")
     assert label.shape == SHAPE
     np.testing.assert_allclose(affine, AFFINE, atol=1e-4)
     _assert_ball_found(label, affine, scan["truth"])
+    mirrored = np.asarray(nib.load(tmp_path / "oblique_probabilities.nii.gz").dataobj)
+    plain = np.asarray(nib.load(probabilities / "oblique_probabilities.nii.gz").dataobj)
+    assert mirrored.shape == plain.shape == (*SHAPE, 2)
+    # The flips were really averaged in (the scores changed), and agree with the plain prediction.
+    assert np.abs(mirrored - plain).max() > 1e-3
+    plain_label, _ = _labels(probabilities / "oblique.nii.gz")
+    assert _dice(label, plain_label) > 0.9
