@@ -113,6 +113,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     merged = _read_yaml(DEFAULT_PATH)
     if path is not None:
         _merge(merged, _read_yaml(Path(path)), source=str(path))
+        _check(merged, source=str(path))
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
@@ -128,6 +129,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = value
         _merge(merged, nested, source="--set")
+        _check(merged, source=f"--set {item}")
     return from_dict(merged)
 
 
@@ -139,6 +141,14 @@ def from_dict(values: dict[str, Any]) -> Config:
 def dump(cfg: Config, path: Path) -> None:
     """Write the resolved config as YAML."""
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _check(values: dict[str, Any], source: str) -> None:
+    # Validate after each source so that an error names the file or --set that caused it.
+    try:
+        from_dict(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import csv
 import itertools
 import json
 import math
+import os
 import random
 import signal
 import threading
@@ -30,11 +31,11 @@ from torch import nn
 from medseg import checkpoint, config
 from medseg.config import Config
 from medseg.data.cases import Case, DatasetInfo, find_dataset, split
-from medseg.data.fingerprint import foreground_intensity_statistics, median_spacing
-from medseg.data.io import load_volume, read_header
+from medseg.data.checks import CaseSummary, check_dataset
+from medseg.data.fingerprint import foreground_intensity_statistics
 from medseg.data.loader import training_loader, validation_dataset
 from medseg.data.transforms import Preprocessing
-from medseg.errors import ConfigError, DataError, MedsegError, TrainingInterrupted
+from medseg.errors import CheckpointError, ConfigError, DataError, MedsegError, TrainingInterrupted
 from medseg.infer import predict_logits
 from medseg.losses import DiceCELoss
 from medseg.metrics import dice_per_class
@@ -56,12 +57,22 @@ def train(cfg: Config, resume: Path | None = None, console: Console | None = Non
     amp_dtype = _amp_dtype(cfg.train.amp, device)
 
     dataset = find_dataset(cfg.data.dataset)
+    if state is None:
+        run_dir = _run_dir_name(cfg)  # checked before reading the data, so a bad output_dir fails at once
+    # Every file is read and checked once before anything is cached: bad data fails here, with
+    # one line naming the file, not an hour into training.
+    summaries = check_dataset(dataset.cases, dataset.labels, len(dataset.modalities) or None,
+                              workers=max(cfg.train.workers, 1))
     train_cases, val_cases = split(dataset.cases, cfg.data.folds, cfg.data.fold, cfg.data.split_seed)
     if state is not None:
         prep = Preprocessing.from_dict(state["preprocessing"])
+        if prep.channels != summaries[0].channels:
+            raise CheckpointError(f"{resume}: the model takes {prep.channels} channel(s), "
+                                  f"{cfg.data.dataset} has {summaries[0].channels}")
     else:
-        prep = plan_preprocessing(cfg, dataset, train_cases)
-        run_dir = _new_run_dir(cfg)
+        by_name = {s.name: s for s in summaries}
+        prep = plan_preprocessing(cfg, dataset, [by_name[c.name] for c in train_cases], train_cases)
+        _create(run_dir)
         config.dump(cfg, run_dir / "config.yaml")
         (run_dir / "preprocessing.json").write_text(json.dumps(prep.to_dict(), indent=2))
     console.print(
@@ -231,33 +242,30 @@ def validate(model: nn.Module, volumes: Iterable[dict], prep: Preprocessing, cfg
         return [float(v) for v in np.nanmean(np.array(scores, dtype=float), axis=0)]
 
 
-def plan_preprocessing(cfg: Config, dataset: DatasetInfo, train_cases: list[Case]) -> Preprocessing:
-    """Preprocessing parameters from the config and the training cases' statistics."""
-    spacing = tuple(cfg.data.spacing) if cfg.data.spacing else median_spacing(train_cases)
+def plan_preprocessing(cfg: Config, dataset: DatasetInfo, summaries: list[CaseSummary],
+                       train_cases: list[Case]) -> Preprocessing:
+    """Preprocessing parameters from the config and the checked training cases."""
+    if cfg.data.spacing:
+        spacing = tuple(cfg.data.spacing)
+    else:
+        spacing = tuple(float(v) for v in np.median([s.spacing_ras for s in summaries], axis=0))
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ConfigError(f"'data.spacing' must be three positive numbers, got {list(spacing)}")
     normalization = cfg.data.normalization
     if normalization == "auto":
         normalization = "ct" if any(m.upper() == "CT" for m in dataset.modalities) else "zscore"
-    first = train_cases[0]
-    channels = len(first.images) if len(first.images) > 1 else read_header(first.images[0]).channels
-    labels = dataset.labels or _labels_from_files(train_cases)
-    prep = Preprocessing(spacing=spacing, normalization=normalization, channels=channels,
+    labels = dataset.labels
+    if not labels:
+        # Without dataset.json the classes are the label values found in the files.
+        highest = max(max(s.label_values, default=0) for s in summaries)
+        if highest < 1:
+            raise DataError(f"{dataset.root}: the label files hold no foreground")
+        labels = {v: ("background" if v == 0 else f"class_{v}") for v in range(highest + 1)}
+    prep = Preprocessing(spacing=spacing, normalization=normalization, channels=summaries[0].channels,
                          num_classes=max(labels) + 1, crop_foreground=cfg.data.crop_foreground, labels=labels)
     if normalization == "ct":
         prep = replace(prep, **foreground_intensity_statistics(train_cases, cfg.data.ct_percentiles))
     return prep
-
-
-def _labels_from_files(cases: list[Case]) -> dict[int, str]:
-    # Without dataset.json the classes are the label values found in the files.
-    values: set[int] = set()
-    for case in cases:
-        array, _ = load_volume(case.label)
-        values.update(int(v) for v in np.unique(array))
-    if not values or max(values) < 1:
-        raise DataError(f"{cases[0].label.parent}: label files hold no foreground")
-    return {v: ("background" if v == 0 else f"class_{v}") for v in range(max(values) + 1)}
 
 
 class _StopRequests:
@@ -361,16 +369,25 @@ def _lr_lambda(cfg: Config, total_steps: int):
     return factor
 
 
-def _new_run_dir(cfg: Config) -> Path:
+def _run_dir_name(cfg: Config) -> Path:
     name = cfg.run_name or f"{Path(cfg.data.dataset).name}-fold{cfg.data.fold}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(cfg.output_dir) / name
+    if run_dir.exists():
+        raise ConfigError(f"{run_dir}: run directory exists; use --resume {run_dir} or another run_name")
     try:
-        run_dir.mkdir(parents=True, exist_ok=False)
-    except FileExistsError:
-        raise ConfigError(f"{run_dir}: run directory exists; use --resume {run_dir} or another run_name") from None
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"{run_dir}: cannot create run directory ({exc.strerror})") from None
+        raise ConfigError(f"{run_dir.parent}: cannot create output folder ({exc.strerror or exc})") from None
+    if not os.access(run_dir.parent, os.W_OK):
+        raise ConfigError(f"{run_dir.parent}: output folder is not writable")
     return run_dir
+
+
+def _create(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir()
+    except OSError as exc:
+        raise ConfigError(f"{run_dir}: cannot create run directory ({exc.strerror or exc})") from None
 
 
 def _class_names(prep: Preprocessing) -> list[str]:

@@ -1,4 +1,4 @@
-"""Dataset statistics the preprocessing needs: target spacing and CT intensity statistics."""
+"""Dataset statistics the preprocessing needs: CT intensity statistics of the foreground."""
 
 from __future__ import annotations
 
@@ -7,13 +7,6 @@ from typing import Sequence
 import numpy as np
 
 from medseg.data.cases import Case
-from medseg.data.io import read_header, spacing_in_ras
-
-
-def median_spacing(cases: Sequence[Case]) -> tuple[float, float, float]:
-    """Median voxel spacing (mm) of the cases, per axis in RAS order. Reads headers only."""
-    spacings = np.array([spacing_in_ras(read_header(case.images[0]).affine) for case in cases])
-    return tuple(float(s) for s in np.median(spacings, axis=0))  # type: ignore[return-value]
 
 
 def foreground_intensity_statistics(

