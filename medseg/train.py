@@ -16,7 +16,7 @@ import random
 import signal
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -121,13 +121,14 @@ def train(cfg: Config, resume: Path | None = None, console: Console | None = Non
             "history": history,
         }
 
+    fallback = MemoryFallback()
     with _StopRequests() as stop:
         for epoch in range(start_epoch, cfg.train.epochs):
             started = time.perf_counter()
             steps = cfg.train.iterations_per_epoch - steps_done
             train_loss, taken = train_one_epoch(
                 model, batches, loss_fn, optimizer, scheduler, scaler, amp_dtype, device, cfg.train.grad_clip,
-                steps=steps, stop=stop, max_nonfinite=cfg.train.max_nonfinite_steps,
+                steps=steps, stop=stop, max_nonfinite=cfg.train.max_nonfinite_steps, fallback=fallback,
                 description=f"epoch {epoch + 1}/{cfg.train.epochs}",
             )
             if taken < steps:  # interrupted: keep the progress, say how to continue
@@ -162,13 +163,14 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Modul
                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
                     amp_dtype: torch.dtype | None, device: torch.device, grad_clip: float, steps: int,
                     stop: Callable[[], bool] = lambda: False, max_nonfinite: int = 20,
-                    description: str = "train") -> tuple[float, int]:
+                    fallback: "MemoryFallback | None" = None, description: str = "train") -> tuple[float, int]:
     """Up to `steps` optimiser steps (fewer if `stop()` turns true); returns (mean loss, steps taken).
 
     Steps with a non-finite loss are skipped; `max_nonfinite` of them in a row end training with
     an error, before anything is saved, so the last good checkpoint stays as it is.
     """
     model.train()
+    fallback = fallback or MemoryFallback()
     running = torch.zeros((), device=device)
     taken = finite_steps = nonfinite_in_row = 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -179,7 +181,18 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Modul
         for batch in itertools.islice(batches, steps):
             image = batch["image"].to(device, non_blocking=True)
             label = batch["label"].to(device, non_blocking=True)
-            loss, finite = train_step(model, image, label, loss_fn, optimizer, scaler, amp_dtype, grad_clip)
+            while True:
+                try:
+                    loss, finite = train_step(model, image, label, loss_fn, optimizer, scaler, amp_dtype,
+                                              grad_clip, fallback.micro_batches)
+                    break
+                except torch.OutOfMemoryError:
+                    pass  # leave the except block first, so the failed step's tensors are freed
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                change = fallback.cheaper(model, image.shape)
+                progress.console.print(f"out of memory at {description}, step {taken + 1}: {change}; retrying the step")
             scheduler.step()
             taken += 1
             if finite:
@@ -203,17 +216,44 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Modul
     return float(running) / max(finite_steps, 1), taken
 
 
+@dataclass
+class MemoryFallback:
+    """What an out-of-memory error during training changes, cheapest first: switch activation
+    checkpointing on, then split each batch into 2, 4, ... micro-batches (gradients accumulated, so
+    the optimiser step stays the same)."""
+
+    micro_batches: int = 1
+
+    def cheaper(self, model: nn.Module, batch_shape: torch.Size) -> str:
+        """Apply the next fallback and say what changed; MedsegError when none is left."""
+        batch_size, patch = batch_shape[0], list(batch_shape[2:])
+        if getattr(model, "checkpointing", "stage") == "off":
+            model.set_checkpointing("stage")
+            return "activation checkpointing switched on (stage)"
+        if self.micro_batches < batch_size:
+            self.micro_batches = min(self.micro_batches * 2, batch_size)
+            return f"batch split into {self.micro_batches} micro-batches of {-(-batch_size // self.micro_batches)}"
+        raise MedsegError(
+            f"out of memory even with checkpointing and one sample per micro-batch "
+            f"(patch {patch}); use a smaller train.patch_size or a larger GPU"
+        )
+
+
 def train_step(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss_fn: nn.Module,
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None,
-               grad_clip: float) -> tuple[torch.Tensor, bool]:
+               grad_clip: float, micro_batches: int = 1) -> tuple[torch.Tensor, bool]:
     """The AMP step, written once: forward under autocast, scaled backward, clip, step, update.
 
-    Returns the loss and whether it was finite; a non-finite loss takes no optimiser step.
+    With `micro_batches` > 1 the batch is split and the gradients accumulated (the out-of-memory
+    fallback): same step, less activation memory. Returns the loss and whether it was finite; a
+    non-finite loss takes no optimiser step.
     """
-    with torch.autocast(image.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        outputs = model(image)
-        loss = loss_fn(outputs, label)
-    scaler.scale(loss).backward()
+    loss = image.new_zeros((), dtype=torch.float32)
+    for part_image, part_label in zip(image.tensor_split(micro_batches), label.tensor_split(micro_batches)):
+        with torch.autocast(image.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            part_loss = loss_fn(model(part_image), part_label) * (part_image.shape[0] / image.shape[0])
+        scaler.scale(part_loss).backward()
+        loss = loss + part_loss.detach()
     if grad_clip > 0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

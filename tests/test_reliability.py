@@ -184,3 +184,48 @@ def test_non_finite_losses_stop_training_and_keep_last_checkpoint(tmp_path, monk
     weights = state["model"]["encoder.0.0.0.weight"]
     assert torch.isfinite(weights).all()
     torch.testing.assert_close(weights, first["last.pt"])
+
+
+def test_out_of_memory_falls_back_and_training_goes_on(tmp_path, monkeypatch):
+    from medseg.models.unet import UNet3D
+
+    real_forward = UNet3D.forward
+    seen = []
+
+    def forward_that_runs_out(self, image):
+        if self.training:
+            seen.append((self.checkpointing, image.shape[0]))
+        # Pretend the GPU is too small for two samples at once without checkpointing.
+        if self.training and (self.checkpointing == "off" or image.shape[0] > 1):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_forward(self, image)
+
+    monkeypatch.setattr(UNet3D, "forward", forward_that_runs_out)
+    args = ["train", str(ROOT / "configs" / "sample.yaml")]
+    for item in [*SLOW, f"data.dataset={ROOT / 'sample_data'}", f"output_dir={tmp_path}", "run_name=run",
+                 "train.epochs=2", "train.iterations_per_epoch=3", "train.batch_size=2"]:
+        args += ["--set", item]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "checkpointing switched on" in result.output
+    assert "2 micro-batches of 1" in result.output
+    assert _epochs(tmp_path / "run") == [1, 2]
+    # After the two fallbacks every training forward ran with checkpointing on, one sample at a time.
+    assert seen[-1] == ("stage", 1)
+
+
+def test_out_of_memory_with_nothing_left_is_a_one_line_error(tmp_path, monkeypatch):
+    from medseg.models.unet import UNet3D
+
+    def always_out_of_memory(self, image):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(UNet3D, "forward", always_out_of_memory)
+    args = ["train", str(ROOT / "configs" / "sample.yaml")]
+    for item in [*SLOW, f"data.dataset={ROOT / 'sample_data'}", f"output_dir={tmp_path}", "run_name=run",
+                 "train.epochs=1", "train.iterations_per_epoch=2"]:
+        args += ["--set", item]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "out of memory even with checkpointing" in result.output and "[16, 16, 16]" in result.output
+    assert "Traceback" not in result.output

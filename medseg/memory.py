@@ -1,0 +1,632 @@
+"""GPU memory of a training step, predicted on a machine without a GPU, and configurations that fit.
+
+`estimate(cfg, in_channels, num_classes, spacing)` predicts the peak that
+`torch.cuda.max_memory_allocated()` reports for one step of `medseg train` in steady state. It runs
+the step itself (`medseg.models.build_model`, `medseg.train._optimizer`, `medseg.train.train_step`
+with `DiceCELoss`) on *fake* tensors: tensors with shapes, dtypes and storages but no data, so
+nothing is computed and a step at patch 192³ costs as little as one at 32³ (about a second).
+A dispatch mode sees every tensor each operator creates; each new storage is counted at the size
+PyTorch's CUDA caching allocator gives its block (`block_bytes`) and uncounted when the storage
+dies. The step runs twice, as after a warm-up: the first creates the optimiser's state, the
+second is measured, and its running maximum is the prediction.
+
+How the CPU run stands in for CUDA:
+
+- A CPU-only PyTorch cannot fake CUDA tensors through autograd, so the fake tensors are CPU
+  tensors and the step runs under CPU autocast. Its casting rules agree with CUDA autocast's for
+  every operator this network and loss use (convolutions in the low-precision dtype with cached
+  weight casts, norms on the convolution's dtype, the loss in float32 because it casts itself)
+  except `group_norm`, which CUDA autocast runs in float32; a forward pre-hook on each GroupNorm
+  makes the fake run do the same.
+- Non-reentrant activation checkpointing recomputes each stage inside backward; the fake run does
+  the same, so the recomputed activations are counted where they live.
+- Not modelled: cuDNN workspaces, scratch space that kernels allocate inside one operator
+  (contiguous copies of strided gradients, for example), and blocks the caching allocator hands
+  out whole because an earlier, larger block was free. Measured against an H200 these stay within
+  a few percent (`scripts/bench_memory.py` compares prediction and measurement).
+
+`fit` and `largest_fit` search configurations with `estimate`; `measure` runs real steps on a GPU;
+`estimate_inference` predicts sliding-window inference; `parse_size` reads "24GiB"-style sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import time
+import weakref
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from medseg.config import Config
+from medseg.errors import ConfigError, MedsegError
+
+__all__ = [
+    "MemoryReport",
+    "block_bytes",
+    "estimate",
+    "estimate_inference",
+    "fit",
+    "largest_fit",
+    "measure",
+    "parse_size",
+]
+
+GiB = 2**30
+# The CUDA caching allocator's constants (c10/cuda/CUDACachingAllocator.cpp).
+_MIN_BLOCK = 512  # every block is a multiple of 512 bytes
+_SMALL_SIZE = 1 << 20  # requests up to 1 MiB come from the small pool
+_MIN_LARGE_ALLOC = 10 << 20  # requests of 1-10 MiB share 20 MiB segments
+_ROUND_LARGE = 2 << 20  # larger requests get their own segment, rounded up to 2 MiB
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Predicted peak GPU memory of one training step, in bytes, and what it is made of.
+
+    `total` is the prediction of `torch.cuda.max_memory_allocated()`. The parts are what was
+    alive at that peak: the parameters, their gradients, the optimiser's state, and the rest
+    (`activations`: tensors saved for backward, the input batch, autocast's low-precision weight
+    copies and the temporaries of the operator running at the peak).
+    """
+
+    total: int
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    patch_size: tuple[int, int, int]
+    batch_size: int
+    amp: str
+    checkpointing: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON safe); sizes in bytes."""
+        values = asdict(self)
+        values["patch_size"] = list(self.patch_size)
+        return values
+
+    def summary(self) -> str:
+        """One line: the configuration and the breakdown in GiB."""
+        patch = "×".join(str(n) for n in self.patch_size)
+        return (
+            f"patch {patch}, batch {self.batch_size}, amp {self.amp}, checkpointing {self.checkpointing}: "
+            f"{self.total / GiB:.2f} GiB peak (parameters {self.parameters / GiB:.2f}, "
+            f"gradients {self.gradients / GiB:.2f}, optimizer state {self.optimizer_state / GiB:.2f}, "
+            f"activations {self.activations / GiB:.2f})"
+        )
+
+
+def estimate(cfg: Config, in_channels: int, num_classes: int,
+             spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> MemoryReport:
+    """Predicted peak GPU memory of one `medseg train` step of `cfg` on a CUDA device.
+
+    Uses `cfg.train` (patch_size, batch_size, amp with "auto" meaning fp16 as on a GPU, optimizer,
+    grad_clip) and `cfg.model` (widths, depth, norm, deep supervision, checkpointing); the data
+    enter through `in_channels`, `num_classes` and `spacing` (mm), which shape the network.
+    Raises ConfigError for a configuration `build_model` rejects.
+    """
+    return _simulate_step(cfg, in_channels, num_classes, spacing)
+
+
+def estimate_inference(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                       sw_batch_size: int = 4, volume_shape: Sequence[int] = (128, 128, 128),
+                       overlap: float = 0.5) -> int:
+    """Predicted peak GPU memory (bytes) of sliding-window inference over one volume, as
+    `medseg.infer.predict_logits` runs it with the scores blended on the GPU (no mirroring).
+
+    `volume_shape`: the volume on the network's grid (after cropping and resampling), V voxels once
+    padded to at least the patch. Counted: the float32 parameters and autocast's cached
+    low-precision copies of them; the input volume moved to the GPU (4·C·V); the blended float32
+    scores (4·K·V) and window count map (4·V); the Gaussian importance map; the previous window
+    batch's logits, which MONAI still holds while the next batch runs; and the peak of one
+    forward pass over `sw_batch_size` windows without gradients. The network is the one `cfg`
+    trains, without checkpointing; amp is `cfg.train.amp` ("auto" = fp16, what `medseg infer`
+    uses on a GPU). Mirroring (`--mirror`) adds 4·K·V for the running sum of the softmax.
+    Not counted: cuDNN workspaces.
+    """
+    from medseg.models import build_model
+
+    if len(volume_shape) != 3 or min(volume_shape) < 1:
+        raise ConfigError(f"volume shape must be three positive integers, got {list(volume_shape)}")
+    if sw_batch_size < 1:
+        raise ConfigError(f"sw_batch_size must be at least 1, got {sw_batch_size}")
+    amp_dtype = _amp_dtype(cfg.train.amp)
+    patch = [int(n) for n in cfg.train.patch_size]
+    padded = [max(int(v), p) for v, p in zip(volume_shape, patch)]
+    windows = min(sw_batch_size, _window_count(padded, patch, overlap))
+    with FakeTensorMode(), _quiet_autocast_warnings():
+        model = build_model(cfg.replace(model={"checkpointing": "off"}), in_channels, num_classes, tuple(spacing))
+        model.eval()
+        _emulate_cuda_autocast(model)
+        tracker = _AllocationTracker()
+        for tensor in (*model.parameters(), *model.buffers()):
+            tracker.track(tensor)
+        logits_dtype = amp_dtype or torch.float32
+        resident = [
+            torch.empty((1, in_channels, *padded)),  # the volume on the GPU
+            torch.empty((1, num_classes, *padded)),  # blended scores
+            torch.empty((1, 1, *padded)),  # window count map
+            torch.empty((1, 1, *patch)),  # Gaussian importance map
+            torch.empty((windows, num_classes, *patch), dtype=logits_dtype),  # previous batch's logits
+            torch.empty((windows, in_channels, *patch)),  # this batch's windows
+        ]
+        for tensor in resident:
+            tracker.track(tensor)
+        with tracker, torch.no_grad(), torch.autocast("cpu", dtype=logits_dtype, enabled=amp_dtype is not None):
+            logits = model(resident[-1])
+            logits *= resident[3]  # MONAI weights the logits in place before adding them up
+        del logits
+    return tracker.peak
+
+
+def fit(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float], budget_bytes: int,
+        margin: float = 0.1) -> tuple[Config, MemoryReport]:
+    """The preferred configuration whose predicted peak fits in `budget_bytes * (1 - margin)`.
+
+    The rule, in order of preference:
+
+    1. keep the configured patch size;
+    2. keep the batch size, going down one at a time to 1 only when needed (nnU-Net never plans
+       fewer than 2, but with instance norm a batch of 1 trains, and it lets a large patch fit);
+    3. at each batch size, activation checkpointing "off" before "stage" (stage costs 25-40 % more
+       time per step, far less than a smaller batch or patch costs in accuracy);
+    4. only when not even batch 1 with checkpointing fits, shrink the patch as nnU-Net does: take
+       the largest axis (the first of equal ones) down by the network's divisor along it (the
+       product of its strides, for the network planned for that patch), and try again with
+       steps 2-3 from the configured batch size.
+
+    Returns the config (`train.batch_size`, `train.patch_size` and `model.checkpointing` set; the
+    rest as given) and its report. Raises MedsegError, with the numbers, if nothing fits.
+    """
+    limit = _usable(budget_bytes, margin)
+    cache: dict[tuple, MemoryReport | None] = {}
+    smallest: tuple[Config, MemoryReport] | None = None
+    for patch in _shrinking_patches(cfg, spacing):
+        # The cheapest candidate at this patch first: if it does not fit, nothing here does.
+        cheapest = _candidate(cfg, patch, 1, "stage")
+        report = _cached_estimate(cache, cheapest, in_channels, num_classes, spacing)
+        if report is None:
+            cheapest = _candidate(cfg, patch, 1, "off")
+            report = _cached_estimate(cache, cheapest, in_channels, num_classes, spacing)
+        if report is None:
+            continue
+        smallest = (cheapest, report)
+        if report.total > limit:
+            continue
+        for batch in range(cfg.train.batch_size, 0, -1):
+            for mode in ("off", "stage"):
+                candidate = _candidate(cfg, patch, batch, mode)
+                report = _cached_estimate(cache, candidate, in_channels, num_classes, spacing)
+                if report is not None and report.total <= limit:
+                    return candidate, report
+    raise MedsegError(_nothing_fits(budget_bytes, margin, smallest))
+
+
+def largest_fit(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float], budget_bytes: int,
+                margin: float = 0.1, max_scale: float = 4.0) -> tuple[Config, MemoryReport]:
+    """The largest patch, and then the largest batch, that fit in `budget_bytes * (1 - margin)`.
+
+    For recommendations: the configured patch shape is scaled by one factor on every axis
+    (so its aspect ratio is kept), each axis rounded down to a multiple of the network's divisor
+    for the configured patch, up to `max_scale` times the configured size; checkpointing stays as
+    configured. The largest patch that fits with a batch of 1 is chosen, then the largest batch
+    (up to the configured one) that fits with it. Raises MedsegError if even the smallest
+    patch does not fit.
+    """
+    from medseg.models import network_plan
+
+    limit = _usable(budget_bytes, margin)
+    mode = cfg.model.checkpointing
+    base = [int(n) for n in cfg.train.patch_size]
+    unit = network_plan(cfg, spacing).divisor
+    patches = _scaled_patches(base, unit, max_scale)
+    cache: dict[tuple, MemoryReport | None] = {}
+
+    def fits(index: int, batch: int) -> MemoryReport | None:
+        candidate = _candidate(cfg, patches[index], batch, mode)
+        report = _cached_estimate(cache, candidate, in_channels, num_classes, spacing)
+        return report if report is not None and report.total <= limit else None
+
+    # Binary search over the patches (ascending in volume); memory grows with the patch.
+    low, high = 0, len(patches) - 1
+    if fits(low, 1) is None:
+        first = _cached_estimate(cache, _candidate(cfg, patches[0], 1, mode), in_channels, num_classes, spacing)
+        smallest = (_candidate(cfg, patches[0], 1, mode), first) if first is not None else None
+        raise MedsegError(_nothing_fits(budget_bytes, margin, smallest))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle, 1) is not None:
+            low = middle
+        else:
+            high = middle - 1
+    for batch in range(max(cfg.train.batch_size, 1), 0, -1):
+        report = fits(low, batch)
+        if report is not None:
+            return _candidate(cfg, patches[low], batch, mode), report
+    raise AssertionError("unreachable: batch 1 fitted above")
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a memory size: "24GiB", "24GB", "24g", "8000MiB", "1.5 TiB", "512M", "1000000".
+
+    Units are binary whatever their spelling (K, M, G, T with or without "i" and "B", any case):
+    GPU memory is sized in powers of two, and an "80GB" card holds 80 GiB. A bare number is bytes.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b?)\s*", str(text), flags=re.IGNORECASE)
+    if match is None or (match.group(3) and not match.group(2) and match.group(3).lower() != "b"):
+        raise ConfigError(f"memory size {text!r}: expected a number and a unit, such as 24GiB, 24GB, 24g or 8000MiB")
+    number, prefix = float(match.group(1)), match.group(2).lower()
+    value = int(number * 1024 ** " kmgt".index(prefix or " "))
+    if value <= 0:
+        raise ConfigError(f"memory size {text!r}: must be more than zero bytes")
+    return value
+
+
+def measure(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+            steps: int = 3, warmup: int = 2, device: str | torch.device = "cuda") -> dict[str, Any]:
+    """Peak GPU memory of real training steps of `cfg` on a CUDA device, to compare with `estimate`.
+
+    Random data of the training loader's shapes and dtypes; `warmup` steps first (cuDNN set-up,
+    optimiser state), then the peak statistics are reset and `steps` steps run. Returns bytes:
+    `max_memory_allocated`, `max_memory_reserved`, and `seconds_per_step` (mean). Leaves
+    `torch.backends.cudnn.benchmark` as the caller set it.
+    """
+    from medseg.losses import DiceCELoss
+    from medseg.models import build_model
+    from medseg.train import _optimizer, train_step
+
+    if not torch.cuda.is_available():
+        raise MedsegError("measuring GPU memory needs a CUDA GPU; none is available")
+    device = torch.device(device)
+    amp_dtype = _amp_dtype(cfg.train.amp)
+    batch, patch = cfg.train.batch_size, [int(n) for n in cfg.train.patch_size]
+    torch.cuda.empty_cache()
+    model = build_model(cfg, in_channels, num_classes, tuple(spacing)).to(device)
+    optimizer = _optimizer(cfg, model)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    loss_fn = DiceCELoss()
+    image = torch.randn((batch, in_channels, *patch), device=device)
+    label = torch.randint(0, num_classes, (batch, 1, *patch), device=device).float()
+    try:
+        for _ in range(warmup):
+            train_step(model, image, label, loss_fn, optimizer, scaler, amp_dtype, cfg.train.grad_clip)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            train_step(model, image, label, loss_fn, optimizer, scaler, amp_dtype, cfg.train.grad_clip)
+        torch.cuda.synchronize(device)
+        seconds = (time.perf_counter() - started) / max(steps, 1)
+        return {
+            "max_memory_allocated": int(torch.cuda.max_memory_allocated(device)),
+            "max_memory_reserved": int(torch.cuda.max_memory_reserved(device)),
+            "seconds_per_step": seconds,
+        }
+    finally:
+        del model, optimizer, image, label, scaler
+        torch.cuda.empty_cache()
+
+
+def block_bytes(nbytes: int) -> int:
+    """The bytes `torch.cuda.max_memory_allocated` counts for a tensor storage of `nbytes`.
+
+    The caching allocator rounds every request up to a multiple of 512 bytes. A request over
+    10 MiB gets a new segment rounded up to 2 MiB, and when that leaves no more than 1 MiB over,
+    the segment is not split: the whole of it counts as allocated. (Requests up to 10 MiB share
+    2 or 20 MiB segments and are split off exactly.) A block reused from the cache follows the
+    same no-split rule against the cached block's size, which this cannot know; the difference
+    is below 1 MiB per tensor.
+    """
+    if nbytes <= 0:
+        return 0
+    size = -(-nbytes // _MIN_BLOCK) * _MIN_BLOCK
+    if size < _MIN_LARGE_ALLOC:
+        return size
+    segment = -(-size // _ROUND_LARGE) * _ROUND_LARGE
+    return segment if segment - size <= _SMALL_SIZE else size
+
+
+# ---------------------------------------------------------------------------------------------
+# Private helpers.
+
+
+class _AllocationTracker(TorchDispatchMode):
+    """Live tensor-storage bytes, as the CUDA caching allocator would count them, and their peak.
+
+    Entered as a context, it sees every operator: each storage an operator returns is counted once
+    (views and in-place results share a counted storage) and uncounted when it is garbage, like a
+    caching-allocator block going back to the cache. Storages made before (parameters, inputs)
+    are counted with `track`. Each storage gets a token; `label` files it for the breakdown.
+    """
+
+    def __init__(self, rounding: Callable[[int], int] = block_bytes) -> None:
+        super().__init__()
+        self.rounding = rounding
+        self.current = 0
+        self.peak = 0
+        self.peak_op = ""  # the operator that reached the peak (for diagnosis)
+        self._live: dict[int, list[int]] = {}  # id(storage) -> [token, nbytes, counted bytes]
+        self._peak_live: dict[int, int] = {}  # token -> counted bytes, at the peak
+        self._labels: dict[int, str] = {}
+        self._next = 0
+        self._op = "(before the step)"
+
+    def track(self, tensor: torch.Tensor) -> int:
+        """Count `tensor`'s storage if it is new; returns its token."""
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        nbytes = storage.nbytes()
+        entry = self._live.get(key)
+        if entry is not None:
+            if entry[1] != nbytes:  # resized in place (an out= operator)
+                counted = self.rounding(nbytes)
+                self.current += counted - entry[2]
+                entry[1], entry[2] = nbytes, counted
+                self._check_peak()
+            return entry[0]
+        token = self._next
+        self._next += 1
+        counted = self.rounding(nbytes)
+        self._live[key] = [token, nbytes, counted]
+        self.current += counted
+        # The storage object lives exactly as long as the storage (PyTorch preserves it).
+        weakref.finalize(storage, self._release, key)
+        self._check_peak()
+        return token
+
+    def label(self, tensor: torch.Tensor | None, name: str) -> None:
+        """File `tensor`'s storage under `name` in the breakdown."""
+        if tensor is not None:
+            self._labels[self.track(tensor)] = name
+
+    def reset_peak(self) -> None:
+        """Start a new peak from what is alive now."""
+        self.peak = -1
+        self._check_peak()
+
+    def peak_breakdown(self) -> dict[str, int]:
+        """Bytes alive at the peak per label ("activations" for unlabelled storages)."""
+        parts: dict[str, int] = {}
+        for token, counted in self._peak_live.items():
+            name = self._labels.get(token, "activations")
+            parts[name] = parts.get(name, 0) + counted
+        return parts
+
+    def _check_peak(self) -> None:
+        if self.current > self.peak:
+            self.peak = self.current
+            self.peak_op = self._op
+            self._peak_live = {token: counted for token, _, counted in self._live.values()}
+
+    def _release(self, key: int) -> None:
+        entry = self._live.pop(key, None)
+        if entry is not None:
+            self.current -= entry[2]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is _LOCAL_SCALAR:
+            # .item()/bool() of a tensor whose value a fake tensor cannot know: the GradScaler's
+            # found-inf count (0: no overflow, so the optimiser steps, as in steady state) and the
+            # loss's finiteness check (True).
+            try:
+                return func(*args, **kwargs)
+            except DataDependentOutputException:
+                dtype = args[0].dtype
+                return True if dtype == torch.bool else (0.0 if dtype.is_floating_point else 0)
+        self._op = str(func)
+        out = func(*args, **kwargs)
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.track(leaf)
+        return out
+
+
+_LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
+
+
+def _simulate_step(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float],
+                   fake: bool = True, rounding: Callable[[int], int] = block_bytes,
+                   around_step: Callable[[], Any] = contextlib.nullcontext) -> MemoryReport:
+    """`estimate`'s work. With `fake=False` the same run happens on real CPU tensors (small
+    configurations only; for the tests), and `around_step()` is a context entered around all of it."""
+    from medseg.losses import DiceCELoss
+    from medseg.models import build_model
+    from medseg.train import _optimizer, train_step
+
+    amp_dtype = _amp_dtype(cfg.train.amp)
+    batch, patch = cfg.train.batch_size, tuple(int(n) for n in cfg.train.patch_size)
+    if batch < 1:
+        raise ConfigError(f"'train.batch_size' must be at least 1, got {batch}")
+    with around_step(), (FakeTensorMode() if fake else contextlib.nullcontext()), _quiet_autocast_warnings():
+        model = build_model(cfg, in_channels, num_classes, tuple(spacing))
+        model.train()
+        _emulate_cuda_autocast(model)
+        optimizer = _optimizer(cfg, model)
+        scaler = torch.amp.GradScaler("cpu", enabled=amp_dtype == torch.float16)
+        loss_fn = DiceCELoss()
+        # What the training loader delivers: a float32 image batch and float32 labels.
+        image = torch.randn((batch, in_channels, *patch))
+        label = torch.randint(0, num_classes, (batch, 1, *patch)).float()
+
+        tracker = _AllocationTracker(rounding)
+        for parameter in model.parameters():
+            tracker.label(parameter, "parameters")
+            parameter.register_post_accumulate_grad_hook(lambda p: tracker.label(p.grad, "gradients"))
+        for tensor in (*model.buffers(), image, label):
+            tracker.track(tensor)
+        with tracker:
+            _warm_up(model, optimizer, scaler)
+            _label_optimizer_state(tracker, optimizer)
+            tracker.reset_peak()
+            train_step(model, image, label, loss_fn, optimizer, scaler, amp_dtype, cfg.train.grad_clip)
+            _label_optimizer_state(tracker, optimizer)
+        parts = tracker.peak_breakdown()
+    total = tracker.peak
+    parameters = parts.get("parameters", 0)
+    gradients = parts.get("gradients", 0)
+    optimizer_state = parts.get("optimizer_state", 0)
+    return MemoryReport(
+        total=total,
+        parameters=parameters,
+        gradients=gradients,
+        optimizer_state=optimizer_state,
+        activations=total - parameters - gradients - optimizer_state,
+        patch_size=patch,  # type: ignore[arg-type]
+        batch_size=batch,
+        amp=_amp_name(amp_dtype),
+        checkpointing=cfg.model.checkpointing,
+    )
+
+
+def _window_count(size: Sequence[int], patch: Sequence[int], overlap: float) -> int:
+    # MONAI's sliding-window grid: a step of patch·(1 - overlap) per axis, the last window flush
+    # with the far edge.
+    count = 1
+    for length, roi in zip(size, patch):
+        if length <= roi:
+            continue
+        step = max(int(roi * (1 - overlap)), 1)
+        count *= math.ceil((length - roi) / step) + 1
+    return count
+
+
+def _warm_up(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    # What the steps before the measured one leave behind: the optimiser's state (momentum
+    # buffers; AdamW's moments and step counts) and the GradScaler's scale. An optimiser step on
+    # zero gradients creates them as a first training step does, without its forward and backward.
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    scaler.scale(torch.zeros(()))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _label_optimizer_state(tracker: Any, optimizer: torch.optim.Optimizer) -> None:
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                tracker.label(value, "optimizer_state")
+
+
+def _emulate_cuda_autocast(model: nn.Module) -> None:
+    # CUDA autocast runs group_norm in float32 (its input is cast up); CPU autocast leaves it in
+    # the convolution's dtype. Cast up by hand so the CPU run allocates what CUDA would.
+    def cast_up(module: nn.Module, args: tuple) -> tuple | None:
+        if torch.is_autocast_enabled("cpu") and args and args[0].dtype in (torch.float16, torch.bfloat16):
+            return (args[0].float(), *args[1:])
+        return None
+
+    for module in model.modules():
+        if isinstance(module, nn.GroupNorm):
+            module.register_forward_pre_hook(cast_up)
+
+
+class _quiet_autocast_warnings:
+    """Silence autocast's warning about a disabled float32 autocast on the CPU."""
+
+    def __enter__(self) -> None:
+        import warnings
+
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.filterwarnings("ignore", message=".*autocast.*")
+
+    def __exit__(self, *exc: Any) -> None:
+        self._catch.__exit__(*exc)
+
+
+def _amp_dtype(amp: str) -> torch.dtype | None:
+    # What medseg train uses on a CUDA device ("auto" is fp16 there).
+    from medseg.train import _amp_dtype as train_amp_dtype
+
+    return train_amp_dtype(amp, torch.device("cuda"))
+
+
+def _amp_name(dtype: torch.dtype | None) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", None: "off"}[dtype]
+
+
+def _usable(budget_bytes: int, margin: float) -> int:
+    if budget_bytes <= 0:
+        raise ConfigError(f"memory budget must be positive, got {budget_bytes} bytes")
+    if not 0 <= margin < 1:
+        raise ConfigError(f"memory margin must be in [0, 1), got {margin}")
+    return int(budget_bytes * (1 - margin))
+
+
+def _candidate(cfg: Config, patch: Sequence[int], batch: int, mode: str) -> Config:
+    return cfg.replace(train={"patch_size": [int(n) for n in patch], "batch_size": batch},
+                       model={"checkpointing": mode})
+
+
+def _cached_estimate(cache: dict, cfg: Config, in_channels: int, num_classes: int,
+                     spacing: Sequence[float]) -> MemoryReport | None:
+    """`estimate`, remembered per configuration; None where `build_model` rejects the configuration
+    (checkpointing with batch norm, a patch too small for a fixed depth)."""
+    key = (tuple(cfg.train.patch_size), cfg.train.batch_size, cfg.model.checkpointing)
+    if key not in cache:
+        try:
+            cache[key] = estimate(cfg, in_channels, num_classes, spacing)
+        except ConfigError:
+            cache[key] = None
+    return cache[key]
+
+
+def _shrinking_patches(cfg: Config, spacing: Sequence[float]) -> Iterator[list[int]]:
+    """The configured patch, then ever smaller ones: the largest axis (the first of equal ones)
+    loses the network's divisor along it, until no axis can shrink."""
+    from medseg.models import network_plan
+
+    patch = [int(n) for n in cfg.train.patch_size]
+    while True:
+        yield list(patch)
+        try:
+            divisor = network_plan(cfg.replace(train={"patch_size": patch}), spacing).divisor
+        except ConfigError:
+            return
+        order = sorted(range(3), key=lambda axis: (-patch[axis], axis))
+        for axis in order:
+            if patch[axis] - divisor[axis] >= max(divisor[axis], 1) and patch[axis] > divisor[axis]:
+                patch[axis] -= divisor[axis]
+                break
+        else:
+            return
+
+
+def _scaled_patches(base: list[int], unit: Sequence[int], max_scale: float) -> list[list[int]]:
+    """Distinct patches of `base`'s shape scaled by one factor, each axis a multiple of `unit`,
+    ascending in volume, from the smallest such patch to `max_scale` times `base`."""
+    patches: list[list[int]] = []
+    seen: set[tuple[int, ...]] = set()
+    largest = max(b / u for b, u in zip(base, unit))
+    steps = int(math.ceil(largest * max_scale)) + 1
+    for step in range(1, steps + 1):
+        scale = step / largest
+        if scale > max_scale + 1e-9:
+            break
+        patch = [max(u, int(b * scale // u) * u) for b, u in zip(base, unit)]
+        key = tuple(patch)
+        if key not in seen:
+            seen.add(key)
+            patches.append(patch)
+    patches.sort(key=lambda p: (math.prod(p), p))
+    return patches
+
+
+def _nothing_fits(budget_bytes: int, margin: float, smallest: tuple[Config, MemoryReport] | None) -> str:
+    usable = budget_bytes * (1 - margin)
+    text = (f"nothing fits in {budget_bytes / GiB:.2f} GiB minus the {margin:.0%} margin "
+            f"({usable / GiB:.2f} GiB)")
+    if smallest is not None:
+        text += f": the smallest configuration tried needs {smallest[1].summary()}"
+    return text
