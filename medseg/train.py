@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import nn
 
-from medseg import checkpoint, config
+from medseg import checkpoint, config, distributed
 from medseg.config import Config
 from medseg.data.cases import Case, DatasetInfo, find_dataset, split
 from medseg.data.checks import CaseSummary, check_dataset
@@ -37,7 +37,7 @@ from medseg.data.loader import training_loader, validation_dataset
 from medseg.data.transforms import Preprocessing
 from medseg.errors import CheckpointError, ConfigError, DataError, MedsegError, TrainingInterrupted
 from medseg.infer import predict_logits
-from medseg.losses import DiceCELoss
+from medseg.losses import DiceCELoss, deep_supervision_weights
 from medseg.metrics import dice_per_class
 from medseg.models import build_model
 
@@ -46,19 +46,34 @@ def train(cfg: Config, resume: Path | None = None, console: Console | None = Non
     """Train the model `cfg` describes; returns the run directory.
 
     With `resume`, continue the run in that directory from its last checkpoint (its own config).
+    Started by torchrun (several processes), it trains with DistributedDataParallel: the global
+    `train.batch_size` is split evenly over the processes, so a run on N GPUs takes the same
+    optimiser steps over the same number of samples as on one, N times faster at best.
     """
-    console = console or Console()
     state = None
     if resume is not None:
         state = checkpoint.load(Path(resume) / "last.pt")
         cfg = config.from_dict(state["config"])
-        run_dir = Path(resume)
-    device = _device(cfg.train.device)
+    context = distributed.start(cfg.train.device)
+    try:
+        return _train(cfg, state, Path(resume) if resume else None, console or Console(), context)
+    finally:
+        distributed.stop(context)
+
+
+def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, console: Console,
+           context: distributed.Context) -> Path:
+    if not context.is_main:
+        console = Console(quiet=True)
+    device = _device(cfg.train.device, context)
     amp_dtype = _amp_dtype(cfg.train.amp, device)
+    if cfg.train.batch_size % context.world_size:
+        raise ConfigError(f"'train.batch_size' {cfg.train.batch_size} must be divisible by the "
+                          f"{context.world_size} processes it is split over")
 
     dataset = find_dataset(cfg.data.dataset)
-    if state is None:
-        run_dir = _run_dir_name(cfg)  # checked before reading the data, so a bad output_dir fails at once
+    # Checked before reading the data, so a bad output_dir fails at once; one name for all ranks.
+    run_dir = resume if resume is not None else distributed.broadcast(context, _run_dir_name(cfg))
     # Every file is read and checked once before anything is cached: bad data fails here, with
     # one line naming the file, not an hour into training.
     summaries = check_dataset(dataset.cases, dataset.labels, len(dataset.modalities) or None,
@@ -72,17 +87,20 @@ def train(cfg: Config, resume: Path | None = None, console: Console | None = Non
     else:
         by_name = {s.name: s for s in summaries}
         prep = plan_preprocessing(cfg, dataset, [by_name[c.name] for c in train_cases], train_cases)
-        _create(run_dir)
-        config.dump(cfg, run_dir / "config.yaml")
-        (run_dir / "preprocessing.json").write_text(json.dumps(prep.to_dict(), indent=2))
+        if context.is_main:
+            _create(run_dir)
+            config.dump(cfg, run_dir / "config.yaml")
+            (run_dir / "preprocessing.json").write_text(json.dumps(prep.to_dict(), indent=2))
     console.print(
         f"[bold]medseg train[/]: {len(train_cases)} training / {len(val_cases)} validation cases, "
         f"spacing {_fmt(prep.spacing)} mm, patch {cfg.train.patch_size}, batch {cfg.train.batch_size}, "
-        f"device {device}, amp {_amp_name(amp_dtype)}, checkpointing {cfg.model.checkpointing}"
+        f"device {device}{f' ×{context.world_size}' if context.enabled else ''}, amp {_amp_name(amp_dtype)}, "
+        f"checkpointing {cfg.model.checkpointing}"
     )
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, prep.channels, prep.num_classes, prep.spacing).to(device)
+    _freeze_unused_heads(model)
     optimizer = _optimizer(cfg, model)
     total_steps = cfg.train.epochs * cfg.train.iterations_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
@@ -102,9 +120,20 @@ def train(cfg: Config, resume: Path | None = None, console: Console | None = Non
         where = f"epoch {start_epoch + 1}" + (f", step {steps_done + 1}" if steps_done else "")
         console.print(f"resuming {run_dir} at {where}")
 
+    # Each process caches and samples its own share of the cases, with its own seed, so the
+    # processes draw different patches; DDP then averages their gradients.
+    rank, world = context.rank, context.world_size
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "cache"
-    batches = training_loader(train_cases, prep, cfg, cache_dir / "train", device)
-    val_data = validation_dataset(val_cases, prep, cfg, cache_dir / "val") if val_cases else None
+    shard_cfg = cfg.replace(train={"batch_size": cfg.train.batch_size // world, "seed": cfg.train.seed + 1000 * rank})
+    shard_dir = cache_dir / (f"train-rank{rank}" if context.enabled else "train")
+    batches = training_loader(train_cases[rank::world] or train_cases, prep, shard_cfg, shard_dir, device)
+    val_shard = val_cases[rank::world]
+    val_data = validation_dataset(val_shard, prep, cfg, cache_dir / f"val-rank{rank}") if val_shard else None
+    trained = model
+    if context.enabled:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     best = max((row["val_dice"] for row in history if not math.isnan(row.get("val_dice", math.nan))), default=-1.0)
 
     def snapshot(completed_epoch: int, steps: int) -> dict[str, Any]:
@@ -121,18 +150,21 @@ def train(cfg: Config, resume: Path | None = None, console: Console | None = Non
             "history": history,
         }
 
-    fallback = MemoryFallback()
+    # The out-of-memory fallback changes one process's step; with several it would desynchronise them.
+    fallback = MemoryFallback(enabled=not context.enabled)
     with _StopRequests() as stop:
         for epoch in range(start_epoch, cfg.train.epochs):
             started = time.perf_counter()
             steps = cfg.train.iterations_per_epoch - steps_done
             train_loss, taken = train_one_epoch(
-                model, batches, loss_fn, optimizer, scheduler, scaler, amp_dtype, device, cfg.train.grad_clip,
+                trained, batches, loss_fn, optimizer, scheduler, scaler, amp_dtype, device, cfg.train.grad_clip,
                 steps=steps, stop=stop, max_nonfinite=cfg.train.max_nonfinite_steps, fallback=fallback,
-                description=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                description=f"epoch {epoch + 1}/{cfg.train.epochs}", console=console, context=context,
             )
+            train_loss = distributed.mean(context, train_loss, device)
             if taken < steps:  # interrupted: keep the progress, say how to continue
-                checkpoint.save(snapshot(epoch - 1, steps_done + taken), run_dir / "last.pt")
+                if context.is_main:
+                    checkpoint.save(snapshot(epoch - 1, steps_done + taken), run_dir / "last.pt")
                 raise TrainingInterrupted(
                     f"stopped by {stop.reason} at epoch {epoch + 1}, step {steps_done + taken}; "
                     f"saved {run_dir / 'last.pt'}; continue with: medseg train --resume {run_dir}"
@@ -141,20 +173,21 @@ def train(cfg: Config, resume: Path | None = None, console: Console | None = Non
             row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
             last = epoch == cfg.train.epochs - 1
             every = cfg.validate.every
-            if val_data is not None and (last or (every > 0 and (epoch + 1) % every == 0)):
-                per_class = validate(model, val_data, prep, cfg, amp_dtype)
+            if val_cases and (last or (every > 0 and (epoch + 1) % every == 0)):
+                per_class = validate(model, val_data or [], prep, cfg, amp_dtype, context)
                 row["val_dice"] = float(np.nanmean(per_class)) if not np.all(np.isnan(per_class)) else math.nan
                 for value, name in zip(per_class, _class_names(prep)):
                     row[f"dice_{name}"] = value
                 _print_validation(console, epoch + 1, row, prep)
             row["seconds"] = time.perf_counter() - started
             history.append(row)
-            _write_metrics(run_dir / "metrics.csv", history)
-            state_dict = snapshot(epoch, 0)
-            checkpoint.save(state_dict, run_dir / "last.pt")
-            if not math.isnan(row.get("val_dice", math.nan)) and row["val_dice"] > best:
-                best = row["val_dice"]
-                checkpoint.save(state_dict, run_dir / "best.pt")
+            if context.is_main:
+                _write_metrics(run_dir / "metrics.csv", history)
+                state_dict = snapshot(epoch, 0)
+                checkpoint.save(state_dict, run_dir / "last.pt")
+                if not math.isnan(row.get("val_dice", math.nan)) and row["val_dice"] > best:
+                    best = row["val_dice"]
+                    checkpoint.save(state_dict, run_dir / "best.pt")
     console.print(f"done: {run_dir}  (last.pt, best.pt, metrics.csv, config.yaml)")
     return run_dir
 
@@ -163,7 +196,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Modul
                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
                     amp_dtype: torch.dtype | None, device: torch.device, grad_clip: float, steps: int,
                     stop: Callable[[], bool] = lambda: False, max_nonfinite: int = 20,
-                    fallback: "MemoryFallback | None" = None, description: str = "train") -> tuple[float, int]:
+                    fallback: "MemoryFallback | None" = None, description: str = "train",
+                    console: Console | None = None,
+                    context: distributed.Context = distributed.Context()) -> tuple[float, int]:
     """Up to `steps` optimiser steps (fewer if `stop()` turns true); returns (mean loss, steps taken).
 
     Steps with a non-finite loss are skipped; `max_nonfinite` of them in a row end training with
@@ -176,7 +211,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Modul
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} it/s"), TimeElapsedColumn())
     started = time.perf_counter()
-    with Progress(*columns, transient=False) as progress:
+    with Progress(*columns, transient=False, console=console) as progress:
         task = progress.add_task(description, total=steps, loss=float("nan"), rate=0.0)
         for batch in itertools.islice(batches, steps):
             image = batch["image"].to(device, non_blocking=True)
@@ -184,7 +219,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Modul
             while True:
                 try:
                     loss, finite = train_step(model, image, label, loss_fn, optimizer, scaler, amp_dtype,
-                                              grad_clip, fallback.micro_batches)
+                                              grad_clip, fallback.micro_batches, context)
                     break
                 except torch.OutOfMemoryError:
                     pass  # leave the except block first, so the failed step's tensors are freed
@@ -211,7 +246,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Modul
                 progress.update(task, loss=float(running) / max(finite_steps, 1),
                                 rate=taken / (time.perf_counter() - started))
             progress.advance(task)
-            if stop():
+            # Every process stops at the same step, whichever of them got the signal.
+            if distributed.any_true(context, stop(), device):
                 break
     return float(running) / max(finite_steps, 1), taken
 
@@ -223,10 +259,15 @@ class MemoryFallback:
     the optimiser step stays the same)."""
 
     micro_batches: int = 1
+    enabled: bool = True
 
     def cheaper(self, model: nn.Module, batch_shape: torch.Size) -> str:
         """Apply the next fallback and say what changed; MedsegError when none is left."""
         batch_size, patch = batch_shape[0], list(batch_shape[2:])
+        model = getattr(model, "module", model)  # DistributedDataParallel wraps the network
+        if not self.enabled:
+            raise MedsegError(f"out of memory (patch {patch}, batch {batch_size} per GPU); with several GPUs "
+                              f"there is no automatic fallback: set model.checkpointing=stage or a smaller batch")
         if getattr(model, "checkpointing", "stage") == "off":
             model.set_checkpointing("stage")
             return "activation checkpointing switched on (stage)"
@@ -241,7 +282,8 @@ class MemoryFallback:
 
 def train_step(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss_fn: nn.Module,
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None,
-               grad_clip: float, micro_batches: int = 1) -> tuple[torch.Tensor, bool]:
+               grad_clip: float, micro_batches: int = 1,
+               context: distributed.Context = distributed.Context()) -> tuple[torch.Tensor, bool]:
     """The AMP step, written once: forward under autocast, scaled backward, clip, step, update.
 
     With `micro_batches` > 1 the batch is split and the gradients accumulated (the out-of-memory
@@ -258,7 +300,7 @@ def train_step(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss_
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     # One host sync per step, at the point where GradScaler.step synchronises for fp16 anyway.
-    finite = bool(torch.isfinite(loss))
+    finite = distributed.all_true(context, torch.isfinite(loss))  # all processes skip together
     if finite or scaler.is_enabled():
         scaler.step(optimizer)  # with fp16, skips the step itself when the gradients overflowed
     scaler.update()
@@ -268,8 +310,11 @@ def train_step(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss_
 
 
 def validate(model: nn.Module, volumes: Iterable[dict], prep: Preprocessing, cfg: Config,
-             amp_dtype: torch.dtype | None) -> list[float]:
-    """Mean Dice per foreground class over whole validation volumes (at the network's spacing)."""
+             amp_dtype: torch.dtype | None, context: distributed.Context = distributed.Context()) -> list[float]:
+    """Mean Dice per foreground class over whole validation volumes (at the network's spacing).
+
+    With several processes each predicts its share of the volumes and the scores are gathered.
+    """
     scores = []
     for item in volumes:
         image = torch.as_tensor(item["image"])[None]
@@ -278,6 +323,7 @@ def validate(model: nn.Module, volumes: Iterable[dict], prep: Preprocessing, cfg
         prediction = logits.argmax(1)[0]
         scores.append(dice_per_class(prediction, torch.as_tensor(item["label"])[0], prep.num_classes))
     model.train()
+    scores = [row for part in distributed.gather(context, scores) for row in part]
     with np.errstate(all="ignore"):
         return [float(v) for v in np.nanmean(np.array(scores, dtype=float), axis=0)]
 
@@ -335,6 +381,19 @@ class _StopRequests:
         self.reason = signal.Signals(number).name
 
 
+def _freeze_unused_heads(model: nn.Module) -> None:
+    # Heads whose output the loss never uses (the coarsest deep-supervision output has weight 0;
+    # without deep supervision only the finest head is used) get no gradient. Marking them frozen
+    # keeps them out of the optimiser's work and lets DistributedDataParallel run without searching
+    # for unused parameters every step.
+    used = list(reversed(model.heads)) if model.deep_supervision else [model.heads[-1]]
+    weights = deep_supervision_weights(len(used)) if model.deep_supervision else [1.0]
+    for head in model.heads:
+        head.requires_grad_(False)
+    for head, weight in zip(used, weights):
+        head.requires_grad_(weight > 0)
+
+
 def _rng_states() -> dict[str, Any]:
     states = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": repr(random.getstate())}
     if torch.cuda.is_available():
@@ -360,7 +419,9 @@ def _numpy_state() -> list[Any]:
     return [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)]
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, context: distributed.Context = distributed.Context()) -> torch.device:
+    if context.enabled and name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", context.local_rank)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -388,11 +449,12 @@ def _amp_name(dtype: torch.dtype | None) -> str:
 
 def _optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     t = cfg.train
+    trainable = [p for p in model.parameters() if p.requires_grad]
     # foreach: one kernel per parameter group instead of one per tensor.
     if t.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=True,
+        return torch.optim.SGD(trainable, lr=t.lr, momentum=t.momentum, nesterov=True,
                                weight_decay=t.weight_decay, foreach=True)
-    return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, foreach=True)
+    return torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
 
 
 def _lr_lambda(cfg: Config, total_steps: int):
