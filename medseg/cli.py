@@ -5,6 +5,7 @@ Heavy imports (torch, MONAI) live inside the commands so that `medseg --help` is
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -38,8 +39,20 @@ def train(
     config: Annotated[Optional[Path], typer.Argument(help="Experiment config (overrides of configs/default.yaml).")] = None,
     set_: SetOption = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from last.pt.")] = None,
+    gpus: Annotated[int, typer.Option(help="Train on this many GPUs of this machine (starts torchrun).")] = 1,
 ) -> None:
     """Train a 3D U-Net on a dataset folder."""
+    if gpus > 1 and "LOCAL_RANK" not in os.environ:
+        # The same as `torchrun --nproc-per-node N -m medseg train ...`: PyTorch's own launcher.
+        from torch.distributed.run import main as torchrun
+
+        arguments = [str(config)] if config is not None else []
+        for item in set_ or []:
+            arguments += ["--set", item]
+        if resume is not None:
+            arguments += ["--resume", str(resume)]
+        torchrun(["--standalone", "--nproc-per-node", str(gpus), "-m", "medseg", "train", *arguments])
+        return
     with _user_errors():
         from medseg import config as config_module
         from medseg.train import train as run_training

@@ -7,8 +7,8 @@ with `DiceCELoss`) on *fake* tensors: tensors with shapes, dtypes and storages b
 nothing is computed and a step at patch 192³ costs as little as one at 32³ (about a second).
 A dispatch mode sees every tensor each operator creates; each new storage is counted at the size
 PyTorch's CUDA caching allocator gives its block (`block_bytes`) and uncounted when the storage
-dies. The step runs twice, as after a warm-up: the first creates the optimiser's state, the
-second is measured, and its running maximum is the prediction.
+dies. As after a warm-up, the optimiser's state exists before the measured step (an optimiser
+step on zero gradients creates it), and the running maximum over that step is the prediction.
 
 How the CPU run stands in for CUDA:
 
@@ -22,8 +22,9 @@ How the CPU run stands in for CUDA:
   the same, so the recomputed activations are counted where they live.
 - Not modelled: cuDNN workspaces, scratch space that kernels allocate inside one operator
   (contiguous copies of strided gradients, for example), and blocks the caching allocator hands
-  out whole because an earlier, larger block was free. Measured against an H200 these stay within
-  a few percent (`scripts/bench_memory.py` compares prediction and measurement).
+  out whole because an earlier, larger block was free. The peak of these networks falls in
+  backward between convolutions (at an activation's gradient), where no workspace is held;
+  `scripts/bench_memory.py` compares prediction and measurement on a GPU.
 
 `fit` and `largest_fit` search configurations with `estimate`; `measure` runs real steps on a GPU;
 `estimate_inference` predicts sliding-window inference; `parse_size` reads "24GiB"-style sizes.
@@ -141,8 +142,10 @@ def estimate_inference(cfg: Config, in_channels: int, num_classes: int, spacing:
     amp_dtype = _amp_dtype(cfg.train.amp)
     patch = [int(n) for n in cfg.train.patch_size]
     padded = [max(int(v), p) for v, p in zip(volume_shape, patch)]
-    windows = min(sw_batch_size, _window_count(padded, patch, overlap))
-    with FakeTensorMode(), _quiet_autocast_warnings():
+    total_windows = _window_count(padded, patch, overlap)
+    windows = min(sw_batch_size, total_windows)
+    previous = windows if total_windows > windows else 0  # a batch before this one
+    with FakeTensorMode():
         model = build_model(cfg.replace(model={"checkpointing": "off"}), in_channels, num_classes, tuple(spacing))
         model.eval()
         _emulate_cuda_autocast(model)
@@ -155,7 +158,7 @@ def estimate_inference(cfg: Config, in_channels: int, num_classes: int, spacing:
             torch.empty((1, num_classes, *padded)),  # blended scores
             torch.empty((1, 1, *padded)),  # window count map
             torch.empty((1, 1, *patch)),  # Gaussian importance map
-            torch.empty((windows, num_classes, *patch), dtype=logits_dtype),  # previous batch's logits
+            torch.empty((previous, num_classes, *patch), dtype=logits_dtype),  # previous batch's logits
             torch.empty((windows, in_channels, *patch)),  # this batch's windows
         ]
         for tensor in resident:
@@ -188,7 +191,7 @@ def fit(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float
     """
     limit = _usable(budget_bytes, margin)
     cache: dict[tuple, MemoryReport | None] = {}
-    smallest: tuple[Config, MemoryReport] | None = None
+    smallest: MemoryReport | None = None
     for patch in _shrinking_patches(cfg, spacing):
         # The cheapest candidate at this patch first: if it does not fit, nothing here does.
         cheapest = _candidate(cfg, patch, 1, "stage")
@@ -198,7 +201,7 @@ def fit(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float
             report = _cached_estimate(cache, cheapest, in_channels, num_classes, spacing)
         if report is None:
             continue
-        smallest = (cheapest, report)
+        smallest = report
         if report.total > limit:
             continue
         for batch in range(cfg.train.batch_size, 0, -1):
@@ -211,15 +214,17 @@ def fit(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float
 
 
 def largest_fit(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float], budget_bytes: int,
-                margin: float = 0.1, max_scale: float = 4.0) -> tuple[Config, MemoryReport]:
-    """The largest patch, and then the largest batch, that fit in `budget_bytes * (1 - margin)`.
+                margin: float = 0.1, max_scale: float = 4.0,
+                max_patch: Sequence[int] | None = None) -> tuple[Config, MemoryReport]:
+    """The largest patch that fits in `budget_bytes * (1 - margin)` at the configured batch size.
 
-    For recommendations: the configured patch shape is scaled by one factor on every axis
-    (so its aspect ratio is kept), each axis rounded down to a multiple of the network's divisor
-    for the configured patch, up to `max_scale` times the configured size; checkpointing stays as
-    configured. The largest patch that fits with a batch of 1 is chosen, then the largest batch
-    (up to the configured one) that fits with it. Raises MedsegError if even the smallest
-    patch does not fit.
+    For recommendations, in nnU-Net's spirit (fix the batch, grow the patch): the configured patch
+    shape is scaled by one factor on every axis, so its aspect ratio is kept, each axis rounded
+    down to a multiple of the network's divisor for the configured patch, from one divisor up to
+    `max_scale` times the configured size and at most `max_patch` (the data's median shape, say).
+    Checkpointing stays as configured. If not even the smallest patch fits at the configured batch
+    size, the batch size goes down one at a time. Returns the config and its report; raises
+    MedsegError if nothing fits at batch 1.
     """
     from medseg.models import network_plan
 
@@ -227,43 +232,45 @@ def largest_fit(cfg: Config, in_channels: int, num_classes: int, spacing: Sequen
     mode = cfg.model.checkpointing
     base = [int(n) for n in cfg.train.patch_size]
     unit = network_plan(cfg, spacing).divisor
-    patches = _scaled_patches(base, unit, max_scale)
+    patches = _scaled_patches(base, unit, max_scale, max_patch)
     cache: dict[tuple, MemoryReport | None] = {}
 
-    def fits(index: int, batch: int) -> MemoryReport | None:
-        candidate = _candidate(cfg, patches[index], batch, mode)
-        report = _cached_estimate(cache, candidate, in_channels, num_classes, spacing)
-        return report if report is not None and report.total <= limit else None
+    def report_for(index: int, batch: int) -> MemoryReport | None:
+        return _cached_estimate(cache, _candidate(cfg, patches[index], batch, mode), in_channels, num_classes, spacing)
 
-    # Binary search over the patches (ascending in volume); memory grows with the patch.
-    low, high = 0, len(patches) - 1
-    if fits(low, 1) is None:
-        first = _cached_estimate(cache, _candidate(cfg, patches[0], 1, mode), in_channels, num_classes, spacing)
-        smallest = (_candidate(cfg, patches[0], 1, mode), first) if first is not None else None
-        raise MedsegError(_nothing_fits(budget_bytes, margin, smallest))
-    while low < high:
-        middle = (low + high + 1) // 2
-        if fits(middle, 1) is not None:
-            low = middle
-        else:
-            high = middle - 1
+    def fits(index: int, batch: int) -> bool:
+        report = report_for(index, batch)
+        return report is not None and report.total <= limit
+
     for batch in range(max(cfg.train.batch_size, 1), 0, -1):
-        report = fits(low, batch)
-        if report is not None:
-            return _candidate(cfg, patches[low], batch, mode), report
-    raise AssertionError("unreachable: batch 1 fitted above")
+        if not fits(0, batch):
+            continue
+        # Binary search over the patches, ascending in volume: memory grows with the patch.
+        low, high = 0, len(patches) - 1
+        while low < high:
+            middle = (low + high + 1) // 2
+            if fits(middle, batch):
+                low = middle
+            else:
+                high = middle - 1
+        report = report_for(low, batch)
+        assert report is not None
+        return _candidate(cfg, patches[low], batch, mode), report
+    smallest = report_for(0, 1)
+    raise MedsegError(_nothing_fits(budget_bytes, margin, smallest))
 
 
 def parse_size(text: str) -> int:
-    """Bytes in a memory size: "24GiB", "24GB", "24g", "8000MiB", "1.5 TiB", "512M", "1000000".
+    """Bytes in a memory size: "24GiB", "24GB", "24g", "8000MiB", "1.5 TiB", "512M", "4096B".
 
     Units are binary whatever their spelling (K, M, G, T with or without "i" and "B", any case):
-    GPU memory is sized in powers of two, and an "80GB" card holds 80 GiB. A bare number is bytes.
+    GPU memory is sized in powers of two, and an "80GB" card holds 80 GiB. A unit is required
+    ("B" for bytes): a bare "24" is more likely meant as GiB than as bytes. Raises ConfigError.
     """
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b?)\s*", str(text), flags=re.IGNORECASE)
-    if match is None or (match.group(3) and not match.group(2) and match.group(3).lower() != "b"):
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])i?b?|b)\s*", str(text), flags=re.IGNORECASE)
+    if match is None:
         raise ConfigError(f"memory size {text!r}: expected a number and a unit, such as 24GiB, 24GB, 24g or 8000MiB")
-    number, prefix = float(match.group(1)), match.group(2).lower()
+    number, prefix = float(match.group(1)), (match.group(2) or "").lower()
     value = int(number * 1024 ** " kmgt".index(prefix or " "))
     if value <= 0:
         raise ConfigError(f"memory size {text!r}: must be more than zero bytes")
@@ -382,6 +389,13 @@ class _AllocationTracker(TorchDispatchMode):
         self._check_peak()
         return token
 
+    def forget(self, tensor: torch.Tensor) -> None:
+        """Stop counting `tensor`'s storage (it would not be in GPU memory)."""
+        entry = self._live.get(id(tensor.untyped_storage()))
+        if entry is not None:
+            self.current -= entry[2]
+            entry[2] = 0
+
     def label(self, tensor: torch.Tensor | None, name: str) -> None:
         """File `tensor`'s storage under `name` in the breakdown."""
         if tensor is not None:
@@ -446,7 +460,7 @@ def _simulate_step(cfg: Config, in_channels: int, num_classes: int, spacing: Seq
     batch, patch = cfg.train.batch_size, tuple(int(n) for n in cfg.train.patch_size)
     if batch < 1:
         raise ConfigError(f"'train.batch_size' must be at least 1, got {batch}")
-    with around_step(), (FakeTensorMode() if fake else contextlib.nullcontext()), _quiet_autocast_warnings():
+    with around_step(), (FakeTensorMode() if fake else contextlib.nullcontext()):
         model = build_model(cfg, in_channels, num_classes, tuple(spacing))
         model.train()
         _emulate_cuda_autocast(model)
@@ -513,8 +527,14 @@ def _warm_up(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.a
 
 def _label_optimizer_state(tracker: Any, optimizer: torch.optim.Optimizer) -> None:
     for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
+        for name, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if name == "step" and value.dim() == 0:
+                # Adam's step counts stay in host memory for CUDA parameters (unless capturable or
+                # fused, which medseg does not use): not GPU memory.
+                tracker.forget(value)
+            else:
                 tracker.label(value, "optimizer_state")
 
 
@@ -529,20 +549,6 @@ def _emulate_cuda_autocast(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.GroupNorm):
             module.register_forward_pre_hook(cast_up)
-
-
-class _quiet_autocast_warnings:
-    """Silence autocast's warning about a disabled float32 autocast on the CPU."""
-
-    def __enter__(self) -> None:
-        import warnings
-
-        self._catch = warnings.catch_warnings()
-        self._catch.__enter__()
-        warnings.filterwarnings("ignore", message=".*autocast.*")
-
-    def __exit__(self, *exc: Any) -> None:
-        self._catch.__exit__(*exc)
 
 
 def _amp_dtype(amp: str) -> torch.dtype | None:
@@ -596,25 +602,26 @@ def _shrinking_patches(cfg: Config, spacing: Sequence[float]) -> Iterator[list[i
             return
         order = sorted(range(3), key=lambda axis: (-patch[axis], axis))
         for axis in order:
-            if patch[axis] - divisor[axis] >= max(divisor[axis], 1) and patch[axis] > divisor[axis]:
+            if patch[axis] >= 2 * divisor[axis]:  # keep at least one divisor's worth
                 patch[axis] -= divisor[axis]
                 break
         else:
             return
 
 
-def _scaled_patches(base: list[int], unit: Sequence[int], max_scale: float) -> list[list[int]]:
-    """Distinct patches of `base`'s shape scaled by one factor, each axis a multiple of `unit`,
-    ascending in volume, from the smallest such patch to `max_scale` times `base`."""
+def _scaled_patches(base: list[int], unit: Sequence[int], max_scale: float,
+                    max_patch: Sequence[int] | None) -> list[list[int]]:
+    """Distinct patches of `base`'s shape scaled by one factor, each axis a multiple of `unit`
+    (and at least one unit), ascending in volume, up to `max_scale` times `base` and `max_patch`."""
+    cap = [int(b * max_scale) for b in base]
+    if max_patch is not None:
+        cap = [max(min(c, int(m) // u * u), u) for c, m, u in zip(cap, max_patch, unit)]
     patches: list[list[int]] = []
     seen: set[tuple[int, ...]] = set()
-    largest = max(b / u for b, u in zip(base, unit))
-    steps = int(math.ceil(largest * max_scale)) + 1
-    for step in range(1, steps + 1):
-        scale = step / largest
-        if scale > max_scale + 1e-9:
-            break
-        patch = [max(u, int(b * scale // u) * u) for b, u in zip(base, unit)]
+    # Factors at which some axis reaches its next multiple of its unit.
+    factors = sorted({k * u / b for b, u, c in zip(base, unit, cap) for k in range(1, c // u + 1)})
+    for factor in factors:
+        patch = [min(max(u, int(b * factor + 1e-9) // u * u), c) for b, u, c in zip(base, unit, cap)]
         key = tuple(patch)
         if key not in seen:
             seen.add(key)
@@ -623,10 +630,12 @@ def _scaled_patches(base: list[int], unit: Sequence[int], max_scale: float) -> l
     return patches
 
 
-def _nothing_fits(budget_bytes: int, margin: float, smallest: tuple[Config, MemoryReport] | None) -> str:
+def _nothing_fits(budget_bytes: int, margin: float, smallest: MemoryReport | None) -> str:
     usable = budget_bytes * (1 - margin)
-    text = (f"nothing fits in {budget_bytes / GiB:.2f} GiB minus the {margin:.0%} margin "
+    text = (f"nothing fits in {budget_bytes / GiB:.2f} GiB less the {margin:.0%} margin "
             f"({usable / GiB:.2f} GiB)")
     if smallest is not None:
-        text += f": the smallest configuration tried needs {smallest[1].summary()}"
+        patch = "×".join(str(n) for n in smallest.patch_size)
+        text += (f"; the smallest configuration tried (patch {patch}, batch {smallest.batch_size}, "
+                 f"checkpointing {smallest.checkpointing}, amp {smallest.amp}) needs {smallest.total / GiB:.2f} GiB")
     return text

@@ -1,0 +1,93 @@
+"""Two processes (gloo on CPU) train together through torchrun, as on a multi-GPU node."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from medseg import checkpoint
+from tests.conftest import ROOT
+
+TINY = [
+    "model.base_width=4", "model.max_width=16", "train.patch_size=[16,16,16]", "train.batch_size=2",
+    "train.workers=0", "train.epochs=2", "train.iterations_per_epoch=3", "validate.every=1",
+    "train.device=cpu",
+]
+
+# Runs medseg's training in each process and then saves that process's copy of the network, so
+# the test can compare them: DistributedDataParallel must keep them identical.
+HARNESS = textwrap.dedent('''
+    import sys
+    import torch
+    import torch.distributed as dist
+    import medseg.train as training
+    from medseg import config
+
+    kept = {}
+    class Recording(torch.nn.parallel.DistributedDataParallel):
+        def __init__(self, module, *args, **kwargs):
+            super().__init__(module, *args, **kwargs)
+            kept["module"] = module
+
+    torch.nn.parallel.DistributedDataParallel = Recording
+    out, overrides = sys.argv[1], sys.argv[2:]
+    training.train(config.load(None, overrides))
+    rank = int(__import__("os").environ["RANK"])
+    torch.save(kept["module"].state_dict(), f"{out}/rank{rank}.pt")
+''')
+
+
+def _overrides(tmp_path, name="run"):
+    return [*TINY, f"data.dataset={ROOT / 'sample_data'}", f"output_dir={tmp_path}", f"run_name={name}"]
+
+
+def test_two_processes_train_identically_and_write_once(tmp_path):
+    harness = tmp_path / "harness.py"
+    harness.write_text(HARNESS)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(harness), str(tmp_path), *_overrides(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0, msg=key)
+    run_dir = tmp_path / "run"
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_file()) == [
+        "best.pt", "config.yaml", "last.pt", "metrics.csv", "preprocessing.json"]
+    assert [r["epoch"] for r in csv.DictReader((run_dir / "metrics.csv").open())] == ["1", "2"]
+    # The saved network is the one both processes trained.
+    saved = checkpoint.load(run_dir / "last.pt")["model"]
+    for key in first:
+        torch.testing.assert_close(saved[key], first[key], rtol=0, atol=0, msg=key)
+
+    # A run started on two processes resumes on one (and would on any number).
+    state = checkpoint.load(run_dir / "last.pt")
+    state["config"]["train"]["epochs"] = 3
+    checkpoint.save(state, run_dir / "last.pt")
+    resumed = subprocess.run([sys.executable, "-m", "medseg", "train", "--resume", str(run_dir)],
+                             capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["epoch"] for r in csv.DictReader((run_dir / "metrics.csv").open())] == ["1", "2", "3"]
+
+
+def test_gpus_option_starts_torchrun(tmp_path):
+    command = [sys.executable, "-m", "medseg", "train", "--gpus", "2"]
+    for item in _overrides(tmp_path):
+        command += ["--set", item]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "×2" in result.stdout
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 1
+
+
+def test_batch_not_divisible_by_processes_is_one_line_error(tmp_path):
+    command = [sys.executable, "-m", "medseg", "train", "--gpus", "2"]
+    for item in [*_overrides(tmp_path), "train.batch_size=3"]:
+        command += ["--set", item]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode != 0
+    assert "'train.batch_size' 3 must be divisible by the 2 processes" in result.stderr

@@ -1,0 +1,254 @@
+"""medseg.memory: the predicted peak of a training step, its breakdown, and the searches built on it.
+
+The estimator runs the real training step on fake tensors and counts live storages. Two checks tie
+that count to reality on the CPU: the same run on real tensors gives the same count, and that count
+equals the bytes the CPU allocator itself reports (PyTorch profiler memory events). What remains
+CUDA-specific (allocator rounding, cuDNN workspaces, kernels' scratch space) is compared on a GPU
+by scripts/bench_memory.py and by the gpu-marked test at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from medseg import config, memory
+from medseg.errors import ConfigError, MedsegError
+
+CLASSES = 3
+
+
+def tiny(*overrides: str):
+    """A small network (widths 8..32) at patch 32³, fp16, batch 2: estimates in about a second."""
+    return config.load(None, [
+        "train.patch_size=[32,32,32]", "train.batch_size=2", "model.base_width=8", "model.max_width=32",
+        "train.amp=fp16", *overrides,
+    ])
+
+
+_cache: dict[tuple, memory.MemoryReport] = {}
+
+
+def estimate(*overrides: str, channels: int = 1) -> memory.MemoryReport:
+    key = (overrides, channels)
+    if key not in _cache:
+        _cache[key] = memory.estimate(tiny(*overrides), channels, CLASSES)
+    return _cache[key]
+
+
+# --- parse_size and the allocator's rounding ------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("24GiB", 24 * 2**30), ("24GB", 24 * 2**30), ("24g", 24 * 2**30), ("24 gb", 24 * 2**30),
+    ("24Gi", 24 * 2**30), ("8000MiB", 8000 * 2**20), ("512M", 512 * 2**20), ("1.5TiB", int(1.5 * 2**40)),
+    (".5G", 2**29), ("64k", 64 * 1024), ("4096B", 4096), (" 2 GiB ", 2 * 2**30),
+])
+def test_parse_size(text, expected):
+    assert memory.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "24", "GB", "24 XB", "24iB", "-1G", "1.5.5G", "1e3G", "0GB", "twelve GB"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ConfigError, match="memory size"):
+        memory.parse_size(text)
+
+
+@pytest.mark.parametrize("nbytes, counted", [
+    (0, 0), (1, 512), (512, 512), (513, 1024), (5 * 2**20 + 1, 5 * 2**20 + 512),
+    (11 * 2**20, 12 * 2**20),  # 1 MiB left in its 12 MiB segment: not split, the whole segment counts
+    (13 * 2**20 - 100, 14 * 2**20),
+    (12 * 2**20 + 2**19, 12 * 2**20 + 2**19),  # 1.5 MiB left over: split off
+    (256 * 2**20, 256 * 2**20),
+])
+def test_block_bytes(nbytes, counted):
+    assert memory.block_bytes(nbytes) == counted
+
+
+# --- the estimate -----------------------------------------------------------------------------------
+
+def test_breakdown_sums_to_total_and_parameters_match_the_model():
+    from medseg.models import build_model
+
+    report = estimate()
+    assert report.total == report.parameters + report.gradients + report.optimizer_state + report.activations
+    assert min(report.parameters, report.gradients, report.optimizer_state, report.activations) >= 0
+    model = build_model(tiny(), 1, CLASSES, (1.0, 1.0, 1.0))
+    assert report.parameters == sum(memory.block_bytes(p.numel() * 4) for p in model.parameters())
+    # SGD with momentum: one buffer per parameter, alive throughout the step.
+    assert report.optimizer_state == report.parameters
+    assert (report.patch_size, report.batch_size, report.amp, report.checkpointing) == ((32, 32, 32), 2, "fp16", "off")
+    assert json.loads(json.dumps(report.to_dict()))["patch_size"] == [32, 32, 32]
+    assert "GiB" in report.summary()
+
+
+def test_adamw_keeps_two_moments_per_parameter():
+    report = estimate("train.optimizer=adamw")
+    assert report.optimizer_state == 2 * report.parameters
+
+
+def test_grows_with_batch_linearly_in_activations():
+    one, two, three = (estimate(f"train.batch_size={b}") for b in (1, 2, 3))
+    assert one.total < two.total < three.total
+    first, second = two.activations - one.activations, three.activations - two.activations
+    assert second == pytest.approx(first, rel=0.05)
+    # Almost all of the activations scale with the batch.
+    assert one.activations > 0.8 * first
+
+
+def test_grows_with_patch():
+    sizes = [estimate(f"train.patch_size=[{n},{n},{n}]").total for n in (32, 48, 64)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1] / 4
+
+
+def test_checkpointing_lowers_activations_substantially():
+    off, stage = estimate(), estimate("model.checkpointing=stage")
+    assert stage.activations < 0.75 * off.activations
+    assert stage.parameters == off.parameters
+
+
+def test_fp32_activations_exceed_fp16():
+    fp16, fp32, bf16 = estimate(), estimate("train.amp=off"), estimate("train.amp=bf16")
+    assert fp32.activations > 1.5 * fp16.activations
+    assert bf16.activations == pytest.approx(fp16.activations, abs=4096)  # same sizes; fp16 adds the GradScaler
+    assert estimate("train.amp=auto").amp == "fp16"  # what train uses on a GPU
+
+
+def test_channels_and_classes_add_memory():
+    assert estimate(channels=4).total > estimate().total
+    assert memory.estimate(tiny(), 1, 14).total > estimate().total
+
+
+def test_group_norm_runs_in_float32_under_autocast_as_on_cuda():
+    # CUDA autocast casts group_norm's input to float32; the estimate must see those copies.
+    assert estimate("model.norm=group").activations > 1.3 * estimate().activations
+
+
+def test_rejected_configurations_raise_config_error():
+    with pytest.raises(ConfigError):
+        memory.estimate(tiny("model.norm=batch", "model.checkpointing=stage"), 1, CLASSES)
+    with pytest.raises(ConfigError):
+        memory.estimate(tiny("model.depth=6"), 1, CLASSES)
+
+
+# --- the tracker against reality on the CPU -----------------------------------------------------------
+
+def _exact(nbytes: int) -> int:
+    return nbytes
+
+
+def test_tracker_agrees_with_a_real_run_and_with_the_cpu_allocator():
+    """Two links from the estimate to reality, in float32 on the CPU:
+
+    1. fake tensors must die when real ones do: the fake run's count equals the same tracker's
+       count on a real training step;
+    2. the tracker's count of live storages must be what the allocator holds: the CPU allocator's
+       own allocation and free events (profiler memory events), summed in time order, reach the
+       same peak.
+    """
+    profiler = pytest.importorskip("torch.profiler")
+    cfg = tiny("train.amp=off")
+    holder = {}
+
+    def profiled():
+        holder["profile"] = profiler.profile(activities=[profiler.ProfilerActivity.CPU], profile_memory=True)
+        return holder["profile"]
+
+    real = memory._simulate_step(cfg, 1, CLASSES, (1.0, 1.0, 1.0), fake=False, rounding=_exact, around_step=profiled)
+    fake = memory._simulate_step(cfg, 1, CLASSES, (1.0, 1.0, 1.0), fake=True, rounding=_exact)
+    assert fake.to_dict() == real.to_dict()
+
+    try:
+        events = holder["profile"].profiler.kineto_results.events()
+        changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    except AttributeError:
+        pytest.skip("this PyTorch's profiler does not expose its memory events")
+    live = peak = 0
+    for _, change in changes:
+        live += change
+        peak = max(peak, live)
+    assert len(changes) > 100
+    assert real.total == pytest.approx(peak, rel=0.01)
+
+
+def test_fake_run_under_autocast_and_checkpointing_counts_what_a_real_run_counts():
+    # Cached weight casts, recomputation in backward. bf16 convolutions are slow on CPUs without
+    # bf16 instructions: a smaller patch.
+    cfg = tiny("train.amp=bf16", "model.checkpointing=stage", "train.patch_size=[16,16,16]")
+    fake = memory._simulate_step(cfg, 1, CLASSES, (1.0, 1.0, 1.0), fake=True, rounding=_exact)
+    real = memory._simulate_step(cfg, 1, CLASSES, (1.0, 1.0, 1.0), fake=False, rounding=_exact)
+    # The CPU's bf16 norm kernel keeps its statistics in float32 where the meta kernel says bf16:
+    # a few bytes per norm layer.
+    assert fake.total == pytest.approx(real.total, rel=1e-3)
+    assert fake.parameters == real.parameters and fake.optimizer_state == real.optimizer_state
+
+
+# --- fit and largest_fit ------------------------------------------------------------------------------
+
+def test_fit_keeps_everything_when_it_fits():
+    cfg = tiny()
+    chosen, report = memory.fit(cfg, 1, CLASSES, (1.0, 1.0, 1.0), budget_bytes=4 * estimate().total, margin=0.1)
+    assert (chosen.train.patch_size, chosen.train.batch_size, chosen.model.checkpointing) == ([32, 32, 32], 2, "off")
+    assert report.total == estimate().total
+
+
+def test_fit_prefers_checkpointing_over_a_smaller_batch():
+    off, stage = estimate(), estimate("model.checkpointing=stage")
+    budget = int((off.total + stage.total) / 2 / 0.9)  # stage fits, off does not
+    chosen, report = memory.fit(tiny(), 1, CLASSES, (1.0, 1.0, 1.0), budget, margin=0.1)
+    assert (chosen.train.batch_size, chosen.model.checkpointing) == (2, "stage")
+    assert report.total <= budget * 0.9
+
+
+def test_fit_lowers_the_batch_then_shrinks_the_patch():
+    one_stage = estimate("train.batch_size=1", "model.checkpointing=stage")
+    chosen, report = memory.fit(tiny(), 1, CLASSES, (1.0, 1.0, 1.0), one_stage.total + 1024, margin=0.0)
+    assert (chosen.train.patch_size, chosen.train.batch_size) == ([32, 32, 32], 1)
+    chosen, report = memory.fit(tiny(), 1, CLASSES, (1.0, 1.0, 1.0), one_stage.total - 1024, margin=0.0)
+    assert math.prod(chosen.train.patch_size) < 32**3
+    assert report.total <= one_stage.total - 1024
+    assert report.patch_size == tuple(chosen.train.patch_size)
+
+
+def test_fit_raises_with_numbers_when_nothing_fits():
+    # At a fixed depth of 3 the 16³ patch cannot shrink: one patch to try.
+    cfg = tiny("model.depth=3", "train.patch_size=[16,16,16]")
+    with pytest.raises(MedsegError) as raised:
+        memory.fit(cfg, 1, CLASSES, (1.0, 1.0, 1.0), budget_bytes=2**20, margin=0.1)
+    message = str(raised.value)
+    assert "\n" not in message and "nothing fits in 0.00 GiB" in message and "needs" in message
+
+
+def test_largest_fit_grows_the_patch_at_the_configured_batch():
+    budget = 2 * estimate("train.patch_size=[48,48,48]").total
+    chosen, report = memory.largest_fit(tiny(), 1, CLASSES, (1.0, 1.0, 1.0), budget, margin=0.0, max_scale=2.5)
+    assert chosen.train.batch_size == 2 and report.total <= budget
+    side = chosen.train.patch_size[0]
+    assert chosen.train.patch_size == [side] * 3 and side > 48 and side % 8 == 0
+    bigger = memory.estimate(tiny(f"train.patch_size=[{side + 8},{side + 8},{side + 8}]"), 1, CLASSES)
+    assert bigger.total > budget
+
+
+# --- inference --------------------------------------------------------------------------------------
+
+def test_inference_counts_the_volume_terms_and_the_windows():
+    cfg = tiny()
+    volume = (96, 80, 64)
+    voxels = math.prod(volume)
+    small = memory.estimate_inference(cfg, 1, CLASSES, (1.0, 1.0, 1.0), sw_batch_size=1, volume_shape=volume)
+    assert small > 4 * CLASSES * voxels + 4 * voxels + 4 * voxels
+    assert memory.estimate_inference(cfg, 1, CLASSES, (1.0, 1.0, 1.0), sw_batch_size=4, volume_shape=volume) > small
+    assert memory.estimate_inference(cfg, 1, CLASSES, (1.0, 1.0, 1.0), sw_batch_size=1,
+                                     volume_shape=(192, 80, 64)) > small + 4 * CLASSES * voxels
+
+
+# --- on a GPU ---------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_estimate_matches_a_measured_step_on_the_gpu():
+    cfg = config.load(None, ["train.patch_size=[64,64,64]", "train.batch_size=2", "train.amp=fp16"])
+    predicted = memory.estimate(cfg, 1, CLASSES).total
+    measured = memory.measure(cfg, 1, CLASSES)["max_memory_allocated"]
+    assert predicted == pytest.approx(measured, rel=0.10)
