@@ -40,8 +40,11 @@ def train(
     set_: SetOption = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from last.pt.")] = None,
     gpus: Annotated[int, typer.Option(help="Train on this many GPUs of this machine (starts torchrun).")] = 1,
+    gpu_memory: Annotated[Optional[str], typer.Option(help="Fit patch, batch and checkpointing into this much GPU memory, e.g. 24GiB.")] = None,
 ) -> None:
     """Train a 3D U-Net on a dataset folder."""
+    if gpu_memory is not None:
+        set_ = [*(set_ or []), f"train.memory_budget={gpu_memory}"]
     if gpus > 1 and "LOCAL_RANK" not in os.environ:
         # The same as `torchrun --nproc-per-node N -m medseg train ...`: PyTorch's own launcher.
         from torch.distributed.run import main as torchrun
@@ -61,6 +64,68 @@ def train(
             raise MedsegError("--resume continues a run with its own config; give no CONFIG or --set with it")
         cfg = None if resume is not None else config_module.load(config, set_ or [])
         run_training(cfg, resume=resume, console=console)
+
+
+@app.command()
+def memory(
+    config: Annotated[Optional[Path], typer.Argument(help="Experiment config (overrides of configs/default.yaml).")] = None,
+    set_: SetOption = None,
+    gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory to fit into, e.g. 24GiB.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    measure: Annotated[bool, typer.Option("--measure", help="Also run real steps on this machine's GPU and compare.")] = False,
+) -> None:
+    """Predict the peak GPU memory of a training step (no GPU needed) and what fits a budget."""
+    with _user_errors():
+        import json
+
+        from rich.table import Table
+
+        from medseg import config as config_module
+        from medseg import memory as memory_module
+        from medseg.data.fingerprint import network_inputs
+
+        cfg = config_module.load(config, set_ or [])
+        channels, classes, spacing = network_inputs(cfg)
+        budget = memory_module.parse_size(gpu_memory) if gpu_memory else None
+        result = memory_module.overview(cfg, channels, classes, spacing, budget)
+        if measure:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise MedsegError("--measure needs a CUDA GPU on this machine")
+            for row in result["rows"]:
+                candidate = cfg.replace(train={"amp": row["amp"]}, model={"checkpointing": row["checkpointing"]})
+                row.update(memory_module.measure(candidate, channels, classes, spacing))
+        if json_output:
+            print(json.dumps(result, indent=2))
+            return
+        gib = 2**30
+        table = Table(title=f"medseg memory: patch {cfg.train.patch_size}, batch {cfg.train.batch_size}, "
+                            f"{channels} channel(s), {classes} classes", title_justify="left")
+        for column in ("amp", "checkpointing", "peak GiB", "parameters", "gradients", "optimizer", "activations"):
+            table.add_column(column, justify="right")
+        if measure:
+            table.add_column("measured GiB", justify="right")
+            table.add_column("error", justify="right")
+        if budget is not None:
+            table.add_column(f"fits {budget / gib:.1f} GiB", justify="center")
+        for row in result["rows"]:
+            cells = [row["amp"], row["checkpointing"]] + [
+                f"{row[k] / gib:.2f}" for k in ("total", "parameters", "gradients", "optimizer_state", "activations")]
+            if measure:
+                measured = row["max_memory_allocated"]
+                cells += [f"{measured / gib:.2f}", f"{100 * (row['total'] - measured) / measured:+.1f} %"]
+            if budget is not None:
+                cells.append("[green]yes[/]" if row["fits"] else "[red]no[/]")
+            table.add_row(*cells)
+        console.print(table)
+        for name, text in (("largest", "largest patch at this batch"), ("fit", "medseg train --gpu-memory would use")):
+            if name in result:
+                chosen = result[name]
+                line = chosen.get("error") or (
+                    f"patch {chosen['patch_size']}, batch {chosen['batch_size']}, amp {chosen['amp']}, "
+                    f"checkpointing {chosen['checkpointing']}: {chosen['total'] / gib:.2f} GiB")
+                console.print(f"{text}: {line}")
 
 
 @app.command()

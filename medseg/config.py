@@ -65,6 +65,7 @@ class TrainConfig:
     workers: int = 4
     augment: bool = True
     max_nonfinite_steps: int = 20
+    memory_budget: Optional[str] = None
 
 
 @dataclass(frozen=True)

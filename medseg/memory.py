@@ -639,3 +639,28 @@ def _nothing_fits(budget_bytes: int, margin: float, smallest: MemoryReport | Non
         text += (f"; the smallest configuration tried (patch {patch}, batch {smallest.batch_size}, "
                  f"checkpointing {smallest.checkpointing}, amp {smallest.amp}) needs {smallest.total / GiB:.2f} GiB")
     return text
+
+
+def overview(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float],
+             budget_bytes: int | None = None, margin: float = 0.1) -> dict[str, Any]:
+    """What `medseg memory` shows: the predicted peak for AMP {off, the configured mode} ×
+    checkpointing {off, stage} at the configured patch and batch, whether each fits the budget,
+    and with a budget the recommendation: the largest patch at the configured batch (`largest`)
+    and the configuration `medseg train --gpu-memory` would choose (`fit`)."""
+    amp = "fp16" if cfg.train.amp in ("auto", "fp16") else cfg.train.amp
+    rows = []
+    for amp_mode in dict.fromkeys(("off", amp)):
+        for mode in ("off", "stage"):
+            candidate = cfg.replace(train={"amp": amp_mode}, model={"checkpointing": mode})
+            report = estimate(candidate, in_channels, num_classes, spacing)
+            fits = None if budget_bytes is None else report.total <= _usable(budget_bytes, margin)
+            rows.append({**report.to_dict(), "fits": fits})
+    result: dict[str, Any] = {"rows": rows, "budget": budget_bytes, "margin": margin}
+    if budget_bytes is not None:
+        for name, search in (("largest", largest_fit), ("fit", fit)):
+            try:
+                _, report = search(cfg, in_channels, num_classes, spacing, budget_bytes, margin)
+                result[name] = report.to_dict()
+            except MedsegError as exc:
+                result[name] = {"error": str(exc)}
+    return result

@@ -87,6 +87,8 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
     else:
         by_name = {s.name: s for s in summaries}
         prep = plan_preprocessing(cfg, dataset, [by_name[c.name] for c in train_cases], train_cases)
+        if cfg.train.memory_budget:
+            cfg = _fit_memory(cfg, prep, console)
         if context.is_main:
             _create(run_dir)
             config.dump(cfg, run_dir / "config.yaml")
@@ -379,6 +381,16 @@ class _StopRequests:
         if self.reason is not None and number == signal.SIGINT:
             raise KeyboardInterrupt
         self.reason = signal.Signals(number).name
+
+
+def _fit_memory(cfg: Config, prep: Preprocessing, console: Console) -> Config:
+    """Choose patch, batch and checkpointing for `train.memory_budget` with the memory estimator."""
+    from medseg.memory import GiB, fit, parse_size
+
+    budget = parse_size(cfg.train.memory_budget)
+    chosen, report = fit(cfg, prep.channels, prep.num_classes, prep.spacing, budget)
+    console.print(f"memory budget {budget / GiB:.1f} GiB: chose {report.summary()}")
+    return chosen
 
 
 def _freeze_unused_heads(model: nn.Module) -> None:

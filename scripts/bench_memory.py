@@ -109,7 +109,7 @@ def fit_runs(budgets: list[float], steps: int) -> list[dict]:
     from medseg.models import build_model
     from medseg.train import _amp_dtype, _optimizer, train_step
 
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory
     base = config.load(None, ["train.patch_size=[192,192,192]", "train.batch_size=2"])
     rows = []

@@ -252,3 +252,37 @@ def test_estimate_matches_a_measured_step_on_the_gpu():
     predicted = memory.estimate(cfg, 1, CLASSES).total
     measured = memory.measure(cfg, 1, CLASSES)["max_memory_allocated"]
     assert predicted == pytest.approx(measured, rel=0.10)
+
+
+def test_memory_command_json_and_train_fit(tmp_path):
+    import json as json_module
+
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+    from tests.conftest import ROOT
+
+    runner = CliRunner()
+    overrides = ["--set", f"data.dataset={ROOT / 'sample_data'}", "--set", "train.patch_size=[32,32,24]",
+                 "--set", "model.base_width=8", "--set", "model.max_width=32"]
+    result = runner.invoke(app, ["memory", *overrides, "--gpu-memory", "64MiB", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json_module.loads(result.output)
+    rows = {(r["amp"], r["checkpointing"]): r for r in data["rows"]}
+    assert set(rows) == {("off", "off"), ("off", "stage"), ("fp16", "off"), ("fp16", "stage")}
+    assert rows[("fp16", "stage")]["total"] < rows[("fp16", "off")]["total"] < rows[("off", "off")]["total"]
+    assert data["fit"]["total"] <= 64 * 2**20 * 0.9
+    bad = runner.invoke(app, ["memory", *overrides, "--gpu-memory", "lots"])
+    assert bad.exit_code == 2 and "lots" in bad.output and "Traceback" not in bad.output
+    # Training with a budget chooses with the same estimator and records the choice in its config.
+    train = runner.invoke(app, ["train", str(ROOT / "configs" / "sample.yaml"), *overrides,
+                                "--set", "train.epochs=1", "--set", "train.iterations_per_epoch=1",
+                                "--set", "train.workers=0", "--set", f"output_dir={tmp_path}",
+                                "--set", "run_name=run", "--gpu-memory", "1KiB"])
+    assert train.exit_code == 2 and "Traceback" not in train.output
+    train = runner.invoke(app, ["train", str(ROOT / "configs" / "sample.yaml"), *overrides,
+                                "--set", "train.epochs=1", "--set", "train.iterations_per_epoch=1",
+                                "--set", "train.workers=0", "--set", f"output_dir={tmp_path}",
+                                "--set", "run_name=run", "--gpu-memory", "64MiB"])
+    assert train.exit_code == 0, train.output
+    assert "memory budget 0.1 GiB: chose" in train.output

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
+from medseg.config import Config
 from medseg.data.cases import Case
 
 
@@ -43,3 +44,23 @@ def foreground_intensity_statistics(
         mean.append(float(clipped.mean()))
         std.append(float(clipped.std()))
     return {"clip_low": tuple(low), "clip_high": tuple(high), "mean": tuple(mean), "std": tuple(std)}
+
+
+def network_inputs(cfg: Config) -> tuple[int, int, tuple[float, float, float]]:
+    """What the network needs to know about `cfg`'s dataset, from headers only: input channels,
+    output classes (with background) and the spacing it will train at (configured, or the median)."""
+    from medseg.data.cases import find_dataset
+    from medseg.data.io import read_header, spacing_in_ras
+    from medseg.errors import DataError
+
+    dataset = find_dataset(cfg.data.dataset)
+    first = dataset.cases[0]
+    channels = len(first.images) if len(first.images) > 1 else read_header(first.images[0]).channels
+    if not dataset.labels:
+        raise DataError(f"{dataset.root}: the classes are unknown without a dataset.json 'labels' entry")
+    if cfg.data.spacing:
+        spacing = tuple(float(v) for v in cfg.data.spacing)
+    else:
+        spacings = [spacing_in_ras(read_header(case.images[0]).affine) for case in dataset.cases]
+        spacing = tuple(float(v) for v in np.median(spacings, axis=0))
+    return channels, dataset.num_classes, spacing  # type: ignore[return-value]

@@ -18,7 +18,8 @@ def network_plan(cfg: Config, spacing: tuple[float, ...] | list[float]) -> Netwo
         plan = plan_network(patch, spacing, depth=cfg.model.depth,
                             base_width=cfg.model.base_width, max_width=cfg.model.max_width)
     except ValueError as exc:
-        raise ConfigError(f"'model.depth': {exc}") from None
+        key = "model.depth" if "model.depth" in str(exc) else "train.patch_size"
+        raise ConfigError(f"'{key}': {exc}") from None
     return plan
 
 

@@ -67,6 +67,9 @@ def plan_network(
         current_spacing = [sp * st for sp, st in zip(current_spacing, stride)]
         strides.append(tuple(stride))  # type: ignore[arg-type]
         kernels.append(_kernel(current_spacing))
+    if len(strides) < 2:
+        raise ValueError(f"patch {list(patch_size)} is too small for a U-Net: no axis can be halved "
+                         f"(an axis needs at least {2 * min_feature_size} voxels and an even size)")
     if depth is not None and len(strides) < depth:
         raise ValueError(
             f"patch {list(patch_size)} allows only {len(strides)} stages, not model.depth={depth}"
