@@ -182,6 +182,8 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
                     row[f"dice_{name}"] = value
                 _print_validation(console, epoch + 1, row, prep)
             row["seconds"] = time.perf_counter() - started
+            if device.type == "cuda":
+                row["gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             history.append(row)
             if context.is_main:
                 _write_metrics(run_dir / "metrics.csv", history)
