@@ -85,6 +85,8 @@ class Predictor:
             probabilities = (scores if mirror else scores.softmax(0)).cpu()
             del scores
             restored = _restore_grid(probabilities, image, chain, nearest=False).as_tensor()
+            # Outside the cropped box the restored scores are all zero: that region is background.
+            restored[0] = 1 - restored[1:].sum(0)
             name = output.name.removesuffix(".nii.gz")
             write_nifti(restored.movedim(0, -1).numpy().astype(np.float32), affine,
                         output.with_name(f"{name}_probabilities.nii.gz"))
@@ -141,10 +143,15 @@ def predict(checkpoint_path: Path, inputs: Sequence[Path], out_dir: Path, overla
     out_dir = Path(out_dir)
     _make_output_folder(out_dir)
     results = []
+    written: dict[str, str] = {}
     for case, loaded in _prefetch(cases, predictor):
         started = time.perf_counter()
         result = Prediction(case.source)
         try:
+            if case.name in written:
+                raise DataError(f"{case.source}: output {case.name}.nii.gz is already the prediction of "
+                                f"{written[case.name]}; give inputs with different names")
+            written[case.name] = case.source
             image, chain = loaded.result()
             original_affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
             result.shape = tuple(int(n) for n in image.meta["spatial_shape"])

@@ -390,8 +390,6 @@ def test_one_channel_input_to_two_channel_model_fails_alone(two_channel_model: P
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["y.nii.gz"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG data.cases.find_inputs: channel files given as separate file arguments "
-                   "are not grouped (each becomes a 1-channel input named 'x' and fails)")
 def test_channel_files_given_as_files_are_grouped(two_channel_model: Path, tmp_path: Path) -> None:
     rng = np.random.default_rng(6)
     first, second, truth = _two_channels(SHAPE, AFFINE, HEAD_CENTRE, HEAD_RADII, [(BALL_CENTRE, BALL_RADIUS)], rng)
@@ -403,8 +401,6 @@ def test_channel_files_given_as_files_are_grouped(two_channel_model: Path, tmp_p
     _assert_ball_found(*_labels(tmp_path / "out" / "x.nii.gz"), truth)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG infer.predict: two inputs with the same case name (a/scan.nii.gz, "
-                   "b/scan.nii.gz) both report success but write the same output; the second overwrites the first")
 def test_inputs_with_the_same_name_do_not_overwrite_each_other(model: Path, scan: dict, tmp_path: Path) -> None:
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
@@ -476,8 +472,6 @@ def test_cli_save_probabilities(probabilities: Path, scan: dict) -> None:
     assert values[..., 1][ball].mean() > values[..., 1][head & ~ball].mean() + 0.3
 
 
-@pytest.mark.xfail(strict=True, reason="BUG infer.Predictor.segment: probabilities outside the foreground crop box "
-                   "are 0 for every class (Invertd pads the cropped-away border with zeros), not background = 1")
 def test_cli_probabilities_sum_to_one_everywhere(probabilities: Path) -> None:
     values = np.asarray(nib.load(probabilities / "oblique_probabilities.nii.gz").dataobj, dtype=np.float64)
     # The label map calls the cropped-away border background; its probabilities must say so too.

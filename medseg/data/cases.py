@@ -233,6 +233,7 @@ def find_inputs(paths: list[Path], channels: int) -> list[InferenceInput]:
     files `<case>_0000.nii.gz`, `<case>_0001.nii.gz` ... are grouped into one `channels`-channel case.
     """
     found: list[InferenceInput] = []
+    files: list[Path] = []
     for path in paths:
         path = Path(path)
         if not path.exists():
@@ -240,10 +241,11 @@ def find_inputs(paths: list[Path], channels: int) -> list[InferenceInput]:
         if path.is_dir():
             found += _inputs_in_folder(path, channels)
         elif _suffix(path):
-            found += _group_channels([path], channels)
+            files.append(path)
         else:
             raise DataError(f"{path}: not a supported image ({', '.join(IMAGE_SUFFIXES)}) or a DICOM folder")
-    return found
+    # Files given one by one are grouped like files in a folder (channel files of one case together).
+    return _group_channels(files, channels) + found
 
 
 def _inputs_in_folder(folder: Path, channels: int) -> list[InferenceInput]:
