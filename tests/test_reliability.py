@@ -53,7 +53,7 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> No
 def test_sigterm_saves_and_resume_finishes(tmp_path):
     run_dir = tmp_path / "run"
     process = subprocess.Popen(_command(tmp_path, "train.epochs=3", "train.iterations_per_epoch=40"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
     _wait_for(run_dir / "last.pt", process)  # after the first epoch
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
@@ -64,7 +64,7 @@ def test_sigterm_saves_and_resume_finishes(tmp_path):
     state = checkpoint.load(run_dir / "last.pt")
     assert state["steps_done"] > 0 or state["epoch"] >= 1
     resumed = subprocess.run([sys.executable, "-m", "medseg", "train", "--resume", str(run_dir)],
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert _epochs(run_dir) == [1, 2, 3]
     final = checkpoint.load(run_dir / "last.pt")
@@ -77,7 +77,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
     run_dir = tmp_path / "run"
     chooser = random.Random(7)
     command = _command(tmp_path, "train.epochs=4", "train.iterations_per_epoch=15")
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
     for kill in range(3):
         _wait_for(run_dir / "last.pt", process)
         time.sleep(chooser.uniform(0.0, 1.5))
@@ -88,7 +88,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
         checkpoint.load(run_dir / "last.pt")
         assert not list(run_dir.glob(".last.pt.*")) or True  # a leftover temp file is harmless, never read
         process = subprocess.Popen([sys.executable, "-m", "medseg", "train", "--resume", str(run_dir)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
     _, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
     assert _epochs(run_dir)[-1] == 4 and sorted(set(_epochs(run_dir))) == [1, 2, 3, 4]
