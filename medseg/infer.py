@@ -54,7 +54,7 @@ class Predictor:
         from medseg.data.transforms import Preprocessing
         from medseg.errors import CheckpointError
         from medseg.models import build_model
-        from medseg.train import _amp_dtype, _device
+        from medseg.device import amp_dtype, resolve_device
 
         state = checkpoint.load(path)
         try:
@@ -64,9 +64,9 @@ class Predictor:
             model.load_state_dict(state["model"])
         except (KeyError, TypeError, RuntimeError, MedsegError) as exc:
             raise CheckpointError(f"{path}: checkpoint does not describe a medseg model ({exc.__class__.__name__})") from None
-        torch_device = _device(device)
+        torch_device = resolve_device(device)
         model.to(torch_device).eval()
-        return cls(model, prep, tuple(cfg.train.patch_size), torch_device, _amp_dtype("auto", torch_device))
+        return cls(model, prep, tuple(cfg.train.patch_size), torch_device, amp_dtype("auto", torch_device))
 
     def segment(self, image: MetaTensor, chain: T.Compose, output: Path, overlap: float = 0.5,
                 mirror: bool = False, sw_batch_size: int = 4, save_probabilities: bool = False,

@@ -47,6 +47,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from medseg.config import Config
+from medseg.device import amp_dtype as resolve_amp
+from medseg.device import amp_name
 from medseg.errors import ConfigError, MedsegError
 
 __all__ = [
@@ -496,7 +498,7 @@ def _simulate_step(cfg: Config, in_channels: int, num_classes: int, spacing: Seq
         activations=total - parameters - gradients - optimizer_state,
         patch_size=patch,  # type: ignore[arg-type]
         batch_size=batch,
-        amp=_amp_name(amp_dtype),
+        amp=amp_name(amp_dtype),
         checkpointing=cfg.model.checkpointing,
     )
 
@@ -553,13 +555,7 @@ def _emulate_cuda_autocast(model: nn.Module) -> None:
 
 def _amp_dtype(amp: str) -> torch.dtype | None:
     # What medseg train uses on a CUDA device ("auto" is fp16 there).
-    from medseg.train import _amp_dtype as train_amp_dtype
-
-    return train_amp_dtype(amp, torch.device("cuda"))
-
-
-def _amp_name(dtype: torch.dtype | None) -> str:
-    return {torch.float16: "fp16", torch.bfloat16: "bf16", None: "off"}[dtype]
+    return resolve_amp(amp, torch.device("cuda"))
 
 
 def _usable(budget_bytes: int, margin: float) -> int:

@@ -35,6 +35,8 @@ from medseg.data.checks import CaseSummary, check_dataset
 from medseg.data.fingerprint import foreground_intensity_statistics
 from medseg.data.loader import training_loader, validation_dataset
 from medseg.data.transforms import Preprocessing
+from medseg.device import amp_dtype as resolve_amp
+from medseg.device import amp_name, resolve_device
 from medseg.errors import CheckpointError, ConfigError, DataError, MedsegError, TrainingInterrupted
 from medseg.infer import predict_logits
 from medseg.losses import DiceCELoss, deep_supervision_weights
@@ -65,8 +67,8 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
            context: distributed.Context) -> Path:
     if not context.is_main:
         console = Console(quiet=True)
-    device = _device(cfg.train.device, context)
-    amp_dtype = _amp_dtype(cfg.train.amp, device)
+    device = resolve_device(cfg.train.device, context)
+    amp_dtype = resolve_amp(cfg.train.amp, device)
     if cfg.train.batch_size % context.world_size:
         raise ConfigError(f"'train.batch_size' {cfg.train.batch_size} must be divisible by the "
                           f"{context.world_size} processes it is split over")
@@ -96,7 +98,7 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
     console.print(
         f"[bold]medseg train[/]: {len(train_cases)} training / {len(val_cases)} validation cases, "
         f"spacing {_fmt(prep.spacing)} mm, patch {cfg.train.patch_size}, batch {cfg.train.batch_size}, "
-        f"device {device}{f' ×{context.world_size}' if context.enabled else ''}, amp {_amp_name(amp_dtype)}, "
+        f"device {device}{f' ×{context.world_size}' if context.enabled else ''}, amp {amp_name(amp_dtype)}, "
         f"checkpointing {cfg.model.checkpointing}"
     )
 
@@ -431,34 +433,6 @@ def _numpy_state() -> list[Any]:
     # Plain types only: checkpoints are loaded with weights_only=True.
     kind, keys, position, has_gauss, cached = np.random.get_state()
     return [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)]
-
-
-def _device(name: str, context: distributed.Context = distributed.Context()) -> torch.device:
-    if context.enabled and name in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", context.local_rank)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"'train.device' is {name!r} but no CUDA GPU is available")
-    return torch.device(name)
-
-
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "auto":
-        if device.type == "cuda":
-            return torch.float16
-        # bf16 pays on CPUs with bf16 instructions; elsewhere it is emulated and about 20x slower
-        # than fp32 for 3D convolutions (measured on an AVX2-only CPU), so auto falls back to fp32.
-        return torch.bfloat16 if _cpu_has_bf16() else None
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[amp]
-
-
-def _cpu_has_bf16() -> bool:
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def _amp_name(dtype: torch.dtype | None) -> str:
-    return {torch.float16: "fp16", torch.bfloat16: "bf16", None: "off"}[dtype]
 
 
 def _optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:

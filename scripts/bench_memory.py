@@ -107,7 +107,8 @@ def table(indices: list[int], steps: int) -> list[dict]:
 def fit_runs(budgets: list[float], steps: int) -> list[dict]:
     from medseg.losses import DiceCELoss
     from medseg.models import build_model
-    from medseg.train import _amp_dtype, _optimizer, train_step
+    from medseg.device import amp_dtype as _amp_dtype
+    from medseg.train import _optimizer, train_step
 
     device = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory
