@@ -67,6 +67,43 @@ def train(
 
 
 @app.command()
+def plan(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder (dataset.json + imagesTr/labelsTr, or image/label pairs).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the planned config (overrides) here.")] = None,
+    gpu_memory: Annotated[str, typer.Option(help="GPU memory to plan for, e.g. 24GiB.")] = "8GiB",
+) -> None:
+    """Fingerprint a dataset (checking every case) and write a training config for it."""
+    with _user_errors():
+        from rich.table import Table
+
+        from medseg.memory import parse_size
+        from medseg.plan import plan as make_plan
+
+        result = make_plan(dataset, parse_size(gpu_memory))
+        table = Table(title=f"medseg plan: {result.cases} cases", title_justify="left", show_header=False)
+        table.add_row("channels", f"{result.channels} ({', '.join(result.modalities) or 'unknown modality'})")
+        table.add_row("median shape (RAS)", "×".join(map(str, result.median_shape)))
+        table.add_row("median spacing (mm)", "×".join(f"{v:.3g}" for v in result.median_spacing))
+        table.add_row("target spacing (mm)", "×".join(f"{v:.3g}" for v in result.spacing))
+        table.add_row("classes (voxel fraction)", ", ".join(f"{k} {v:.2%}" for k, v in result.class_fraction.items()))
+        for index, stats in enumerate(result.intensity):
+            table.add_row(f"foreground intensity, channel {index}",
+                          ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
+        table.add_row("memory", result.memory)
+        console.print(table)
+        text = result.to_yaml()
+        if out is None:
+            console.print(text, highlight=False, markup=False)
+            return
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+        except OSError as exc:
+            raise MedsegError(f"{out}: cannot write the plan ({exc.strerror or exc})") from None
+        console.print(f"wrote {out}; train with: medseg train {out}")
+
+
+@app.command()
 def memory(
     config: Annotated[Optional[Path], typer.Argument(help="Experiment config (overrides of configs/default.yaml).")] = None,
     set_: SetOption = None,

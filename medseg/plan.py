@@ -1,0 +1,159 @@
+"""`medseg plan`: a dataset fingerprint turned into a training configuration by rules.
+
+The rules follow nnU-Net's (well tested) defaults: median spacing (for strongly anisotropic data
+the coarse axis takes its 10th percentile instead), normalisation by modality, a patch from the
+median shape at that spacing rounded to the network's divisibility, and batch size and
+checkpointing from a GPU memory budget through medseg's own memory estimator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from medseg import config
+from medseg.data.cases import find_dataset
+from medseg.data.checks import check_dataset
+from medseg.data.io import load_volume
+
+# An axis counts as coarse when its spacing exceeds the finest by this factor (nnU-Net: 3).
+ANISOTROPY = 3.0
+
+
+@dataclass
+class Plan:
+    """The fingerprint and the configuration derived from it."""
+
+    dataset: str
+    cases: int
+    channels: int
+    modalities: tuple[str, ...]
+    labels: dict[int, str]
+    median_shape: tuple[int, int, int]  # voxels, RAS axis order, at the original spacing
+    median_spacing: tuple[float, float, float]
+    spacing: tuple[float, float, float]  # target
+    shape_at_spacing: tuple[int, int, int]
+    class_fraction: dict[str, float]  # voxels of each class / all voxels
+    intensity: list[dict[str, float]]  # per channel, over foreground voxels
+    overrides: dict[str, Any] = field(default_factory=dict)
+    memory: str = ""
+
+    def to_yaml(self) -> str:
+        """The config overrides file `medseg train` takes, with the fingerprint as comments."""
+        header = [
+            f"# Planned by medseg plan for {self.dataset}: {self.cases} cases, {self.channels} channel(s)"
+            f" ({', '.join(self.modalities) or 'unknown modality'}), classes {self.labels}.",
+            f"# Median shape {list(self.median_shape)} at spacing {_round(self.median_spacing)} mm;"
+            f" at the target spacing {list(self.shape_at_spacing)}.",
+            f"# {self.memory}",
+        ]
+        return "\n".join(header) + "\n" + yaml.safe_dump(self.overrides, sort_keys=False)
+
+
+def plan(dataset_path: Path, budget_bytes: int, workers: int = 4, samples_per_case: int = 10_000) -> Plan:
+    """Fingerprint the dataset (checking every case on the way) and derive a configuration."""
+    from medseg import memory
+
+    dataset = find_dataset(dataset_path)
+    summaries = check_dataset(dataset.cases, dataset.labels, len(dataset.modalities) or None, workers=workers)
+    spacings = np.array([s.spacing_ras for s in summaries])
+    shapes = np.array([_shape_in_ras(s.shape, s.affine) for s in summaries])
+    median_spacing = np.median(spacings, axis=0)
+    target = median_spacing.copy()
+    coarse = int(np.argmax(target))
+    if target[coarse] > ANISOTROPY * target.min():
+        # Strongly anisotropic: resampling every case to the median slice thickness would blur the
+        # thin-slice cases; the coarse axis takes the 10th percentile instead (nnU-Net's rule).
+        target[coarse] = np.percentile(spacings[:, coarse], 10)
+    at_spacing = np.median(shapes * spacings / target, axis=0).round().astype(int)
+
+    labels = dataset.labels or {v: f"class_{v}" for v in range(max(max(s.label_values) for s in summaries) + 1)}
+    counts, intensity = _voxel_statistics(dataset.cases, len(labels), summaries[0].channels, samples_per_case)
+    normalization = "ct" if any(m.upper() == "CT" for m in dataset.modalities) else "zscore"
+
+    base = config.load(None, [f"data.dataset={dataset_path}"])
+    patch = _divisible_patch(at_spacing)
+    # nnU-Net's batch rule: at least 2, more while it fits the memory budget, but one batch covers
+    # at most 5 % of all voxels of the dataset (more would see the same data too often per step).
+    dataset_voxels = float(np.prod(shapes * spacings / target, axis=1).sum())
+    largest = max(2, int(0.05 * dataset_voxels / np.prod(patch)))
+    cfg = base.replace(train={"patch_size": patch, "batch_size": 2})
+    chosen, report = memory.fit(cfg, summaries[0].channels, len(labels), tuple(target), budget_bytes)
+    while chosen.train.batch_size < largest and chosen.model.checkpointing == "off":
+        bigger = chosen.replace(train={"batch_size": chosen.train.batch_size + 1})
+        estimate = memory.estimate(bigger, summaries[0].channels, len(labels), tuple(target))
+        if estimate.total > budget_bytes * 0.9:
+            break
+        chosen, report = bigger, estimate
+    overrides = {
+        "data": {"dataset": str(dataset_path), "spacing": [round(float(v), 4) for v in target],
+                 "normalization": normalization},
+        "model": {"checkpointing": chosen.model.checkpointing},
+        "train": {"patch_size": list(chosen.train.patch_size), "batch_size": chosen.train.batch_size},
+    }
+    total = counts.sum()
+    return Plan(
+        dataset=str(dataset_path), cases=len(summaries), channels=summaries[0].channels,
+        modalities=dataset.modalities, labels=labels,
+        median_shape=tuple(int(v) for v in np.median(shapes, axis=0)),  # type: ignore[arg-type]
+        median_spacing=tuple(float(v) for v in median_spacing),  # type: ignore[arg-type]
+        spacing=tuple(float(v) for v in target),  # type: ignore[arg-type]
+        shape_at_spacing=tuple(int(v) for v in at_spacing),  # type: ignore[arg-type]
+        class_fraction={labels[c]: float(counts[c] / total) for c in range(len(labels))},
+        intensity=intensity, overrides=overrides,
+        memory=f"memory budget {budget_bytes / 2**30:.1f} GiB: {report.summary()}",
+    )
+
+
+def _divisible_patch(shape: np.ndarray, max_downsamplings: int = 5, min_feature_size: int = 4) -> list[int]:
+    # Each axis is halved k times while it stays at least `min_feature_size` voxels (nnU-Net's
+    # rule); the median shape is rounded up to a multiple of 2**k, so the patch covers the median
+    # case (padded where smaller) and the network's strides divide it.
+    patch = []
+    for size in shape:
+        k = int(np.clip(np.floor(np.log2(max(size, 1) / min_feature_size)), 1, max_downsamplings))
+        patch.append(int(np.ceil(size / 2**k) * 2**k))
+    return patch
+
+
+def _shape_in_ras(shape: tuple[int, ...], affine: np.ndarray) -> tuple[int, int, int]:
+    import nibabel as nib
+
+    order = nib.orientations.io_orientation(affine)[:, 0].astype(int)
+    result = [0, 0, 0]
+    for axis, target in enumerate(order):
+        result[target] = shape[axis]
+    return tuple(result)  # type: ignore[return-value]
+
+
+def _voxel_statistics(cases: Any, classes: int, channels: int,
+                      samples_per_case: int) -> tuple[np.ndarray, list[dict[str, float]]]:
+    rng = np.random.default_rng(0)
+    counts = np.zeros(classes, dtype=np.int64)
+    samples: list[list[np.ndarray]] = [[] for _ in range(channels)]
+    for case in cases:
+        label, _ = load_volume(case.label, label=True)
+        image, _ = load_volume(list(case.images) if len(case.images) > 1 else case.images[0])
+        label = np.asarray(label[0]).astype(np.int64)
+        counts += np.bincount(label.ravel(), minlength=classes)[:classes]
+        foreground = label > 0
+        for c in range(min(channels, image.shape[0])):
+            values = image[c][foreground]
+            if values.size > samples_per_case:
+                values = rng.choice(values, samples_per_case, replace=False)
+            samples[c].append(values.astype(np.float64))
+    intensity = []
+    for per_case in samples:
+        values = np.concatenate(per_case) if per_case else np.zeros(1)
+        low, median, high = np.percentile(values, [0.5, 50, 99.5])
+        intensity.append({"p0.5": float(low), "median": float(median), "p99.5": float(high),
+                          "mean": float(values.mean()), "std": float(values.std())})
+    return counts, intensity
+
+
+def _round(values: Any) -> list[float]:
+    return [round(float(v), 3) for v in values]

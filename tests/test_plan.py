@@ -1,0 +1,50 @@
+"""`medseg plan` on a small real dataset: the fingerprint and a config `medseg train` accepts."""
+
+from __future__ import annotations
+
+import yaml
+from typer.testing import CliRunner
+
+from medseg import config
+from medseg.cli import app
+from medseg.plan import _divisible_patch, plan
+from tests.conftest import ROOT
+
+runner = CliRunner()
+
+
+def test_patch_is_the_median_shape_rounded_to_the_network():
+    # nnU-Net plans 40×56×40 for hippocampus, whose median shape is about 35×50×36.
+    assert _divisible_patch([35, 50, 36]) == [40, 56, 40]
+    assert _divisible_patch([128, 128, 128]) == [128, 128, 128]
+    assert all(p % 2 == 0 for p in _divisible_patch([9, 17, 300]))
+
+
+def test_plan_of_sample_data():
+    result = plan(ROOT / "sample_data", 8 * 2**30, workers=1)
+    assert result.cases == 12 and result.channels == 1
+    assert result.labels == {0: "background", 1: "core", 2: "shell"}
+    # The sample volumes have 1.5 mm slices and about 1.1 mm in-plane: not anisotropic enough for
+    # the coarse-axis rule, so the target is the median spacing.
+    assert result.spacing == result.median_spacing
+    assert abs(result.spacing[2] - 1.5) < 1e-3
+    assert abs(sum(result.class_fraction.values()) - 1) < 1e-9
+    assert 0 < result.class_fraction["core"] < 0.1
+    # The core is the brightest structure of the synthetic head.
+    assert result.intensity[0]["median"] > 60
+    patch = result.overrides["train"]["patch_size"]
+    assert all(p >= s for p, s in zip(patch, result.shape_at_spacing))
+    assert result.overrides["train"]["batch_size"] >= 2
+
+
+def test_plan_command_writes_a_config_train_accepts(tmp_path):
+    out = tmp_path / "planned.yaml"
+    result = runner.invoke(app, ["plan", str(ROOT / "sample_data"), "-o", str(out), "--gpu-memory", "8GiB"])
+    assert result.exit_code == 0, result.output
+    assert "median shape" in result.output and "core" in result.output
+    overrides = yaml.safe_load(out.read_text())
+    cfg = config.load(out)
+    assert cfg.train.patch_size == overrides["train"]["patch_size"]
+    assert cfg.data.normalization == "zscore"
+    missing = runner.invoke(app, ["plan", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "nowhere" in missing.output and "Traceback" not in missing.output
