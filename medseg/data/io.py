@@ -421,16 +421,9 @@ def _nifti_header(name: str) -> Header:
 
 
 def _sitk_header(name: str) -> Header:
-    import SimpleITK as sitk
-
     if os.path.isdir(name):
         return _dicom_header(name)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(name)
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise DataError(f"{name}: {_short_reason(exc)}") from exc
+    reader = _read_information(name)
     size, dim = reader.GetSize(), reader.GetDimension()
     rank = max(min(dim, 3), 1)
     channels = reader.GetNumberOfComponents() * int(np.prod(size[rank:], dtype=np.int64))
@@ -439,21 +432,23 @@ def _sitk_header(name: str) -> Header:
     return Header(tuple(int(s) for s in size[:rank]), spacing, affine, channels)
 
 
-def _dicom_header(directory: str) -> Header:
-    """Series geometry from its first and last slice, as ITK's ImageSeriesReader computes it."""
+def _read_information(name: str) -> "sitk.ImageFileReader":
+    """A reader holding the file's header (geometry, pixel type) without its pixels."""
     import SimpleITK as sitk
 
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(name)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise DataError(f"{name}: {_short_reason(exc)}") from exc
+    return reader
+
+
+def _dicom_header(directory: str) -> Header:
+    """Series geometry from its first and last slice, as ITK's ImageSeriesReader computes it."""
     files = _dicom_series_files(directory, None)
-    infos = []
-    for name in (files[0], files[-1]):
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(name)
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as exc:
-            raise DataError(f"{name}: {_short_reason(exc)}") from exc
-        infos.append(reader)
-    first, last = infos
+    first, last = (_read_information(name) for name in (files[0], files[-1]))
     size = list(first.GetSize())[:3]
     spacing = list(first.GetSpacing())[:3]
     direction = np.asarray(first.GetDirection(), dtype=np.float64).reshape(3, 3)
