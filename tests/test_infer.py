@@ -21,6 +21,7 @@ from medseg import config
 from medseg.cli import app
 from medseg.infer import Predictor, predict
 from medseg.train import train
+from tests.dicom import write_series
 
 runner = CliRunner()
 
@@ -175,36 +176,8 @@ def _sitk_image(volume: np.ndarray, affine: np.ndarray, pixel=np.float32) -> sit
 
 
 def _write_dicom(volume: np.ndarray, affine: np.ndarray, directory: Path, series: str = "1") -> Path:
-    """An int16 DICOM series, one file per slice, with the tags ITK needs for the geometry."""
-    directory.mkdir(parents=True, exist_ok=True)
-    image = _sitk_image(volume, affine, np.int16)
-    d = np.asarray(image.GetDirection())
-    orientation = "\\".join(f"{v:.10g}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
-    spacing = image.GetSpacing()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(volume.shape[2]):
-        slice_ = image[:, :, k]
-        position = image.TransformIndexToPhysicalPoint((0, 0, k))
-        tags = {
-            "0008|0016": "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage
-            "0008|0018": f"{UID}.{series}.3.{k + 1}",  # SOPInstanceUID
-            "0008|0060": "MR",
-            "0010|0020": "BALLS",
-            "0020|000d": f"{UID}.1",  # StudyInstanceUID
-            "0020|000e": f"{UID}.{series}.2",  # SeriesInstanceUID
-            "0020|0011": series,  # SeriesNumber
-            "0020|0013": str(k + 1),  # InstanceNumber
-            "0020|0032": "\\".join(f"{v:.10g}" for v in position),  # ImagePositionPatient
-            "0020|0037": orientation,  # ImageOrientationPatient
-            "0028|0030": f"{spacing[1]:.10g}\\{spacing[0]:.10g}",  # PixelSpacing: row\column
-            "0018|0050": f"{spacing[2]:.10g}",  # SliceThickness
-        }
-        for tag, value in tags.items():
-            slice_.SetMetaData(tag, value)
-        writer.SetFileName(str(directory / f"s{series}_{k:03d}.dcm"))
-        writer.Execute(slice_)
-    return directory
+    """An int16 MR DICOM series, one file per slice."""
+    return write_series(_sitk_image(volume, affine, np.int16), directory, series, "MR", UID)
 
 
 def _read_dicom(directory: Path, uid: str | None = None) -> sitk.Image:

@@ -24,6 +24,7 @@ from medseg.data.io import (
     write_nifti,
 )
 from medseg.errors import DataError
+from tests.dicom import write_series
 
 SHAPE = (12, 10, 8)  # (x, y, z)
 SPACING = (0.7, 0.9, 3.0)
@@ -80,34 +81,7 @@ def _write_sitk(volume: np.ndarray, path: Path) -> Path:
 
 
 def _write_dicom(volume: np.ndarray, directory: Path, series: str = "1") -> Path:
-    directory.mkdir(exist_ok=True)
-    image = _sitk_image(volume.astype(np.int16))
-    d = DIRECTION.ravel()
-    orientation = "\\".join(f"{v:.10g}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(SHAPE[2]):
-        slice_ = image[:, :, k]
-        position = image.TransformIndexToPhysicalPoint((0, 0, k))
-        tags = {
-            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
-            "0008|0018": f"{UID}.{series}.3.{k + 1}",  # SOPInstanceUID
-            "0008|0060": "CT",
-            "0010|0020": "TEST",
-            "0020|000d": f"{UID}.1",  # StudyInstanceUID
-            "0020|000e": f"{UID}.{series}.2",  # SeriesInstanceUID
-            "0020|0011": series,  # SeriesNumber
-            "0020|0013": str(k + 1),  # InstanceNumber
-            "0020|0032": "\\".join(f"{v:.10g}" for v in position),  # ImagePositionPatient
-            "0020|0037": orientation,  # ImageOrientationPatient
-            "0028|0030": f"{SPACING[1]}\\{SPACING[0]}",  # PixelSpacing: row\column
-            "0018|0050": f"{SPACING[2]}",  # SliceThickness
-        }
-        for tag, value in tags.items():
-            slice_.SetMetaData(tag, value)
-        writer.SetFileName(str(directory / f"s{series}_{k:03d}.dcm"))
-        writer.Execute(slice_)
-    return directory
+    return write_series(_sitk_image(volume.astype(np.int16)), directory, series, "CT", UID)
 
 
 @pytest.fixture(scope="module")
