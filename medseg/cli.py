@@ -97,7 +97,7 @@ def plan(
             return
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text)
+            out.write_text(text, encoding="utf-8")
         except OSError as exc:
             raise MedsegError(f"{out}: cannot write the plan ({exc.strerror or exc})") from None
         console.print(f"wrote {out}; train with: medseg train {out}")

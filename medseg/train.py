@@ -94,7 +94,7 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
         if context.is_main:
             _create(run_dir)
             config.dump(cfg, run_dir / "config.yaml")
-            (run_dir / "preprocessing.json").write_text(json.dumps(prep.to_dict(), indent=2))
+            (run_dir / "preprocessing.json").write_text(json.dumps(prep.to_dict(), indent=2), encoding="utf-8")
     console.print(
         f"[bold]medseg train[/]: {len(train_cases)} training / {len(val_cases)} validation cases, "
         f"spacing {_fmt(prep.spacing)} mm, patch {cfg.train.patch_size}, batch {cfg.train.batch_size}, "
@@ -489,7 +489,7 @@ def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     for row in history:
         columns += [k for k in row if k not in columns]
     temporary = path.with_suffix(".csv.tmp")
-    with temporary.open("w", newline="") as stream:
+    with temporary.open("w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=columns)
         writer.writeheader()
         writer.writerows(history)

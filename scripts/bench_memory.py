@@ -181,7 +181,7 @@ def main() -> None:
         results["fit"] = fit_runs(args.fit, args.fit_steps)
     print(f"total {time.perf_counter() - started:.0f} s", flush=True)
     if args.json:
-        with open(args.json, "w") as stream:
+        with open(args.json, "w", encoding="utf-8") as stream:
             json.dump(results, stream, indent=2)
 
 

@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
             f"voxels bg={counts[0]} core={counts[1]} shell={counts[2]}"
         )
 
-    (out / "dataset.json").write_text(json.dumps(_dataset_json(names), indent=2) + "\n")
+    (out / "dataset.json").write_text(json.dumps(_dataset_json(names), indent=2) + "\n", encoding="utf-8")
     print(f"wrote {len(names)} cases to {out} ({_dir_size(out) / 1024:.0f} KiB)")
 
 

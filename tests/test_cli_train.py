@@ -36,7 +36,7 @@ def test_train_on_sample_data_writes_run_directory(tmp_path):
     run_dir = tmp_path / "run"
     for name in ("last.pt", "best.pt", "config.yaml", "metrics.csv", "preprocessing.json"):
         assert (run_dir / name).is_file(), name
-    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     assert resolved["train"]["patch_size"] == [16, 16, 16]
     assert resolved["data"]["dataset"].endswith("sample_data")
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))

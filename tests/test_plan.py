@@ -42,7 +42,7 @@ def test_plan_command_writes_a_config_train_accepts(tmp_path):
     result = runner.invoke(app, ["plan", str(ROOT / "sample_data"), "-o", str(out), "--gpu-memory", "8GiB"])
     assert result.exit_code == 0, result.output
     assert "median shape" in result.output and "core" in result.output
-    overrides = yaml.safe_load(out.read_text())
+    overrides = yaml.safe_load(out.read_text(encoding="utf-8"))
     cfg = config.load(out)
     assert cfg.train.patch_size == overrides["train"]["patch_size"]
     assert cfg.data.normalization == "zscore"

@@ -92,7 +92,7 @@ def split(cases: tuple[Case, ...] | list[Case], folds: int, fold: int, seed: int
 
 def _from_dataset_json(root: Path, path: Path) -> DatasetInfo:
     try:
-        description = json.loads(path.read_text())
+        description = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(description, dict):
