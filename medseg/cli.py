@@ -6,6 +6,7 @@ Heavy imports (torch, MONAI) live inside the commands so that `medseg --help` is
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,6 +27,10 @@ errors = Console(stderr=True)
 @app.callback()
 def _main() -> None:
     """Train 3D medical image segmentation networks and run them on new scans."""
+    # Under an ASCII locale a "×" in a table must not end a training run with UnicodeEncodeError.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
 
 
 SetOption = Annotated[

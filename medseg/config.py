@@ -102,7 +102,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.normalization": ("auto", "ct", "zscore", "none"),
     "data.cache": ("memory", "disk", "none"),
     "model.norm": ("instance", "batch", "group"),
-    "model.checkpointing": ("off", "stage"),
+    "model.checkpointing": ("off", "selective", "stage"),
     "train.optimizer": ("sgd", "adamw"),
     "train.lr_schedule": ("poly", "cosine", "constant"),
     "train.amp": ("auto", "fp16", "bf16", "off"),

@@ -9,12 +9,14 @@ supervision.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-CHECKPOINTING_MODES = ("off", "stage")
+# Cheapest first in time, most expensive first in memory.
+CHECKPOINTING_MODES = ("off", "selective", "stage")
 
 
 @dataclass(frozen=True)
@@ -148,8 +150,11 @@ class UNet3D(nn.Module):
     def set_checkpointing(self, mode: str) -> None:
         """Choose what is recomputed in backward instead of being kept from forward.
 
-        off:   keep every activation (fastest, most memory).
-        stage: keep only each stage's input (and the skip tensors, which are stage outputs anyway);
+        off:       keep every activation (fastest, most memory).
+        selective: keep only the outputs of the 3x3x3 convolutions; normalisation, activation,
+                   concatenation and the cheap 2x2x2 transposed convolutions are recomputed in
+                   backward, one stage at a time (the expensive convolutions are never rerun).
+        stage:     keep only each stage's input (and the skip tensors, which are stage outputs anyway);
                each encoder and decoder stage's inner activations (conv outputs, norm statistics,
                activations) are recomputed in backward, one stage at a time.
         """
@@ -161,6 +166,8 @@ class UNet3D(nn.Module):
         self.checkpointing = mode
 
     def forward(self, image: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if self.checkpointing == "selective" and torch.is_grad_enabled():
+            return self._forward_selective(image)
         skips = []
         features = image
         for stage in self.encoder:
@@ -176,12 +183,74 @@ class UNet3D(nn.Module):
             return self.heads[-1](features)
         return outputs[::-1]
 
+    def _forward_selective(self, image: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
+        # The same network, computed so that only convolution outputs cross stage boundaries: each
+        # stage takes its inputs *before* their last normalisation and activation and applies them
+        # itself. Without that, every stage output (an activation, also kept as a skip tensor)
+        # would be saved next to the convolution output it was computed from: twice the memory.
+        skips = []
+        features, last_block = image, None
+        for stage in self.encoder:
+            features = self._checkpoint(_encoder_stage, stage, last_block, features)
+            skips.append((features, stage[1]))
+            last_block = stage[1]
+        features, last_block = skips.pop()
+        outputs = []
+        for stage, head in zip(self.decoder, self.heads):
+            skip, skip_block = skips.pop()
+            features = self._checkpoint(_decoder_stage, stage, last_block, features, skip_block, skip)
+            last_block = stage.convs[1]
+            if self.deep_supervision:
+                outputs.append(self._checkpoint(_head, head, last_block, features))
+        if not self.deep_supervision:
+            return self._checkpoint(_head, self.heads[-1], last_block, features)
+        return outputs[::-1]
+
+    @staticmethod
+    def _checkpoint(function, *arguments) -> torch.Tensor:
+        return checkpoint(function, *arguments, use_reentrant=False, context_fn=_KEEP_CONVOLUTIONS)
+
     def _run(self, stage: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
         if self.checkpointing == "stage" and torch.is_grad_enabled():
             # Non-reentrant checkpointing: works with autocast and inputs that need no grad, and
             # recomputes the stage under the same autocast state as in forward.
             return checkpoint(stage, *inputs, use_reentrant=False)
         return stage(*inputs)
+
+
+def _activate(block: nn.Module | None, convolved: torch.Tensor) -> torch.Tensor:
+    """The normalisation and activation of a ConvBlock, on its convolution's output."""
+    if block is None:  # the network's input image
+        return convolved
+    return block[2](block[1](convolved))
+
+
+def _encoder_stage(stage: EncoderStage, previous: nn.Module | None, convolved: torch.Tensor) -> torch.Tensor:
+    first, second = stage
+    return second[0](_activate(first, first[0](_activate(previous, convolved))))
+
+
+def _decoder_stage(stage: DecoderStage, below_block: nn.Module, below: torch.Tensor,
+                   skip_block: nn.Module, skip: torch.Tensor) -> torch.Tensor:
+    features = torch.cat([stage.up(_activate(below_block, below)), _activate(skip_block, skip)], dim=1)
+    first, second = stage.convs
+    return second[0](_activate(first, first[0](features)))
+
+
+def _head(head: nn.Module, block: nn.Module, convolved: torch.Tensor) -> torch.Tensor:
+    return head(_activate(block, convolved))
+
+
+def _keep_convolutions(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    # Keep what is expensive to recompute: outputs of the (non-transposed) convolutions. Their
+    # `transposed` flag is argument 6 of aten.convolution; the 2x2x2 transposed convolutions cost
+    # a small fraction of a 3x3x3 one and are recomputed.
+    if op is torch.ops.aten.convolution.default and not args[6]:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_KEEP_CONVOLUTIONS = partial(create_selective_checkpoint_contexts, _keep_convolutions)
 
 
 def _kernel(spacing: list[float]) -> tuple[int, int, int]:

@@ -169,9 +169,10 @@ def _loss(outputs: list[torch.Tensor]) -> torch.Tensor:
     return sum((o.float() * torch.randn(o.shape, generator=generator)).sum() for o in outputs)
 
 
-def test_stage_checkpointing_gives_identical_outputs_and_gradients(model, image):
-    off, stage = _twin(model, "off"), _twin(model, "stage")
-    assert stage.checkpointing == "stage" and off.checkpointing == "off"
+@pytest.mark.parametrize("mode", ["stage", "selective"])
+def test_checkpointing_gives_identical_outputs_and_gradients(model, image, mode):
+    off, stage = _twin(model, "off"), _twin(model, mode)
+    assert stage.checkpointing == mode and off.checkpointing == "off"
     results = {}
     for name, net in (("off", off), ("stage", stage)):
         x = image.clone().requires_grad_(True)
@@ -181,12 +182,19 @@ def test_stage_checkpointing_gives_identical_outputs_and_gradients(model, image)
     (out_a, xg_a, g_a), (out_b, xg_b, g_b) = results["off"], results["stage"]
     for a, b in zip(out_a, out_b, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(xg_b, xg_a, rtol=1e-6, atol=1e-7)
+    # "stage" reruns the same operations: the same numbers. "selective" back-propagates a skip
+    # tensor's two uses through its normalisation separately and adds the results: float rounding
+    # differs, at the level of the gradient's largest element times float32's precision.
+    tolerance = 0.0 if mode == "stage" else 1e-5
+    torch.testing.assert_close(xg_b, xg_a, rtol=1e-6, atol=1e-7 + tolerance * xg_a.abs().max().item())
     assert g_a.keys() == g_b.keys()
+    # (A convolution's bias before instance norm has a true gradient of zero: its computed one is
+    # rounding noise, so the tolerance is scaled by the largest gradient of any parameter.)
+    scale = max(g.abs().max().item() for g in g_a.values())
     for name in g_a:
         assert g_a[name] is not None and g_b[name] is not None, name
         assert g_a[name].abs().sum() > 0, name
-        torch.testing.assert_close(g_b[name], g_a[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(g_b[name], g_a[name], rtol=1e-5, atol=1e-6 + tolerance * scale, msg=name)
 
 
 class _SavedTensors:
@@ -281,9 +289,10 @@ def test_stage_checkpointing_saves_far_fewer_bytes(model, image):
     _loss(out_off).backward()
 
 
-def test_stage_checkpointing_under_bf16_autocast(model, image):
+@pytest.mark.parametrize("checkpointing", ["stage", "selective"])
+def test_checkpointing_under_bf16_autocast(model, image, checkpointing):
     grads = {}
-    for mode in ("off", "stage"):
+    for mode in ("off", checkpointing):
         net = _twin(model, mode)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             outputs = net(image[:1])  # bf16 convolutions are slow on CPU: batch 1
@@ -296,10 +305,13 @@ def test_stage_checkpointing_under_bf16_autocast(model, image):
             assert grad.dtype == torch.float32, name
             assert torch.isfinite(grad).all(), name
             assert grad.abs().sum() > 0, name
-    # Recomputation runs under the autocast state of the forward, so the results are the same.
+    # Recomputation runs under the autocast state of the forward, so "stage" gives the same numbers
+    # (bitwise equal in practice; had the recomputation run in fp32, they would differ ~1e-2).
+    # "selective" adds a skip tensor's two gradient paths in another order: bf16 rounding apart.
+    scale = max(g.abs().max().item() for g in grads["off"].values())
+    tolerance = 1e-6 if checkpointing == "stage" else 2e-2 * scale
     for name in grads["off"]:
-        # (bitwise equal in practice; had the recomputation run in fp32, they would differ ~1e-2)
-        torch.testing.assert_close(grads["stage"][name], grads["off"][name], rtol=1e-5, atol=1e-6,
+        torch.testing.assert_close(grads[checkpointing][name], grads["off"][name], rtol=1e-5, atol=tolerance,
                                    msg=name)
 
 
