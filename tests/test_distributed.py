@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,6 +12,9 @@ import torch
 
 from medseg import checkpoint
 from tests.conftest import ROOT
+
+# The processes print "×": their output is UTF-8 whatever the locale of the machine running the tests.
+UTF8 = {**os.environ, "PYTHONIOENCODING": "utf-8"}
 
 TINY = [
     "model.base_width=4", "model.max_width=16", "train.patch_size=[16,16,16]", "train.batch_size=2",
@@ -50,7 +54,7 @@ def test_two_processes_train_identically_and_write_once(tmp_path):
     harness.write_text(HARNESS)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(harness), str(tmp_path), *_overrides(tmp_path)]
-    result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=ROOT)
+    result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=ROOT, env=UTF8)
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key in first:
@@ -69,7 +73,7 @@ def test_two_processes_train_identically_and_write_once(tmp_path):
     state["config"]["train"]["epochs"] = 3
     checkpoint.save(state, run_dir / "last.pt")
     resumed = subprocess.run([sys.executable, "-m", "medseg", "train", "--resume", str(run_dir)],
-                             capture_output=True, encoding="utf-8", errors="replace", timeout=300, cwd=ROOT)
+                             capture_output=True, encoding="utf-8", errors="replace", timeout=300, cwd=ROOT, env=UTF8)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["epoch"] for r in csv.DictReader((run_dir / "metrics.csv").open())] == ["1", "2", "3"]
 
@@ -78,7 +82,7 @@ def test_gpus_option_starts_torchrun(tmp_path):
     command = [sys.executable, "-m", "medseg", "train", "--gpus", "2"]
     for item in _overrides(tmp_path):
         command += ["--set", item]
-    result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=ROOT)
+    result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=ROOT, env=UTF8)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "×2" in result.stdout
     assert checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 1
@@ -88,6 +92,6 @@ def test_batch_not_divisible_by_processes_is_one_line_error(tmp_path):
     command = [sys.executable, "-m", "medseg", "train", "--gpus", "2"]
     for item in [*_overrides(tmp_path), "train.batch_size=3"]:
         command += ["--set", item]
-    result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=ROOT)
+    result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=ROOT, env=UTF8)
     assert result.returncode != 0
     assert "'train.batch_size' 3 must be divisible by the 2 processes" in result.stderr
