@@ -1,0 +1,428 @@
+"""Patch sampling and augmentation on the training device, a whole batch at a time.
+
+The MONAI pipeline (`training_augmentation()`) draws one patch per call in DataLoader workers on
+the CPU. With small volumes and a fast GPU those workers cannot keep up with the training step.
+`DevicePatchSampler` keeps the preprocessed volumes on the device (or in CPU memory when they are
+too large) and produces a batch with a few dozen batched torch operations:
+
+1. On the host, from one seeded `torch.Generator`: every random choice of the batch (cases, patch
+   positions, rotation/scale/mirroring, intensity parameters) and everything derived from them.
+   These are a few hundred numbers, worked out in plain Python (tiny tensor ops would cost more
+   host time than the sampling saves) and sent to the device in one copy: no device
+   synchronisation, and the batches do not depend on the device.
+2. On the device: one sampling grid per sample in the volume's voxel coordinates (identity for an
+   unaugmented sample, rotation * scale * mirroring otherwise), `grid_sample` of the image
+   (bilinear) and the label (nearest), then noise, blur, brightness and gamma for the whole batch.
+
+The augmentation follows `training_augmentation()` (nnU-Net's defaults), with one difference
+for the better: rotated and scaled patches are sampled from the volume around the patch, not
+from the already cropped patch, so their corners hold image rather than zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# Foreground voxels listed per case and class; a bounded random subset keeps memory small for
+# large structures (as `patch_sampling()`'s ClassesToIndicesd).
+MAX_INDICES_PER_CLASS = 20_000
+
+# nnU-Net's defaults, as in `training_augmentation()`.
+SPATIAL_PROB = 0.2
+MAX_ROTATION = math.pi / 6  # radians, about each axis
+SCALE_RANGE = (0.7, 1.4)  # per axis: MONAI's scale_range (-0.3, 0.4)
+NOISE_PROB, MAX_NOISE_STD = 0.1, 0.1
+BLUR_PROB, BLUR_SIGMA = 0.2, (0.5, 1.0)
+BRIGHTNESS_PROB, MAX_BRIGHTNESS = 0.15, 0.25
+GAMMA_PROB, GAMMA_RANGE = 0.3, (0.7, 1.5)
+FLIP_PROB = 0.5
+
+# The widest blur kernel: MONAI truncates its Gaussian at 4 sigma, so sigma <= 1 needs 9 taps.
+# Narrower kernels are padded with zeros, which changes nothing.
+_BLUR_TAIL = int(max(BLUR_SIGMA[1] * 4.0, 0.5) + 0.5)
+# MONAI AdjustContrast's epsilon.
+_GAMMA_EPSILON = 1e-7
+_BLUR_TAPS = 2 * _BLUR_TAIL + 1
+# Uniform numbers drawn per sample and batch: 7 for the case and patch position, 20 for the
+# augmentation.
+_POSITION_DRAWS, _AUGMENT_DRAWS = 7, 20
+
+Matrix = list[list[float]]
+
+
+@dataclass
+class _Volume:
+    """One case as the sampler keeps it."""
+
+    image: torch.Tensor  # (C, X, Y, Z) float32, on the device or in CPU memory
+    label: torch.Tensor  # (1, X, Y, Z) uint8, next to the image
+    shape: tuple[int, int, int]  # spatial shape before the padding to at least 2 voxels
+    # Flat voxel indices (CPU, int64) of each foreground class present in the case.
+    foreground: list[torch.Tensor]
+
+
+@dataclass
+class _Draw:
+    """One batch's random choices, as plain Python numbers (one entry per sample)."""
+
+    cases: list[int]
+    corners: list[list[int]]  # the patch's first voxel, in volume coordinates (may be negative)
+    matrices: list[Matrix]  # patch offset -> volume offset: rotation @ scale @ mirror
+    noise_std: list[float]  # 0: no noise
+    blur_sigma: list[list[float]]  # per axis; 0: no blur
+    brightness: list[float]  # multiplicative factor; 1: unchanged
+    gamma: list[float]  # 1: unchanged
+    noise_seed: int
+
+
+class DevicePatchSampler:
+    """Endless batches of random, augmented patches drawn on `device` with batched torch ops.
+
+    `volumes`: preprocessed cases, each `{"image": (C, X, Y, Z) float, "label": (1, X, Y, Z) int}`
+    with class indices below `num_classes`. Every batch is
+    `{"image": (B, C, *patch_size) float32, "label": (B, 1, *patch_size) uint8}` on `device`.
+
+    Cases are drawn uniformly with replacement. With probability `foreground_fraction` a patch is
+    centred on a random voxel of a random foreground class present in the case (classes equally
+    likely), otherwise its position is uniformly random. Patches stay inside the volume where the
+    volume is at least as large as the patch and are centred (zero-padded) where it is smaller, as
+    MONAI's crop after `SpatialPadd` does; a foreground voxel chosen as centre is always inside its
+    patch. Outside the volume the image is 0 and the label background.
+
+    With `augment`, each sample gets nnU-Net's augmentation (see `training_augmentation()`).
+    All randomness comes from one generator seeded with `seed`: the same seed and volumes give the
+    same batches, and `state_dict()` / `load_state_dict()` continue a sequence exactly.
+
+    `resident_bytes`: keep the volumes on `device` when they take at most this many bytes
+    (None: always); otherwise keep them in CPU memory and copy to the device, per sample, only the
+    box of voxels its patch reads. Both give identical batches.
+    """
+
+    def __init__(self, volumes: Sequence[dict], patch_size: Sequence[int], num_classes: int,
+                 batch_size: int, foreground_fraction: float, augment: bool,
+                 device: torch.device, seed: int, resident_bytes: int | None = None) -> None:
+        if not volumes:
+            raise ValueError("DevicePatchSampler needs at least one volume")
+        if len(patch_size) != 3 or min(patch_size) < 1:
+            raise ValueError(f"patch_size must be three positive sizes, got {list(patch_size)}")
+        if not 2 <= num_classes <= 256:
+            raise ValueError(f"num_classes must be in 2..256 (labels are kept as uint8), got {num_classes}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0.0 <= foreground_fraction <= 1.0:
+            raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}")
+        self.patch_size = tuple(int(s) for s in patch_size)
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.foreground_fraction = float(foreground_fraction)
+        self.augment = augment
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # the noise generator's device
+        self.device = device
+        self._generator = torch.Generator().manual_seed(seed)
+        # The noise is the only volume of random numbers: drawn on the device by its own generator,
+        # reseeded every batch from the main one, so the main generator's state is the whole state.
+        self._noise_generator = torch.Generator(device=device)
+
+        prepared = [self._prepare(i, v) for i, v in enumerate(volumes)]
+        total = sum(image.nbytes + label.nbytes for image, label, _ in prepared)
+        self.resident = resident_bytes is None or total <= resident_bytes
+        # Host-to-device copies go through pinned buffers, so they are asynchronous. Streamed boxes
+        # are staged in pinned memory rather than kept in pinned volumes: a box is not contiguous,
+        # so copying it from a pinned volume would gather it into pageable memory first anyway,
+        # and pinning a whole dataset locks far more host memory than a batch needs.
+        self._pin = self.device.type == "cuda"
+        home = self.device if self.resident else torch.device("cpu")
+        self._volumes = [
+            _Volume(image.to(home).contiguous(), label.to(home).contiguous(), shape,
+                    self._foreground_indices(label, shape))
+            for image, label, shape in prepared
+        ]
+        self.channels = self._volumes[0].image.shape[0]
+        if any(v.image.shape[0] != self.channels for v in self._volumes):
+            raise ValueError("all volumes must have the same number of image channels")
+        # Patch voxel offsets from the patch centre, per axis: the grids are built from these.
+        self._offsets = [torch.arange(s, dtype=torch.float32, device=self.device) - (s - 1) / 2
+                         for s in self.patch_size]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield batches forever; all iterators share the sampler's random state."""
+        while True:
+            yield self._render(self._draw())
+
+    def state_dict(self) -> dict:
+        """The random state (a CPU byte tensor): enough to continue the batch sequence exactly."""
+        return {"generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state from `state_dict()`: the next batch is the one that would have followed."""
+        self._generator.set_state(state["generator"].cpu())
+
+    # --- construction ---------------------------------------------------------------------------------
+
+    def _prepare(self, index: int, volume: dict) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+        # MetaTensors and arrays become plain tensors: the sampler needs no metadata.
+        image = torch.as_tensor(volume["image"]).as_subclass(torch.Tensor).float()
+        label = torch.as_tensor(volume["label"]).as_subclass(torch.Tensor)
+        if image.ndim != 4 or label.ndim != 4 or label.shape[0] != 1 or image.shape[1:] != label.shape[1:]:
+            raise ValueError(f"volume {index}: expected image (C, X, Y, Z) and label (1, X, Y, Z) of the same "
+                             f"spatial shape, got {tuple(image.shape)} and {tuple(label.shape)}")
+        shape = tuple(int(s) for s in image.shape[1:])
+        if min(shape) < 1:
+            raise ValueError(f"volume {index} is empty: {shape}")
+        if label.dtype.is_floating_point:
+            label = label.round()
+        low, high = int(label.min()), int(label.max())
+        if low < 0 or high >= self.num_classes:
+            raise ValueError(f"volume {index}: label values must be in 0..{self.num_classes - 1}, got {low}..{high}")
+        label = label.to(torch.uint8)
+        # grid_sample with align_corners=True maps every coordinate of a 1-voxel axis onto that
+        # voxel; a zero second voxel makes "outside is zero" hold there too.
+        pad = [p for s in reversed(shape) for p in (0, max(2 - s, 0))]
+        if any(pad):
+            image, label = F.pad(image, pad), F.pad(label, pad)
+        return image, label, shape  # type: ignore[return-value]
+
+    def _foreground_indices(self, label: torch.Tensor, shape: tuple[int, int, int]) -> list[torch.Tensor]:
+        # One pass over the volume and a sort of its foreground voxels, whatever the number of
+        # classes. Flat indices refer to the unpadded shape.
+        flat = label[0, :shape[0], :shape[1], :shape[2]].cpu().reshape(-1)
+        where = flat.nonzero().squeeze(1)
+        classes = flat[where].long()
+        order = torch.argsort(classes, stable=True)
+        counts = torch.bincount(classes, minlength=self.num_classes).tolist()
+        present = []
+        for indices in torch.split(where[order], counts)[1:]:
+            if len(indices) > MAX_INDICES_PER_CLASS:
+                indices = indices[torch.randperm(len(indices), generator=self._generator)[:MAX_INDICES_PER_CLASS]]
+            if len(indices):
+                present.append(indices.clone())  # a copy, so the list of all voxels can be freed
+        return present
+
+    # --- one batch: the random choices, on the host -----------------------------------------------------
+
+    def _draw(self) -> _Draw:
+        b = self.batch_size
+        # One call for all of the batch's uniforms, always the same number per batch.
+        columns = _POSITION_DRAWS + (_AUGMENT_DRAWS if self.augment else 0)
+        draws = torch.rand(b, columns, generator=self._generator, dtype=torch.float64).tolist()
+        cases, corners = [], []
+        for u in draws:
+            case = _pick(u[0], len(self._volumes))
+            cases.append(case)
+            corners.append(self._corner(self._volumes[case], u[1:_POSITION_DRAWS]))
+        identity: Matrix = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+        if not self.augment:
+            return _Draw(cases, corners, [identity] * b, [0.0] * b, [[0.0] * 3] * b, [1.0] * b, [1.0] * b, 0)
+
+        draw = _Draw(cases, corners, [], [], [], [], [], noise_seed=0)
+        for u in draws:
+            (spatial, ax, ay, az, kx, ky, kz, noise, noise_std, blur, sx, sy, sz, bright, factor, contrast, gamma,
+             fx, fy, fz) = u[_POSITION_DRAWS:]
+            matrix = identity
+            if spatial < SPATIAL_PROB:
+                angles = [MAX_ROTATION * (2 * v - 1) for v in (ax, ay, az)]
+                scales = [_between(v, SCALE_RANGE) for v in (kx, ky, kz)]
+                matrix = [[r * s for r, s in zip(row, scales)] for row in _rotation(angles)]
+            # Mirroring a patch axis is negating its offsets: a sign on the matrix column. It
+            # commutes with the intensity changes, so doing it first changes nothing.
+            mirror = [-1.0 if v < FLIP_PROB else 1.0 for v in (fx, fy, fz)]
+            draw.matrices.append([[m * f for m, f in zip(row, mirror)] for row in matrix])
+            draw.noise_std.append(MAX_NOISE_STD * noise_std if noise < NOISE_PROB else 0.0)
+            draw.blur_sigma.append([_between(v, BLUR_SIGMA) for v in (sx, sy, sz)] if blur < BLUR_PROB else [0.0] * 3)
+            draw.brightness.append(1 + MAX_BRIGHTNESS * (2 * factor - 1) if bright < BRIGHTNESS_PROB else 1.0)
+            draw.gamma.append(_between(gamma, GAMMA_RANGE) if contrast < GAMMA_PROB else 1.0)
+        draw.noise_seed = int(torch.randint(2**62, (1,), generator=self._generator))
+        return draw
+
+    def _corner(self, volume: _Volume, u: list[float]) -> list[int]:
+        """The patch's first voxel from uniforms u: [foreground?, class, voxel, x, y, z]."""
+        voxel = None
+        if u[0] < self.foreground_fraction and volume.foreground:
+            indices = volume.foreground[_pick(u[1], len(volume.foreground))]
+            voxel = _unravel(int(indices[_pick(u[2], len(indices))]), volume.shape)
+        corner = []
+        for axis, (size, patch) in enumerate(zip(volume.shape, self.patch_size)):
+            # Allowed first voxels: inside the volume where it is larger than the patch, centred
+            # where it is smaller (MONAI's SpatialPad and crop-centre correction, nnU-Net's bbox).
+            need = max(patch - size, 0)
+            low, high = -(need // 2), size - patch + need - need // 2
+            if voxel is not None:  # centred on the voxel, shifted only as far as the bounds require
+                corner.append(min(max(voxel[axis] - patch // 2, low), high))
+            else:
+                corner.append(low + _pick(u[3 + axis], high - low + 1))
+        return corner
+
+    # --- one batch: the work on the device --------------------------------------------------------------
+
+    def _render(self, draw: _Draw) -> dict[str, torch.Tensor]:
+        boxes, params = [], []
+        for case, corner, matrix in zip(draw.cases, draw.corners, draw.matrices):
+            box, grid = self._box_and_grid(self._volumes[case], corner, matrix)
+            boxes.append(box)
+            params += grid
+        blur = any(sigma > 0 for sigmas in draw.blur_sigma for sigma in sigmas)
+        if self.augment:
+            params += draw.noise_std + draw.brightness + draw.gamma
+        if blur:
+            for sigmas in draw.blur_sigma:  # each sample's kernels, once per image channel
+                params += [w for sigma in sigmas for w in _blur_kernel(sigma)] * self.channels
+        b = len(draw.cases)
+        # One host-to-device copy for all of the batch's numbers.
+        values = torch.tensor(params, dtype=torch.float32)
+        if self._pin:
+            values = values.pin_memory()
+        values = values.to(self.device, non_blocking=True)
+        geometry = values[:b * 12].view(b, 12)
+        weights = geometry[:, :9].view(b, 3, 3)  # [sample, patch axis, grid axis]
+        origin = geometry[:, 9:]
+
+        # Separable in the patch axes: three small products and three broadcast sums, in plain
+        # float32 arithmetic (a matmul could run in TF32 and move the identity grid off the voxels).
+        x, y, z = (self._offsets[k][None, :, None] * weights[:, k, None, :] for k in range(3))
+        grid = origin[:, None, None, None] + x[:, :, None, None] + y[:, None, :, None] + z[:, None, None, :]
+
+        images, labels = [], []
+        for i, (case, box) in enumerate(zip(draw.cases, boxes)):
+            volume = self._volumes[case]
+            region = (slice(None), *(slice(lo, hi) for lo, hi in box))
+            image = self._fetch(volume.image[region])
+            label = self._fetch(volume.label[region])
+            sample_grid = grid[i:i + 1]
+            images.append(F.grid_sample(image[None], sample_grid, mode="bilinear", padding_mode="zeros",
+                                        align_corners=True))
+            labels.append(F.grid_sample(label[None].float(), sample_grid, mode="nearest", padding_mode="zeros",
+                                        align_corners=True))
+        image = torch.cat(images)
+        label = torch.cat(labels).to(torch.uint8)
+        if self.augment:
+            noise_std, brightness, gamma = values[b * 12:b * 15].view(3, b)
+            kernels = values[b * 15:].view(-1, 3, _BLUR_TAPS) if blur else None
+            image = self._intensity(image, draw, noise_std, brightness, gamma, kernels)
+        return {"image": image, "label": label}
+
+    def _box_and_grid(self, volume: _Volume, corner: list[int],
+                      matrix: Matrix) -> tuple[list[tuple[int, int]], list[float]]:
+        """The volume box a sample's grid reads, and the grid's parameters (12 numbers).
+
+        The box: clipped to the volume, at least 2 voxels wide (grid_sample's normalisation).
+        The grid: patch voxel offset o from the patch centre c maps to volume voxel c + M o, in
+        grid_sample's normalised coordinates of the box (last axis first):
+        (c - box start + M o) * 2 / (box size - 1) - 1.
+        """
+        box, scale, origin = [], [], []
+        for axis in range(3):
+            centre = corner[axis] + (self.patch_size[axis] - 1) / 2
+            # Half the extent of the (rotated, scaled) patch along this axis.
+            extent = sum(abs(m) * (p - 1) / 2 for m, p in zip(matrix[axis], self.patch_size))
+            # Bilinear reads floor(x) and floor(x) + 1; one more voxel each side against rounding.
+            size = volume.image.shape[1 + axis]
+            first = min(max(math.floor(centre - extent) - 1, 0), size - 2)
+            last = max(min(math.floor(centre + extent) + 3, size), first + 2)
+            box.append((first, last))
+            scale.append(2.0 / (last - first - 1))
+            origin.append((centre - first) * scale[-1] - 1)
+        # weights[k][a]: how patch axis k moves grid axis a; grid axes are volume axes reversed.
+        weights = [matrix[a][k] * scale[a] for k in range(3) for a in (2, 1, 0)]
+        return box, weights + origin[::-1]
+
+    def _fetch(self, box: torch.Tensor) -> torch.Tensor:
+        """A box of a volume on the device: the view itself when resident, else a copy."""
+        if box.device == self.device:
+            return box
+        if self._pin:
+            staging = torch.empty(box.shape, dtype=box.dtype, pin_memory=True)
+            staging.copy_(box)
+            return staging.to(self.device, non_blocking=True)
+        return box.to(self.device)
+
+    def _intensity(self, image: torch.Tensor, draw: _Draw, noise_std: torch.Tensor, brightness: torch.Tensor,
+                   gamma: torch.Tensor, kernels: torch.Tensor | None) -> torch.Tensor:
+        """Noise, blur, brightness, gamma, in `training_augmentation()`'s order, for the whole batch.
+
+        Each step runs only when some sample of the batch gets it (known on the host); the other
+        samples get identity parameters. `kernels`: (B * C, 3, taps), None when nothing is blurred.
+        """
+        per_sample = (-1,) + (1,) * (image.ndim - 1)
+        if any(std > 0 for std in draw.noise_std):
+            self._noise_generator.manual_seed(draw.noise_seed)
+            noise = torch.randn(image.shape, generator=self._noise_generator, device=image.device)
+            image = image + noise * noise_std.view(per_sample)
+        if kernels is not None:
+            image = _blur(image, kernels)
+        if any(factor != 1 for factor in draw.brightness):
+            image = image * brightness.view(per_sample)
+        if any(value != 1 for value in draw.gamma):
+            image = torch.where((gamma != 1).view(per_sample), _gamma(image, gamma), image)
+        return image
+
+
+def _pick(u: float, n: int) -> int:
+    """An index in 0..n-1 from a uniform number in [0, 1)."""
+    return min(int(u * n), n - 1)
+
+
+def _between(u: float, bounds: tuple[float, float]) -> float:
+    return bounds[0] + (bounds[1] - bounds[0]) * u
+
+
+def _unravel(flat: int, shape: tuple[int, int, int]) -> list[int]:
+    return [flat // (shape[1] * shape[2]), (flat // shape[2]) % shape[1], flat % shape[2]]
+
+
+def _rotation(angles: list[float]) -> Matrix:
+    """Rx @ Ry @ Rz: MONAI's create_rotate (rotate_order "XYZ", as RandAffine uses it)."""
+    (cx, cy, cz), (sx, sy, sz) = [math.cos(a) for a in angles], [math.sin(a) for a in angles]
+    rx = [[1.0, 0.0, 0.0], [0.0, cx, -sx], [0.0, sx, cx]]
+    ry = [[cy, 0.0, sy], [0.0, 1.0, 0.0], [-sy, 0.0, cy]]
+    rz = [[cz, -sz, 0.0], [sz, cz, 0.0], [0.0, 0.0, 1.0]]
+    return _matmul(_matmul(rx, ry), rz)
+
+
+def _matmul(a: Matrix, b: Matrix) -> Matrix:
+    return [[sum(a[i][k] * b[k][j] for k in range(3)) for j in range(3)] for i in range(3)]
+
+
+def _blur_kernel(sigma: float) -> list[float]:
+    """MONAI GaussianSmooth's kernel (erf approximation, truncated at 4 sigma, not normalised),
+    zero-padded to 2 * _BLUR_TAIL + 1 taps; sigma 0 gives the identity kernel."""
+    taps = range(-_BLUR_TAIL, _BLUR_TAIL + 1)
+    if sigma <= 0:
+        return [1.0 if x == 0 else 0.0 for x in taps]
+    tail = int(max(sigma * 4.0, 0.5) + 0.5)
+    t = 0.70710678 / sigma
+    return [max(0.5 * (math.erf(t * (x + 0.5)) - math.erf(t * (x - 0.5))), 0.0) if abs(x) <= tail else 0.0
+            for x in taps]
+
+
+def _blur(image: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur with zero padding, one kernel per sample and axis.
+
+    `kernels`: (B * C, 3, taps), each sample's kernels repeated for each of its channels. The batch's
+    channels become the groups of one convolution per axis.
+    """
+    b, c = image.shape[:2]
+    taps = kernels.shape[-1]
+    x = image.reshape(1, b * c, *image.shape[2:])
+    for axis in range(3):
+        shape = [b * c, 1, 1, 1, 1]
+        shape[2 + axis] = taps
+        padding = [0, 0, 0]
+        padding[axis] = taps // 2
+        x = F.conv3d(x, kernels[:, axis].reshape(shape), padding=tuple(padding), groups=b * c)
+    return x.reshape(image.shape)
+
+
+def _gamma(image: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """MONAI's AdjustContrast per sample: rescale to [0, 1] by the sample's min and max (over all
+    channels), raise to `gamma`, rescale back."""
+    low, high = torch.aminmax(image.flatten(1), dim=1)
+    shape = (-1,) + (1,) * (image.ndim - 1)
+    low, span = low.view(shape), (high - low).view(shape)
+    return ((image - low) / (span + _GAMMA_EPSILON)).pow(gamma.view(shape)) * span + low

@@ -1,0 +1,383 @@
+"""medseg.data.device_sampler: batched patch sampling and augmentation (on the CPU here)."""
+
+from __future__ import annotations
+
+import io
+import itertools
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai import transforms as T
+from torch import nn
+
+from medseg.data import device_sampler
+from medseg.data.device_sampler import DevicePatchSampler
+from medseg.losses import DiceCELoss
+
+CPU = torch.device("cpu")
+PATCH = (8, 10, 8)
+
+
+def _coordinates(shape: tuple[int, int, int]) -> torch.Tensor:
+    """(3, X, Y, Z) float: each voxel's own coordinates."""
+    return torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij"))
+
+
+def _coded_volume(shape: tuple[int, int, int], case: int, classes: int = 3) -> dict:
+    """Image channels x+1, y+1, z+1 and 100*(case+1) (all non-zero inside, so outside is visible);
+    label (x + 2y + 3z) mod `classes`."""
+    xyz = _coordinates(shape)
+    image = torch.cat([xyz + 1, torch.full((1, *shape), 100.0 * (case + 1))])
+    label = ((xyz[0] + 2 * xyz[1] + 3 * xyz[2]) % classes).to(torch.uint8)[None]
+    return {"image": image, "label": label}
+
+
+def _sampler(volumes, **overrides) -> DevicePatchSampler:
+    args = dict(patch_size=PATCH, num_classes=3, batch_size=4, foreground_fraction=0.33, augment=True,
+                device=CPU, seed=0)
+    args.update(overrides)
+    return DevicePatchSampler(volumes, **args)
+
+
+def _batches(sampler: DevicePatchSampler, n: int) -> list[dict]:
+    return list(itertools.islice(iter(sampler), n))
+
+
+def _padded_slice(volume: torch.Tensor, corner: list[int], patch=PATCH) -> torch.Tensor:
+    """The patch of a zero-padded volume whose first voxel is `corner` (may be negative)."""
+    pad = max(patch)
+    padded = F.pad(volume, (pad, pad) * 3)
+    x, y, z = (c + pad for c in corner)
+    return padded[:, x:x + patch[0], y:y + patch[1], z:z + patch[2]]
+
+
+def _assert_same(a: list[dict], b: list[dict]) -> None:
+    for first, second in zip(a, b, strict=True):
+        assert torch.equal(first["image"], second["image"])
+        assert torch.equal(first["label"], second["label"])
+
+
+SHAPES = [(12, 16, 20), (24, 13, 18), (6, 20, 24)]  # the last is thinner than the patch on x
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_batch_shapes_and_dtypes(augment):
+    volumes = [_coded_volume(s, i) for i, s in enumerate(SHAPES)]
+    sampler = _sampler(volumes, augment=augment, batch_size=5)
+    for batch in _batches(sampler, 3):
+        assert set(batch) == {"image", "label"}
+        assert batch["image"].shape == (5, 4, *PATCH) and batch["image"].dtype == torch.float32
+        assert batch["label"].shape == (5, 1, *PATCH) and batch["label"].dtype == torch.uint8
+        assert batch["image"].device == CPU and batch["label"].device == CPU
+        assert torch.isfinite(batch["image"]).all()
+        assert int(batch["label"].max()) < 3
+
+
+def test_batches_train_through_the_loss_and_train_step():
+    from medseg.train import train_step
+
+    volumes = [_coded_volume(s, i) for i, s in enumerate(SHAPES)]
+    batch = next(iter(_sampler(volumes)))
+    model = nn.Conv3d(4, 3, kernel_size=1)
+    loss_fn = DiceCELoss()
+    logits = model(batch["image"])
+    assert logits.shape == (4, 3, *PATCH)
+    loss = loss_fn(logits, batch["label"])
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    # Deep supervision (a coarser output) resizes the label: that path must accept it too.
+    assert torch.isfinite(loss_fn([logits, logits[:, :, ::2, ::2, ::2]], batch["label"]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.weight.detach().clone()
+    step_loss, finite = train_step(model, batch["image"], batch["label"], loss_fn, optimizer,
+                                   torch.amp.GradScaler("cpu", enabled=False), None, grad_clip=1.0)
+    assert finite and torch.isfinite(step_loss)
+    assert not torch.equal(model.weight, before)
+
+
+# --- patch position and content -------------------------------------------------------------------
+
+
+def _check_unaugmented(batch: dict, volumes: list[dict], patch=PATCH) -> list[tuple[int, list[int]]]:
+    """Each patch equals the slice of its (zero-padded) volume; returns (case, corner) per sample."""
+    found = []
+    for image, label in zip(batch["image"], batch["label"]):
+        case = int(round(float(image[3].max()) / 100)) - 1
+        inside = (image[0] > 0.5).nonzero()
+        assert len(inside), "a patch must overlap its volume"
+        i, j, k = inside[0].tolist()
+        corner = [int(round(float(image[a, i, j, k]))) - 1 - offset for a, offset in enumerate((i, j, k))]
+        expected_image = _padded_slice(volumes[case]["image"], corner, patch)
+        expected_label = _padded_slice(volumes[case]["label"], corner, patch)
+        torch.testing.assert_close(image, expected_image, atol=1e-4, rtol=1e-6)
+        assert torch.equal(label, expected_label)
+        found.append((case, corner))
+    return found
+
+
+def test_unaugmented_patch_is_the_slice_of_the_padded_volume():
+    volumes = [_coded_volume(s, i) for i, s in enumerate(SHAPES)]
+    sampler = _sampler(volumes, augment=False, batch_size=6)
+    cases = set()
+    for batch in _batches(sampler, 8):
+        for case, corner in _check_unaugmented(batch, volumes):
+            cases.add(case)
+            for size, patch, start in zip(SHAPES[case], PATCH, corner):
+                if size >= patch:  # inside the volume where it is large enough
+                    assert 0 <= start <= size - patch
+                else:  # centred (padded) where it is thinner than the patch
+                    assert start == -((patch - size) // 2)
+    assert cases == {0, 1, 2}  # every case drawn (uniform with replacement)
+
+
+@pytest.mark.parametrize("shape", [(5, 6, 7), (1, 12, 12), (2, 1, 1)])
+def test_volumes_smaller_than_the_patch(shape):
+    volumes = [_coded_volume(shape, 0)]
+    for batch in _batches(_sampler(volumes, augment=False), 3):
+        for _, corner in _check_unaugmented(batch, volumes):
+            for size, patch, start in zip(shape, PATCH, corner):
+                assert start == -((patch - size) // 2) if size < patch else 0 <= start <= size - patch
+    for batch in _batches(_sampler(volumes, augment=True), 5):  # augmentation works on them too
+        assert batch["image"].shape == (4, 4, *PATCH) and torch.isfinite(batch["image"]).all()
+
+
+def _single_foreground(shape=(24, 24, 24), voxel=(20, 3, 17)) -> dict:
+    label = torch.zeros(1, *shape, dtype=torch.uint8)
+    label[(0, *voxel)] = 1
+    return {"image": torch.randn(2, *shape), "label": label}
+
+
+def test_foreground_fraction_one_always_contains_foreground():
+    sampler = _sampler([_single_foreground()], num_classes=2, foreground_fraction=1.0, augment=False,
+                       patch_size=(6, 6, 6))
+    for batch in _batches(sampler, 10):
+        assert (batch["label"].flatten(1) == 1).any(dim=1).all()
+
+
+def test_foreground_fraction_zero_draws_uniform_positions():
+    sampler = _sampler([_single_foreground()], num_classes=2, foreground_fraction=0.0, augment=False,
+                       patch_size=(6, 6, 6))
+    hits = torch.cat([(b["label"].flatten(1) == 1).any(dim=1) for b in _batches(sampler, 20)])
+    assert hits.float().mean() < 0.2  # a random 6^3 patch of 24^3 holds this voxel about 1 time in 70
+
+
+def test_present_foreground_classes_are_equally_likely():
+    # Class 1 fills a slab, class 2 is one voxel far from it: patches centred on class 1 cannot
+    # reach class 2, so half the patches (those centred on class 2) hold it.
+    label = torch.zeros(1, 24, 24, 24, dtype=torch.uint8)
+    label[0, :8] = 1
+    label[0, 20, 20, 20] = 2
+    sampler = _sampler([{"image": torch.randn(1, 24, 24, 24), "label": label}], num_classes=4,
+                       foreground_fraction=1.0, augment=False, patch_size=(6, 6, 6), batch_size=10)
+    batches = _batches(sampler, 30)
+    has_two = torch.cat([(b["label"].flatten(1) == 2).any(dim=1) for b in batches]).float().mean()
+    assert 0.38 < has_two < 0.62
+    for b in batches:  # every patch is centred on a foreground class (class 3 is absent)
+        assert (b["label"].flatten(1) > 0).any(dim=1).all()
+
+
+def test_foreground_indices_are_bounded(monkeypatch):
+    monkeypatch.setattr(device_sampler, "MAX_INDICES_PER_CLASS", 50)
+    label = torch.zeros(1, 12, 12, 12, dtype=torch.uint8)
+    label[0, 2:10, 2:10, 2:10] = 1  # 512 voxels
+    label[0, 0, 0, :3] = 2  # 3 voxels
+    sampler = _sampler([{"image": torch.zeros(1, 12, 12, 12), "label": label}], num_classes=3)
+    ones, twos = sampler._volumes[0].foreground
+    assert len(ones) == 50 and len(ones.unique()) == 50
+    assert (label.flatten()[ones] == 1).all()
+    assert sorted(twos.tolist()) == [0, 1, 2]
+
+
+# --- augmentation -----------------------------------------------------------------------------------
+
+
+def test_spatial_augmentation_maps_image_and_label_through_the_same_grid():
+    """Image channels = voxel coordinates (bilinear interpolation of a linear function is exact),
+    plus a channel of ones (exactly 1 where all interpolated voxels are inside the volume). With
+    the intensity augmentation switched off, every patch voxel inside the volume must hold the
+    coordinates `centre + matrix @ offset`, and its label the label of the nearest voxel there."""
+    shape = (20, 22, 24)
+    xyz = _coordinates(shape)
+    image = torch.cat([xyz, torch.ones(1, *shape)])
+    label = ((xyz[0] + 2 * xyz[1] + 3 * xyz[2]) % 5).to(torch.uint8)[None]
+    sampler = _sampler([{"image": image, "label": label}], num_classes=5, batch_size=8)
+    offsets = _coordinates(PATCH) - ((torch.tensor(PATCH, dtype=torch.float32) - 1) / 2)[:, None, None, None]
+    rotated = mirrored = 0
+    for _ in range(8):
+        draw = sampler._draw()
+        b = len(draw.cases)
+        draw = replace(draw, noise_std=[0.0] * b, blur_sigma=[[0.0] * 3] * b, brightness=[1.0] * b, gamma=[1.0] * b)
+        batch = sampler._render(draw)
+        for i in range(b):
+            matrix = torch.tensor(draw.matrices[i])
+            # Column lengths are the axis scales (rotation keeps lengths), columns orthogonal.
+            gram = matrix.T @ matrix
+            scales = gram.diagonal().sqrt()
+            assert ((scales > 0.7 - 1e-4) & (scales < 1.4 + 1e-4)).all()
+            torch.testing.assert_close(gram, torch.diag_embed(gram.diagonal()), atol=1e-5, rtol=0)
+            rotated += not torch.allclose(matrix.abs(), torch.eye(3))
+            mirrored += bool((matrix.diagonal() < 0).any()) and torch.allclose(matrix.abs(), torch.eye(3))
+
+            centre = torch.tensor(draw.corners[i]) + (torch.tensor(PATCH, dtype=torch.float32) - 1) / 2
+            expected = centre[:, None, None, None] + torch.einsum("ak,kxyz->axyz", matrix, offsets)
+            sampled = batch["image"][i]
+            inside = (sampled[3] - 1).abs() < 1e-4
+            assert inside.float().mean() > 0.3
+            torch.testing.assert_close(sampled[:3][:, inside], expected[:, inside], atol=2e-3, rtol=0)
+            # Nearest neighbour: skip points within rounding error of a half-voxel.
+            coords = expected[:, inside]
+            clear = ((coords - coords.floor() - 0.5).abs() > 1e-2).all(0)
+            nearest = coords[:, clear].round().long()
+            expected_label = label[0, nearest[0], nearest[1], nearest[2]]
+            assert torch.equal(batch["label"][i, 0][inside][clear], expected_label)
+    assert rotated > 0 and mirrored > 0  # both kinds of geometry were exercised
+
+
+def _agreement(batch: dict) -> torch.Tensor:
+    """Per sample: fraction of voxels where 'image above its midpoint' matches 'label foreground'."""
+    image = batch["image"][:, 0].flatten(1)
+    low, high = image.min(1, keepdim=True).values, image.max(1, keepdim=True).values
+    return ((image > (low + high) / 2) == (batch["label"][:, 0].flatten(1) > 0)).float().mean(1)
+
+
+def test_augmented_image_and_label_stay_aligned():
+    # An asymmetric label (a slab and an off-centre block), image = label * 10.
+    label = torch.zeros(1, 20, 22, 24, dtype=torch.uint8)
+    label[0, :, :7] = 1
+    label[0, 12:18, 10:20, 4:12] = 1
+    sampler = _sampler([{"image": label.float() * 10, "label": label}], num_classes=2, foreground_fraction=0.5,
+                       batch_size=8)
+    batches = _batches(sampler, 12)
+    # Augmentation happened: the images are not just label * 10.
+    changed = torch.cat([(b["image"][:, 0] != b["label"][:, 0].float() * 10).flatten(1).any(1) for b in batches])
+    assert changed.float().mean() > 0.3
+    aligned, misaligned = [], []
+    for batch in batches:
+        # Only patches holding both background and foreground say anything about alignment.
+        fg = (batch["label"][:, 0].flatten(1) > 0).float().mean(1)
+        keep = (fg > 0.1) & (fg < 0.9)
+        aligned.append(_agreement(batch)[keep])
+        # The same measure catches a label mirrored apart from its image.
+        misaligned.append(_agreement({"image": batch["image"], "label": batch["label"].flip(3)})[keep])
+    aligned, misaligned = torch.cat(aligned), torch.cat(misaligned)
+    assert len(aligned) >= 20
+    # Not all 1: blur, bilinear vs nearest at edges and the patch border move a few voxels.
+    assert aligned.min() > 0.85 and aligned.mean() > 0.97
+    assert misaligned.mean() < aligned.mean() - 0.05
+
+
+def test_blur_matches_monai_gaussian_smooth():
+    image = torch.randn(2, 3, 9, 10, 11, generator=torch.Generator().manual_seed(1))
+    sigma = [[0.5, 0.8, 1.0], [0.0, 0.0, 0.0]]
+    kernels = torch.tensor([[device_sampler._blur_kernel(s) for s in sigmas] for sigmas in sigma])
+    kernels = kernels.repeat_interleave(3, dim=0)  # per sample, once for each channel
+    blurred = device_sampler._blur(image, kernels)
+    expected = T.GaussianSmooth(sigma=(0.5, 0.8, 1.0))(image[0])
+    torch.testing.assert_close(blurred[0], torch.as_tensor(expected), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(blurred[1], image[1])  # sigma 0: unchanged
+
+
+def test_gamma_matches_monai_adjust_contrast():
+    image = torch.randn(3, 2, 6, 7, 8, generator=torch.Generator().manual_seed(2)) * 5 + 1
+    gamma = torch.tensor([0.7, 1.0, 1.5])
+    adjusted = device_sampler._gamma(image, gamma)
+    for i in range(3):
+        expected = torch.as_tensor(T.AdjustContrast(gamma=float(gamma[i]))(image[i]))
+        torch.testing.assert_close(adjusted[i], expected, atol=1e-4, rtol=1e-5)
+
+
+def test_augmentation_parameters_stay_in_range():
+    sampler = _sampler([_coded_volume((12, 12, 12), 0)], batch_size=64)
+    draws = [sampler._draw() for _ in range(20)]
+    noise = torch.tensor([v for d in draws for v in d.noise_std])
+    sigma = torch.tensor([v for d in draws for v in d.blur_sigma])
+    brightness = torch.tensor([v for d in draws for v in d.brightness])
+    gamma = torch.tensor([v for d in draws for v in d.gamma])
+    matrices = torch.tensor([m for d in draws for m in d.matrices], dtype=torch.float64)
+    spatial = ~torch.isclose(matrices.abs(), torch.eye(3, dtype=torch.float64)).flatten(1).all(1)
+    # Rotations of at most 30 degrees keep the diagonal positive: its sign is the mirroring.
+    mirrored = (matrices.diagonal(dim1=1, dim2=2) < 0).double()
+    n = len(noise)
+    assert ((noise >= 0) & (noise <= 0.1)).all()
+    assert ((sigma == 0) | ((sigma >= 0.5) & (sigma <= 1.0))).all()
+    assert ((brightness >= 0.75) & (brightness <= 1.25)).all()
+    assert ((gamma >= 0.7) & (gamma <= 1.5)).all()
+    # Probabilities as in training_augmentation() (1280 samples: loose bounds, fixed seed).
+    assert abs((noise > 0).sum() / n - 0.1) < 0.04
+    assert abs((sigma[:, 0] > 0).sum() / n - 0.2) < 0.05
+    assert abs((brightness != 1).sum() / n - 0.15) < 0.05
+    assert abs((gamma != 1).sum() / n - 0.3) < 0.05
+    assert abs(spatial.double().mean() - 0.2) < 0.05
+    assert (abs(mirrored.mean(0) - 0.5) < 0.06).all()
+
+
+# --- determinism and state --------------------------------------------------------------------------
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+    volumes = [_coded_volume(s, i) for i, s in enumerate(SHAPES)]
+    first = _batches(_sampler(volumes, seed=3), 4)
+    _assert_same(first, _batches(_sampler(volumes, seed=3), 4))
+    other = _batches(_sampler(volumes, seed=4), 4)
+    assert not all(torch.equal(a["image"], b["image"]) for a, b in zip(first, other))
+
+
+def test_resident_and_streamed_volumes_give_identical_batches():
+    volumes = [_coded_volume(s, i) for i, s in enumerate(SHAPES)]
+    resident = _sampler(volumes, seed=5, batch_size=8)
+    streamed = _sampler(volumes, seed=5, batch_size=8, resident_bytes=0)
+    assert resident.resident and not streamed.resident
+    assert _sampler(volumes, resident_bytes=10**9).resident
+    _assert_same(_batches(resident, 6), _batches(streamed, 6))
+
+
+def test_state_dict_round_trip_continues_the_sequence():
+    volumes = [_coded_volume(s, i) for i, s in enumerate(SHAPES)]
+    sampler = _sampler(volumes, seed=7)
+    head = _batches(sampler, 2)
+    buffer = io.BytesIO()
+    torch.save(sampler.state_dict(), buffer)
+    expected = _batches(sampler, 3)
+    buffer.seek(0)
+    restored = _sampler(volumes, seed=7)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    _assert_same(_batches(restored, 3), expected)
+    # Without the state, a fresh sampler starts over instead.
+    _assert_same(_batches(_sampler(volumes, seed=7), 2), head)
+    assert not torch.equal(head[0]["image"], expected[0]["image"])
+
+
+def test_bad_labels_are_refused():
+    volume = _coded_volume((8, 8, 8), 0, classes=3)
+    with pytest.raises(ValueError, match="label values"):
+        _sampler([volume], num_classes=2)
+    with pytest.raises(ValueError, match="same spatial shape"):
+        _sampler([{"image": volume["image"], "label": volume["label"][:, :4]}])
+
+
+def test_metatensor_and_float_labels_are_accepted():
+    from monai.data import MetaTensor
+
+    volumes = [_coded_volume(s, i) for i, s in enumerate(SHAPES)]
+    as_loaded = [{"image": MetaTensor(v["image"]), "label": MetaTensor(v["label"].float())} for v in volumes]
+    _assert_same(_batches(_sampler(as_loaded, seed=2), 2), _batches(_sampler(volumes, seed=2), 2))
+
+
+@pytest.mark.gpu
+def test_cuda_resident_streamed_and_cpu_agree():
+    volumes = [_coded_volume(s, i) for i, s in enumerate(SHAPES)]
+    cuda = torch.device("cuda")
+    resident = _batches(_sampler(volumes, device=cuda, seed=9, batch_size=8), 4)
+    streamed = _batches(_sampler(volumes, device=cuda, seed=9, batch_size=8, resident_bytes=0), 4)
+    _assert_same(resident, streamed)
+    assert resident[0]["image"].is_cuda and resident[0]["label"].dtype == torch.uint8
+    # Without augmentation (no device-generated noise) the device does not change the batches.
+    on_gpu = _batches(_sampler(volumes, device=cuda, seed=9, augment=False), 3)
+    on_cpu = _batches(_sampler(volumes, seed=9, augment=False), 3)
+    for gpu_batch, cpu_batch in zip(on_gpu, on_cpu):
+        torch.testing.assert_close(gpu_batch["image"].cpu(), cpu_batch["image"], atol=1e-4, rtol=1e-5)
+        assert torch.equal(gpu_batch["label"].cpu(), cpu_batch["label"])
