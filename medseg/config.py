@@ -34,6 +34,7 @@ class DataConfig:
     cache: str = "memory"
     cache_dir: Optional[str] = None
     foreground_oversample: float = 0.33
+    sampler: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class TrainConfig:
     augment: bool = True
     max_nonfinite_steps: int = 20
     memory_budget: Optional[str] = None
+    max_minutes: Optional[float] = None
+    compile: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -101,11 +104,13 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.normalization": ("auto", "ct", "zscore", "none"),
     "data.cache": ("memory", "disk", "none"),
+    "data.sampler": ("auto", "workers", "device"),
     "model.norm": ("instance", "batch", "group"),
     "model.checkpointing": ("off", "selective", "stage"),
     "train.optimizer": ("sgd", "adamw"),
     "train.lr_schedule": ("poly", "cosine", "constant"),
     "train.amp": ("auto", "fp16", "bf16", "off"),
+    "train.compile": ("auto", "on", "off"),
 }
 
 
@@ -242,6 +247,8 @@ def _scalar(name: str, value: Any, kind: type) -> Any:
         # (an error follows if "off" is not one of them). Free-text keys must quote such words.
         if value is False and name in CHOICES:
             return "off"
+        if value is True and "on" in CHOICES.get(name, ()):
+            return "on"
         if isinstance(value, bool):
             raise ConfigError(f"'{name}' must be str, got {value!r} (quote words like yes/no/on/off)")
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -88,6 +88,15 @@ def any_true(context: Context, flag: bool, device: torch.device) -> bool:
     return bool(value)
 
 
+def maximum(context: Context, values: tuple[float, ...], device: torch.device) -> tuple[float, ...]:
+    """The element-wise maximum of `values` over ranks (one collective for all of them)."""
+    if not context.enabled:
+        return tuple(values)
+    tensor = torch.tensor(values, device=device, dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tuple(tensor.tolist())
+
+
 def mean(context: Context, value: float, device: torch.device) -> float:
     """The mean of `value` over ranks."""
     if not context.enabled:

@@ -26,19 +26,22 @@ How the CPU run stands in for CUDA:
   backward between convolutions (at an activation's gradient), where no workspace is held;
   `scripts/bench_memory.py` compares prediction and measurement on a GPU.
 
-`fit` and `largest_fit` search configurations with `estimate`; `measure` runs real steps on a GPU;
-`estimate_inference` predicts sliding-window inference; `parse_size` reads "24GiB"-style sizes.
+`fit` chooses patch, batch and checkpointing for a memory budget (the most voxels per unit of step
+time, `STEP_TIME`), `largest_fit` the largest patch at a fixed batch, both with `estimate`; `measure`
+runs real steps on a GPU; `estimate_inference` predicts sliding-window inference; `parse_size`
+reads "24GiB"-style sizes.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 import re
 import time
 import weakref
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -52,6 +55,7 @@ from medseg.device import amp_name
 from medseg.errors import ConfigError, MedsegError
 
 __all__ = [
+    "STEP_TIME",
     "MemoryReport",
     "block_bytes",
     "estimate",
@@ -68,6 +72,17 @@ _MIN_BLOCK = 512  # every block is a multiple of 512 bytes
 _SMALL_SIZE = 1 << 20  # requests up to 1 MiB come from the small pool
 _MIN_LARGE_ALLOC = 10 << 20  # requests of 1-10 MiB share 20 MiB segments
 _ROUND_LARGE = 2 << 20  # larger requests get their own segment, rounded up to 2 MiB
+
+# Time of one training step per checkpointing mode, relative to "off", as `fit` weighs them: from
+# scripts/bench_train.py (scripts/bench_checkpointing.py) on the GPU; these are first estimates, to
+# be replaced by measured figures. Modes missing here are never chosen by `fit`.
+STEP_TIME: dict[str, float] = {"off": 1.0, "selective": 1.2, "stage": 1.4}
+
+_FIT_MAX_SCALE = 4.0  # fit: patches up to this many times the configured size per axis
+_FIT_TIE = 0.05  # fit: candidates within this fraction of the most work count as equal
+_FIT_SHRINK = 0.5  # fit: a patch is traded for batch down to at most this fraction of the largest at batch 2
+_MODEL_SLACK = 0.05  # fit: how far the linear memory model may be off when ruling candidates out
+_NO_BATCH_CAP = 1 << 16  # fit: max_batch=None
 
 
 @dataclass(frozen=True)
@@ -173,46 +188,100 @@ def estimate_inference(cfg: Config, in_channels: int, num_classes: int, spacing:
 
 
 def fit(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float], budget_bytes: int,
-        margin: float = 0.1) -> tuple[Config, MemoryReport]:
-    """The preferred configuration whose predicted peak fits in `budget_bytes * (1 - margin)`.
+        margin: float = 0.1, *, max_patch: Sequence[int] | None = None,
+        max_batch: int | None = None) -> tuple[Config, MemoryReport]:
+    """The configuration that trains fastest within `budget_bytes * (1 - margin)`.
 
-    The rule, in order of preference:
+    "Fastest" is the most training work per unit of time: voxels per step (patch volume × batch)
+    divided by the checkpointing mode's relative step time (`STEP_TIME`). The candidates:
 
-    1. keep the configured patch size;
-    2. keep the batch size, going down one at a time to 1 only when needed (nnU-Net never plans
-       fewer than 2, but with instance norm a batch of 1 trains, and it lets a large patch fit);
-    3. at each batch size, activation checkpointing "off" before "stage" (stage costs 25-40 % more
-       time per step, far less than a smaller batch or patch costs in accuracy);
-    4. only when not even batch 1 with checkpointing fits, shrink the patch as nnU-Net does: take
-       the largest axis (the first of equal ones) down by the network's divisor along it (the
-       product of its strides, for the network planned for that patch), and try again with
-       steps 2-3 from the configured batch size.
+    - patch: the configured patch scaled by one factor on every axis (aspect ratio kept, each axis
+      a multiple of the network's divisor for the configured patch), smaller or larger, up to
+      4 times the configured size and at most `max_patch` per axis (the training data's extent
+      in voxels at the target spacing: a patch beyond the data only adds padding);
+    - batch: at least 2, as nnU-Net plans (1 only when nothing with 2 fits, or `max_batch` is 1),
+      at most `max_batch` (None: as many as fit);
+    - checkpointing: every mode of `medseg.models.CHECKPOINTING_MODES` with a step time in
+      `STEP_TIME`; the configured mode and batch size are not kept.
+
+    For each mode the largest patch that fits at batch 2 is found, and with it the largest batch B
+    at that patch. Smaller patches (with larger batches) are candidates only down to the volume at
+    which the batch would grow by two, B / (B + 2) of it, and never below half: context matters
+    more than batch in segmentation, and the trade is only there to take up the memory that the
+    coarse steps between patches (and the rounding of the batch) leave unused. Among the candidates the most
+    work wins, but all those within 5 % of the most count as equal, and of them the cheapest mode
+    (off, selective, stage), then the largest patch, then the largest batch is chosen.
+    Memory grows with patch volume and batch, so the search needs only a few estimates (about 10-20):
+    each guess comes from a linear model of memory in voxels × batch fitted to the estimates so far.
 
     Returns the config (`train.batch_size`, `train.patch_size` and `model.checkpointing` set; the
     rest as given) and its report. Raises MedsegError, with the numbers, if nothing fits.
     """
+    from medseg.models import CHECKPOINTING_MODES, network_plan
+
     limit = _usable(budget_bytes, margin)
-    cache: dict[tuple, MemoryReport | None] = {}
-    smallest: MemoryReport | None = None
-    for patch in _shrinking_patches(cfg, spacing):
-        # The cheapest candidate at this patch first: if it does not fit, nothing here does.
-        cheapest = _candidate(cfg, patch, 1, "stage")
-        report = _cached_estimate(cache, cheapest, in_channels, num_classes, spacing)
-        if report is None:
-            cheapest = _candidate(cfg, patch, 1, "off")
-            report = _cached_estimate(cache, cheapest, in_channels, num_classes, spacing)
-        if report is None:
-            continue
-        smallest = report
-        if report.total > limit:
-            continue
-        for batch in range(cfg.train.batch_size, 0, -1):
-            for mode in ("off", "stage"):
-                candidate = _candidate(cfg, patch, batch, mode)
-                report = _cached_estimate(cache, candidate, in_channels, num_classes, spacing)
-                if report is not None and report.total <= limit:
-                    return candidate, report
-    raise MedsegError(_nothing_fits(budget_bytes, margin, smallest))
+    if max_batch is not None and max_batch < 1:
+        raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
+    if max_patch is not None and (len(max_patch) != 3 or min(max_patch) < 1):
+        raise ConfigError(f"max_patch must be three positive integers, got {list(max_patch)}")
+    modes = sorted((m for m in CHECKPOINTING_MODES if m in STEP_TIME), key=lambda m: STEP_TIME[m])
+    if not modes:
+        raise MedsegError(f"no checkpointing mode of {CHECKPOINTING_MODES} has a step time in memory.STEP_TIME")
+    base = [int(n) for n in cfg.train.patch_size]
+    unit = network_plan(cfg, spacing).divisor
+    patches = [p for p in _scaled_patches(base, unit, _FIT_MAX_SCALE, max_patch) if _buildable(cfg, p, spacing)]
+    if not patches:
+        raise MedsegError(f"no patch of the shape of {base} builds a network (divisor {list(unit)})")
+    search = _FitSearch(cfg, in_channels, num_classes, spacing, limit, patches)
+    cap = max_batch if max_batch is not None else _NO_BATCH_CAP
+
+    # The largest patch per mode at the smallest batch allowed: 2, or 1 when 2 fits nowhere.
+    smallest_batch = min(2, cap)
+    top = search.largest_patches(modes, smallest_batch)
+    if not top and smallest_batch == 2:
+        smallest_batch = cap = 1
+        top = search.largest_patches(modes, 1)
+    if not top:
+        raise MedsegError(_nothing_fits(budget_bytes, margin, search.smallest()))
+
+    # Every (mode, patch) a candidate, best first by an optimistic guess of its work; the exact largest
+    # batch is searched only while a candidate could still come within the tie margin of the best.
+    volumes = search.volumes
+    guesses = []
+    for mode, top_index in top.items():
+        # Trading patch for batch only takes up what the batch's rounding leaves unused (less than a
+        # sample): smaller patches down to where the batch would grow by two, at most to half the volume.
+        top_batch = min(max(search.predicted_batch(mode, top_index) or 0, smallest_batch), cap)
+        smallest_volume = volumes[top_index] * max(_FIT_SHRINK, top_batch / (top_batch + 2))
+        for index in range(top_index, -1, -1):
+            if volumes[index] < smallest_volume:
+                break
+            batch = search.predicted_batch(mode, index, slack=_MODEL_SLACK)
+            batch = min(max(batch if batch is not None else cap, smallest_batch), cap)
+            guesses.append((volumes[index] * batch / STEP_TIME[mode], mode, index))
+    guesses.sort(key=lambda g: (-g[0], STEP_TIME[g[1]], -g[2]))
+    candidates: list[tuple[float, str, int, int]] = []  # (work, mode, patch index, batch)
+    best = 0.0
+    for optimistic, mode, index in guesses:
+        if optimistic < best * (1 - _FIT_TIE):
+            break
+        # Batch `smallest_batch` fits at this patch: it fits at the mode's top patch, which is no smaller.
+        batch = _last_fitting(lambda b: search.fits(mode, index, b), smallest_batch + 1, cap,
+                              lambda: search.predicted_batch(mode, index))
+        work = volumes[index] * batch / STEP_TIME[mode]
+        candidates.append((work, mode, index, batch))
+        best = max(best, work)
+
+    while candidates:
+        best = max(c[0] for c in candidates)
+        equal = [c for c in candidates if c[0] >= best * (1 - _FIT_TIE)]
+        choice = min(equal, key=lambda c: (STEP_TIME[c[1]], modes.index(c[1]), -volumes[c[2]], -c[3]))
+        _, mode, index, batch = choice
+        report = search.report(mode, index, batch)
+        if report is not None and report.total <= limit:
+            return _candidate(cfg, patches[index], batch, mode), report
+        candidates.remove(choice)  # memory not monotone after all (never seen): the next best
+    raise MedsegError(_nothing_fits(budget_bytes, margin, search.smallest()))
 
 
 def largest_fit(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float], budget_bytes: int,
@@ -584,25 +653,123 @@ def _cached_estimate(cache: dict, cfg: Config, in_channels: int, num_classes: in
     return cache[key]
 
 
-def _shrinking_patches(cfg: Config, spacing: Sequence[float]) -> Iterator[list[int]]:
-    """The configured patch, then ever smaller ones: the largest axis (the first of equal ones)
-    loses the network's divisor along it, until no axis can shrink."""
+def _buildable(cfg: Config, patch: Sequence[int], spacing: Sequence[float]) -> bool:
+    # Whether the network geometry exists for this patch (a fixed model.depth needs a large enough
+    # patch); geometry only, no estimate.
     from medseg.models import network_plan
 
-    patch = [int(n) for n in cfg.train.patch_size]
-    while True:
-        yield list(patch)
-        try:
-            divisor = network_plan(cfg.replace(train={"patch_size": patch}), spacing).divisor
-        except ConfigError:
-            return
-        order = sorted(range(3), key=lambda axis: (-patch[axis], axis))
-        for axis in order:
-            if patch[axis] >= 2 * divisor[axis]:  # keep at least one divisor's worth
-                patch[axis] -= divisor[axis]
-                break
+    try:
+        network_plan(cfg.replace(train={"patch_size": [int(n) for n in patch]}), spacing)
+    except ConfigError:
+        return False
+    return True
+
+
+def _last_fitting(fits: Callable[[int], bool], lo: int, hi: int, guess: Callable[[], int | None]) -> int:
+    """The largest x in [lo, hi] with `fits(x)`, for `fits` true up to some x and false above it;
+    lo - 1 if none. The first few tries are `guess()`'s (a model that learns from every estimate,
+    so usually two tries settle it), kept inside what is known; then bisection, galloping upwards
+    while no upper bound is known."""
+    good, bad = lo - 1, hi + 1
+    guesses = 0
+    while bad - good > 1:
+        x = None
+        if guesses < 4:
+            guesses += 1
+            proposal = guess()
+            if proposal is not None:
+                x = min(max(proposal, good + 1), bad - 1)
+        if x is None:
+            x = (good + bad) // 2 if bad <= hi else min(hi, max(lo, 2 * good + 1 - lo))
+        if fits(x):
+            good = x
         else:
-            return
+            bad = x
+    return good
+
+
+class _FitSearch:
+    """`fit`'s estimates for one config over the patches `patches` (ascending in volume), remembered,
+    and a linear model of the peak per checkpointing mode, total ≈ F + c · voxels · batch, through
+    the last two estimates of that mode (the last one and the parameters, gradients and optimiser
+    state at its peak, if only one) that proposes where to look next."""
+
+    def __init__(self, cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float],
+                 limit: int, patches: list[list[int]]) -> None:
+        self.cfg, self.in_channels, self.num_classes, self.spacing = cfg, in_channels, num_classes, spacing
+        self.limit = limit
+        self.patches = patches
+        self.volumes = [math.prod(p) for p in patches]
+        self.cache: dict[tuple, MemoryReport | None] = {}
+        self.points: dict[str, list[tuple[int, int, int]]] = {}  # mode -> (voxels·batch, total, fixed)
+        self.last_mode: str | None = None
+        base = math.prod(int(n) for n in cfg.train.patch_size)
+        # Where to start without a model: the largest patch no larger than the configured one.
+        self.reference = max([i for i, v in enumerate(self.volumes) if v <= base] or [0])
+
+    def report(self, mode: str, index: int, batch: int) -> MemoryReport | None:
+        candidate = _candidate(self.cfg, self.patches[index], batch, mode)
+        key = (tuple(candidate.train.patch_size), batch, mode)
+        known = key in self.cache
+        report = _cached_estimate(self.cache, candidate, self.in_channels, self.num_classes, self.spacing)
+        if report is not None and not known:
+            fixed = report.parameters + report.gradients + report.optimizer_state
+            self.points.setdefault(mode, []).append((self.volumes[index] * batch, report.total, fixed))
+            self.last_mode = mode
+        return report
+
+    def fits(self, mode: str, index: int, batch: int) -> bool:
+        """Whether the estimate fits; without one where this mode's model puts it clearly above."""
+        key = (tuple(self.patches[index]), batch, mode)
+        if key not in self.cache and mode in self.points:
+            fixed, slope = self.model(mode)  # type: ignore[misc]
+            if fixed + slope * self.volumes[index] * batch > self.limit * (1 + _MODEL_SLACK):
+                return False
+        report = self.report(mode, index, batch)
+        return report is not None and report.total <= self.limit
+
+    def model(self, mode: str) -> tuple[float, float] | None:
+        """(F, c) for `mode`; another mode's model until this one has an estimate; None before any."""
+        points = self.points.get(mode) or (self.points.get(self.last_mode) if self.last_mode else None)
+        if not points:
+            return None
+        x1, y1, fixed = points[-1]
+        for x0, y0, _ in reversed(points[:-1]):
+            if abs(x1 - x0) > 0.01 * max(x0, x1):
+                slope = (y1 - y0) / (x1 - x0)
+                if slope > 0 and y1 - slope * x1 >= 0:
+                    return y1 - slope * x1, slope
+                break
+        return float(fixed), max(y1 - fixed, 1) / x1
+
+    def predicted_patch(self, mode: str, batch: int) -> int | None:
+        model = self.model(mode)
+        if model is None:
+            return self.reference
+        fixed, slope = model
+        return bisect.bisect_right([fixed + slope * v * batch for v in self.volumes], self.limit) - 1
+
+    def predicted_batch(self, mode: str, index: int, slack: float = 0.0) -> int | None:
+        model = self.model(mode)
+        if model is None:
+            return None
+        fixed, slope = model
+        return max(int((self.limit - fixed) / (slope * (1 - slack) * self.volumes[index])), 0)
+
+    def largest_patches(self, modes: Sequence[str], batch: int) -> dict[str, int]:
+        """Per mode, the index of the largest patch that fits at `batch` (modes where none does left out)."""
+        top = {}
+        for mode in modes:
+            index = _last_fitting(lambda i: self.fits(mode, i, batch), 0, len(self.patches) - 1,
+                                  lambda: self.predicted_patch(mode, batch))
+            if index >= 0:
+                top[mode] = index
+        return top
+
+    def smallest(self) -> MemoryReport | None:
+        """The estimate with the smallest peak (for the message when nothing fits)."""
+        reports = [r for r in self.cache.values() if r is not None]
+        return min(reports, key=lambda r: r.total) if reports else None
 
 
 def _scaled_patches(base: list[int], unit: Sequence[int], max_scale: float,
@@ -638,24 +805,34 @@ def _nothing_fits(budget_bytes: int, margin: float, smallest: MemoryReport | Non
 
 
 def overview(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float],
-             budget_bytes: int | None = None, margin: float = 0.1) -> dict[str, Any]:
-    """What `medseg memory` shows: the predicted peak for AMP {off, the configured mode} ×
-    checkpointing {off, stage} at the configured patch and batch, whether each fits the budget,
-    and with a budget the recommendation: the largest patch at the configured batch (`largest`)
-    and the configuration `medseg train --gpu-memory` would choose (`fit`)."""
+             budget_bytes: int | None = None, margin: float = 0.1, *, max_patch: Sequence[int] | None = None,
+             max_batch: int | None = None) -> dict[str, Any]:
+    """What `medseg memory` shows: the predicted peak for AMP {off, the configured mode} × every
+    checkpointing mode at the configured patch and batch, whether each fits the budget, and with a
+    budget the recommendations: the largest patch at the configured batch and checkpointing
+    (`largest`, see `largest_fit`) and the configuration `medseg train --gpu-memory` would choose
+    (`fit`; `max_patch` and `max_batch` as there)."""
+    from medseg.models import CHECKPOINTING_MODES
+
     amp = "fp16" if cfg.train.amp in ("auto", "fp16") else cfg.train.amp
     rows = []
     for amp_mode in dict.fromkeys(("off", amp)):
-        for mode in ("off", "stage"):
+        for mode in CHECKPOINTING_MODES:
             candidate = cfg.replace(train={"amp": amp_mode}, model={"checkpointing": mode})
             report = estimate(candidate, in_channels, num_classes, spacing)
             fits = None if budget_bytes is None else report.total <= _usable(budget_bytes, margin)
             rows.append({**report.to_dict(), "fits": fits})
     result: dict[str, Any] = {"rows": rows, "budget": budget_bytes, "margin": margin}
     if budget_bytes is not None:
-        for name, search in (("largest", largest_fit), ("fit", fit)):
+        searches: dict[str, Callable[[], tuple[Config, MemoryReport]]] = {
+            "largest": lambda: largest_fit(cfg, in_channels, num_classes, spacing, budget_bytes, margin,
+                                           max_patch=max_patch),
+            "fit": lambda: fit(cfg, in_channels, num_classes, spacing, budget_bytes, margin,
+                               max_patch=max_patch, max_batch=max_batch),
+        }
+        for name, search in searches.items():
             try:
-                _, report = search(cfg, in_channels, num_classes, spacing, budget_bytes, margin)
+                _, report = search()
                 result[name] = report.to_dict()
             except MedsegError as exc:
                 result[name] = {"error": str(exc)}

@@ -33,7 +33,7 @@ from medseg.config import Config
 from medseg.data.cases import Case, DatasetInfo, find_dataset, split
 from medseg.data.checks import CaseSummary, check_dataset
 from medseg.data.fingerprint import foreground_intensity_statistics
-from medseg.data.loader import training_loader, validation_dataset
+from medseg.data.loader import training_batches, validation_dataset
 from medseg.data.transforms import Preprocessing
 from medseg.device import amp_dtype as resolve_amp
 from medseg.device import amp_name, resolve_device
@@ -65,6 +65,7 @@ def train(cfg: Config, resume: Path | None = None, console: Console | None = Non
 
 def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, console: Console,
            context: distributed.Context) -> Path:
+    started = time.perf_counter()
     if not context.is_main:
         console = Console(quiet=True)
     device = resolve_device(cfg.train.device, context)
@@ -99,15 +100,15 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
         f"[bold]medseg train[/]: {len(train_cases)} training / {len(val_cases)} validation cases, "
         f"spacing {_fmt(prep.spacing)} mm, patch {cfg.train.patch_size}, batch {cfg.train.batch_size}, "
         f"device {device}{f' ×{context.world_size}' if context.enabled else ''}, amp {amp_name(amp_dtype)}, "
-        f"checkpointing {cfg.model.checkpointing}"
+        f"checkpointing {cfg.model.checkpointing}, compile {_compile_setting(cfg, device)}"
+        + (f", {cfg.train.max_minutes:g} min" if cfg.train.max_minutes else "")
     )
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, prep.channels, prep.num_classes, prep.spacing).to(device)
     _freeze_unused_heads(model)
     optimizer = _optimizer(cfg, model)
-    total_steps = cfg.train.epochs * cfg.train.iterations_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
+    schedule = Schedule(optimizer, cfg)
     # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 has fp32's range.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loss_fn = DiceCELoss()
@@ -116,7 +117,7 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        schedule.load_state_dict(state["schedule"])
         scaler.load_state_dict(state["scaler"])
         _set_rng_states(state.get("rng", {}))
         history = list(state["history"])
@@ -130,7 +131,10 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "cache"
     shard_cfg = cfg.replace(train={"batch_size": cfg.train.batch_size // world, "seed": cfg.train.seed + 1000 * rank})
     shard_dir = cache_dir / (f"train-rank{rank}" if context.enabled else "train")
-    batches = training_loader(train_cases[rank::world] or train_cases, prep, shard_cfg, shard_dir, device)
+    batches = training_batches(train_cases[rank::world] or train_cases, prep, shard_cfg, shard_dir, device)
+    saved_samplers = (state or {}).get("sampler") or []
+    if hasattr(batches, "load_state_dict") and len(saved_samplers) == world and saved_samplers[rank] is not None:
+        batches.load_state_dict(saved_samplers[rank])  # the same patches as without the interruption
     val_shard = val_cases[rank::world]
     val_data = validation_dataset(val_shard, prep, cfg, cache_dir / f"val-rank{rank}") if val_shard else None
     trained = model
@@ -138,44 +142,67 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
         trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    if _compile_setting(cfg, device) == "on":
+        from torch import _dynamo
+
+        # Where torch.compile cannot handle the network or the machine (no compiler, an
+        # unsupported GPU), run that part eagerly instead of failing the run.
+        _dynamo.config.suppress_errors = True
+        trained = torch.compile(trained)
     best = max((row["val_dice"] for row in history if not math.isnan(row.get("val_dice", math.nan))), default=-1.0)
 
     def snapshot(completed_epoch: int, steps: int) -> dict[str, Any]:
+        # Each process's device sampler state (None with DataLoader workers), gathered for rank 0 to save.
+        sampler_states = distributed.gather(context, batches.state_dict() if hasattr(batches, "state_dict") else None)
         return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "schedule": schedule.state_dict(),
             "scaler": scaler.state_dict(),
             "epoch": completed_epoch,  # index of the last completed epoch (-1: none yet)
             "steps_done": steps,  # optimiser steps already taken in the epoch after it
             "rng": _rng_states(),
+            "sampler": sampler_states,
             "config": cfg.to_dict(),
             "preprocessing": prep.to_dict(),
             "history": history,
         }
 
-    # The out-of-memory fallback changes one process's step; with several it would desynchronise them.
+    # With one process, an out-of-memory error in any step is caught and the step retried more
+    # cheaply. With several, a change in one process alone would desynchronise them: instead, all
+    # try one step first without exchanging gradients and agree on the fallback (see _agree_on_memory).
     fallback = MemoryFallback(enabled=not context.enabled)
+    if context.enabled:
+        _agree_on_memory(trained, model, batches, loss_fn, amp_dtype, fallback, device, console, context)
+    origin = started - schedule.seconds  # a resumed run goes on counting from where it stopped
+
+    def clock() -> float:
+        return time.perf_counter() - origin
+
     with _StopRequests() as stop:
         for epoch in range(start_epoch, cfg.train.epochs):
-            started = time.perf_counter()
+            epoch_started = time.perf_counter()
             steps = cfg.train.iterations_per_epoch - steps_done
             train_loss, taken = train_one_epoch(
-                trained, batches, loss_fn, optimizer, scheduler, scaler, amp_dtype, device, cfg.train.grad_clip,
+                trained, batches, loss_fn, optimizer, schedule, scaler, amp_dtype, device, cfg.train.grad_clip,
                 steps=steps, stop=stop, max_nonfinite=cfg.train.max_nonfinite_steps, fallback=fallback,
                 description=f"epoch {epoch + 1}/{cfg.train.epochs}", console=console, context=context,
+                clock=clock,
             )
+            train_seconds = time.perf_counter() - epoch_started
             train_loss = distributed.mean(context, train_loss, device)
-            if taken < steps:  # interrupted: keep the progress, say how to continue
+            if taken < steps and not schedule.time_is_up:  # interrupted: keep the progress, say how to continue
+                state_dict = snapshot(epoch - 1, steps_done + taken)  # on every process: it gathers
                 if context.is_main:
-                    checkpoint.save(snapshot(epoch - 1, steps_done + taken), run_dir / "last.pt")
+                    checkpoint.save(state_dict, run_dir / "last.pt")
                 raise TrainingInterrupted(
                     f"stopped by {stop.reason} at epoch {epoch + 1}, step {steps_done + taken}; "
                     f"saved {run_dir / 'last.pt'}; continue with: medseg train --resume {run_dir}"
                 )
             steps_done = 0
-            row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
-            last = epoch == cfg.train.epochs - 1
+            row: dict[str, Any] = {"epoch": epoch + 1, "steps": taken, "train_loss": train_loss,
+                                   "lr": optimizer.param_groups[0]["lr"]}
+            last = epoch == cfg.train.epochs - 1 or schedule.time_is_up
             every = cfg.validate.every
             if val_cases and (last or (every > 0 and (epoch + 1) % every == 0)):
                 per_class = validate(model, val_data or [], prep, cfg, amp_dtype, context)
@@ -183,29 +210,37 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
                 for value, name in zip(per_class, _class_names(prep)):
                     row[f"dice_{name}"] = value
                 _print_validation(console, epoch + 1, row, prep)
-            row["seconds"] = time.perf_counter() - started
+            row["seconds"] = time.perf_counter() - epoch_started
+            row["train_seconds"] = train_seconds
+            row["elapsed_minutes"] = (time.perf_counter() - started) / 60
             if device.type == "cuda":
                 row["gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             history.append(row)
+            state_dict = snapshot(epoch, 0)
             if context.is_main:
                 _write_metrics(run_dir / "metrics.csv", history)
-                state_dict = snapshot(epoch, 0)
                 checkpoint.save(state_dict, run_dir / "last.pt")
                 if not math.isnan(row.get("val_dice", math.nan)) and row["val_dice"] > best:
                     best = row["val_dice"]
                     checkpoint.save(state_dict, run_dir / "best.pt")
+            if last:
+                if schedule.time_is_up:
+                    console.print(f"train.max_minutes={cfg.train.max_minutes:g} reached after epoch {epoch + 1}")
+                break
     console.print(f"done: {run_dir}  (last.pt, best.pt, metrics.csv, config.yaml)")
     return run_dir
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                    schedule: "Schedule", scaler: torch.amp.GradScaler,
                     amp_dtype: torch.dtype | None, device: torch.device, grad_clip: float, steps: int,
                     stop: Callable[[], bool] = lambda: False, max_nonfinite: int = 20,
                     fallback: "MemoryFallback | None" = None, description: str = "train",
                     console: Console | None = None,
-                    context: distributed.Context = distributed.Context()) -> tuple[float, int]:
-    """Up to `steps` optimiser steps (fewer if `stop()` turns true); returns (mean loss, steps taken).
+                    context: distributed.Context = distributed.Context(),
+                    clock: Callable[[], float] = time.perf_counter) -> tuple[float, int]:
+    """Up to `steps` optimiser steps, fewer if `stop()` turns true or the schedule's time is up;
+    returns (mean loss, steps taken). `clock()` gives the seconds the run has been going.
 
     Steps with a non-finite loss are skipped; `max_nonfinite` of them in a row end training with
     an error, before anything is saved, so the last good checkpoint stays as it is.
@@ -232,9 +267,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Modul
                 optimizer.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                change = fallback.cheaper(model, image.shape)
+                change = fallback.cheaper(_network(model), image.shape)
                 progress.console.print(f"out of memory at {description}, step {taken + 1}: {change}; retrying the step")
-            scheduler.step()
             taken += 1
             if finite:
                 running += loss.detach()
@@ -252,10 +286,69 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Modul
                 progress.update(task, loss=float(running) / max(finite_steps, 1),
                                 rate=taken / (time.perf_counter() - started))
             progress.advance(task)
-            # Every process stops at the same step, whichever of them got the signal.
-            if distributed.any_true(context, stop(), device):
+            # Every process stops at the same step and sets the same learning rate, whichever of
+            # them got the signal or has the slowest clock.
+            stop_now, seconds = distributed.maximum(context, (float(stop()), clock()), device)
+            schedule.step(seconds)
+            if stop_now or schedule.time_is_up:
                 break
     return float(running) / max(finite_steps, 1), taken
+
+
+class Schedule:
+    """The learning rate over the run (poly, cosine or constant), set after every step.
+
+    Progress is the larger of steps taken / all steps (`epochs * iterations_per_epoch`) and, with
+    `train.max_minutes`, seconds since the run started / seconds allowed: a run limited by time
+    still completes its decay, and ends when either runs out.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: Config) -> None:
+        t = cfg.train
+        self.optimizer, self.base_lr, self.kind, self.exponent = optimizer, t.lr, t.lr_schedule, t.poly_exponent
+        self.total_steps = max(t.epochs * t.iterations_per_epoch, 1)
+        self.allowed = t.max_minutes * 60 if t.max_minutes else None
+        if self.allowed is not None and self.allowed <= 0:
+            raise ConfigError(f"'train.max_minutes' must be positive, got {t.max_minutes}")
+        self.steps, self.seconds = 0, 0.0
+        self._apply()
+
+    @property
+    def progress(self) -> float:
+        """From 0 at the start to 1 at the end of training."""
+        done = self.steps / self.total_steps
+        if self.allowed is not None:
+            done = max(done, self.seconds / self.allowed)
+        return min(done, 1.0)
+
+    @property
+    def time_is_up(self) -> bool:
+        """Whether `train.max_minutes` has passed."""
+        return self.allowed is not None and self.seconds >= self.allowed
+
+    def step(self, seconds: float) -> None:
+        """One more optimiser step was taken, `seconds` after the run started."""
+        self.steps += 1
+        self.seconds = seconds
+        self._apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps, self.seconds = int(state["steps"]), float(state["seconds"])
+        self._apply()
+
+    def _apply(self) -> None:
+        p = self.progress
+        if self.kind == "poly":
+            factor = (1 - p) ** self.exponent
+        elif self.kind == "cosine":
+            factor = 0.5 * (1 + math.cos(math.pi * p))
+        else:
+            factor = 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.base_lr * factor
 
 
 @dataclass
@@ -270,13 +363,17 @@ class MemoryFallback:
     def cheaper(self, model: nn.Module, batch_shape: torch.Size) -> str:
         """Apply the next fallback and say what changed; MedsegError when none is left."""
         batch_size, patch = batch_shape[0], list(batch_shape[2:])
-        model = getattr(model, "module", model)  # DistributedDataParallel wraps the network
         if not self.enabled:
             raise MedsegError(f"out of memory (patch {patch}, batch {batch_size} per GPU); with several GPUs "
                               f"there is no automatic fallback: set model.checkpointing=stage or a smaller batch")
-        if getattr(model, "checkpointing", "stage") == "off":
+        return self.apply_next(model, batch_shape)
+
+    def apply_next(self, model: nn.Module, batch_shape: torch.Size) -> str:
+        """`cheaper` without the check: for a change all processes have agreed on."""
+        batch_size, patch = batch_shape[0], list(batch_shape[2:])
+        if getattr(model, "checkpointing", "stage") != "stage":
             model.set_checkpointing("stage")
-            return "activation checkpointing switched on (stage)"
+            return "activation checkpointing switched to stage"
         if self.micro_batches < batch_size:
             self.micro_batches = min(self.micro_batches * 2, batch_size)
             return f"batch split into {self.micro_batches} micro-batches of {-(-batch_size // self.micro_batches)}"
@@ -387,6 +484,51 @@ class _StopRequests:
         self.reason = signal.Signals(number).name
 
 
+def _agree_on_memory(trained: nn.Module, network: nn.Module, batches: Iterable[dict], loss_fn: nn.Module,
+                     amp_dtype: torch.dtype | None, fallback: MemoryFallback, device: torch.device,
+                     console: Console, context: distributed.Context) -> None:
+    """With several processes: every process runs one forward and backward on a batch without
+    exchanging gradients (DDP's no_sync); if any runs out of memory, all apply the same fallback
+    and try again. The out-of-memory fallback is thus agreed across processes before training;
+    an out-of-memory error later ends the run with a message (torchrun then stops every process)."""
+    batch = next(iter(batches))
+    image = batch["image"].to(device, non_blocking=True)
+    label = batch["label"].to(device, non_blocking=True)
+    ddp = trained._orig_mod if hasattr(trained, "_orig_mod") else trained
+    while True:
+        failed = False
+        try:
+            with ddp.no_sync():
+                for part_image, part_label in zip(image.tensor_split(fallback.micro_batches),
+                                                  label.tensor_split(fallback.micro_batches)):
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                        loss = loss_fn(trained(part_image), part_label)
+                    loss.backward()
+        except torch.OutOfMemoryError:
+            failed = True
+        loss = None
+        network.zero_grad(set_to_none=True)
+        if not distributed.any_true(context, failed, device):
+            return
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        change = fallback.apply_next(network, image.shape)
+        console.print(f"out of memory on at least one GPU in the first step: {change} on every GPU")
+
+
+def _compile_setting(cfg: Config, device: torch.device) -> str:
+    if cfg.train.compile == "auto":
+        return "on" if device.type == "cuda" else "off"
+    return cfg.train.compile
+
+
+def _network(model: nn.Module) -> nn.Module:
+    """The UNet3D inside torch.compile's and DistributedDataParallel's wrappers."""
+    while hasattr(model, "_orig_mod") or isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
+    return model
+
+
 def _fit_memory(cfg: Config, prep: Preprocessing, console: Console) -> Config:
     """Choose patch, batch and checkpointing for `train.memory_budget` with the memory estimator."""
     from medseg.memory import GiB, fit, parse_size
@@ -443,20 +585,6 @@ def _optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(trainable, lr=t.lr, momentum=t.momentum, nesterov=True,
                                weight_decay=t.weight_decay, foreach=True)
     return torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
-
-
-def _lr_lambda(cfg: Config, total_steps: int):
-    kind, exponent = cfg.train.lr_schedule, cfg.train.poly_exponent
-
-    def factor(step: int) -> float:
-        progress = min(step / max(total_steps, 1), 1.0)
-        if kind == "poly":
-            return (1 - progress) ** exponent
-        if kind == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
-
-    return factor
 
 
 def _run_dir_name(cfg: Config) -> Path:

@@ -49,6 +49,26 @@ def test_train_on_sample_data_writes_run_directory(tmp_path):
     assert json.loads((run_dir / "preprocessing.json").read_text())["normalization"] == "zscore"
 
 
+def test_time_limited_run_on_the_device_sampler(tmp_path):
+    # Batches drawn by the device sampler (here the CPU is the device); a time limit far shorter
+    # than the 200 epochs asked for ends training early, with a final validation, and the learning
+    # rate has decayed to zero by then because its schedule follows the time.
+    result = _train(tmp_path, "data.sampler=device", "train.epochs=200", "train.max_minutes=0.1",
+                    "validate.every=0")
+    assert result.exit_code == 0, result.output
+    assert "train.max_minutes=0.1 reached" in result.output
+    run_dir = tmp_path / "run"
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert 1 <= len(rows) < 200
+    assert 0.0 <= float(rows[-1]["val_dice"]) <= 1.0
+    assert all(r["val_dice"] == "" for r in rows[:-1])  # validated once, at the end
+    assert float(rows[-1]["lr"]) == 0.0 and float(rows[0]["lr"]) > 0.0
+    assert float(rows[-1]["elapsed_minutes"]) >= 0.1
+    state = checkpoint.load(run_dir / "last.pt")
+    assert state["schedule"]["seconds"] >= 6.0
+    assert state["sampler"][0]["generator"].dtype == torch.uint8
+
+
 def test_resume_continues_to_more_epochs(tmp_path):
     assert _train(tmp_path).exit_code == 0
     run_dir = tmp_path / "run"

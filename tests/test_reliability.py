@@ -70,7 +70,7 @@ def test_sigterm_saves_and_resume_finishes(tmp_path):
     final = checkpoint.load(run_dir / "last.pt")
     assert final["epoch"] == 2 and final["steps_done"] == 0
     # Every optimiser step of the three epochs was taken exactly once.
-    assert final["scheduler"]["last_epoch"] == 3 * 40
+    assert final["schedule"]["steps"] == 3 * 40
 
 
 def test_sigkill_at_random_moments_then_resume(tmp_path):
@@ -207,7 +207,7 @@ def test_out_of_memory_falls_back_and_training_goes_on(tmp_path, monkeypatch):
         args += ["--set", item]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "checkpointing switched on" in result.output
+    assert "checkpointing switched to stage" in result.output
     assert "2 micro-batches of 1" in result.output
     assert _epochs(tmp_path / "run") == [1, 2]
     # After the two fallbacks every training forward ran with checkpointing on, one sample at a time.

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from monai import data as monai_data
@@ -12,6 +13,37 @@ from monai import transforms as T
 from medseg.config import Config
 from medseg.data.cases import Case
 from medseg.data.transforms import Preprocessing, patch_sampling, preprocessing, training_augmentation
+
+
+def training_batches(cases: Sequence[Case], prep: Preprocessing, cfg: Config, cache_dir: Path | None,
+                     device: torch.device) -> Iterable[dict]:
+    """Batches of training patches, from the sampler `data.sampler` chooses.
+
+    "workers" (the default without CUDA): MONAI transforms in DataLoader worker processes, one
+    patch at a time on the CPU (`training_loader`). "device" (the default with CUDA): the
+    preprocessed volumes are kept on the GPU where they fit (in host memory otherwise) and each
+    batch is drawn and augmented there with batched tensor operations, so the CPU never limits
+    the step rate. Either way an iteration over the result yields `iterations_per_epoch` batches.
+    """
+    sampler = cfg.data.sampler
+    if sampler == "auto":
+        sampler = "device" if device.type == "cuda" else "workers"
+    if sampler == "workers":
+        return training_loader(cases, prep, cfg, cache_dir, device)
+    from medseg.data.device_sampler import DevicePatchSampler
+
+    train = cfg.train
+    dataset = _dataset([c.as_dict() for c in cases], preprocessing(prep), cfg.data.cache, cache_dir, train.workers)
+    volumes = [{"image": item["image"].as_tensor(), "label": item["label"].as_tensor()} for item in dataset]
+    resident = None
+    if device.type == "cuda":
+        # Volumes stay on the GPU while they take at most a fifth of it; beyond that each patch's
+        # box is copied from pinned host memory.
+        resident = torch.cuda.get_device_properties(device).total_memory // 5
+    return _Epochs(DevicePatchSampler(
+        volumes, train.patch_size, prep.num_classes, train.batch_size, cfg.data.foreground_oversample,
+        train.augment, device, train.seed, resident_bytes=resident,
+    ), train.iterations_per_epoch)
 
 
 def training_loader(cases: Sequence[Case], prep: Preprocessing, cfg: Config, cache_dir: Path | None,
@@ -51,6 +83,24 @@ def validation_dataset(cases: Sequence[Case], prep: Preprocessing, cfg: Config,
                        cache_dir: Path | None) -> monai_data.Dataset:
     """Whole preprocessed validation volumes, cached like the training ones."""
     return _dataset([c.as_dict() for c in cases], preprocessing(prep), cfg.data.cache, cache_dir, cfg.train.workers)
+
+
+class _Epochs:
+    """An endless batch source seen as epochs of `steps` batches (like a DataLoader's passes)."""
+
+    def __init__(self, source: Iterable[dict], steps: int) -> None:
+        self.source, self.steps = source, steps
+        self._iterator = iter(source)
+
+    def __iter__(self) -> Iterator[dict]:
+        return itertools.islice(self._iterator, self.steps)
+
+    def state_dict(self) -> dict:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state)
+        self._iterator = iter(self.source)
 
 
 def _dataset(items: list[dict], transform: T.Compose, cache: str, cache_dir: Path | None,
