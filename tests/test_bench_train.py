@@ -1,0 +1,56 @@
+"""scripts/bench_train.py on the CPU at a tiny size: every configuration runs and is reported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("dynamic_network_architectures")
+
+from medseg.models import CHECKPOINTING_MODES  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "bench_train.py"
+
+
+def run_script(*arguments: str) -> str:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(SCRIPT), *arguments], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_step_benchmark_on_cpu(tmp_path: Path) -> None:
+    report = tmp_path / "bench.json"
+    out = run_script("--device", "cpu", "--patch", "16", "16", "16", "--batch", "1", "--steps", "2", "--warmup", "1",
+                     "--no-compile", "--base-width", "4", "--max-width", "16", "--json", str(report))
+    expected = ["nnunet-eager", *(f"medseg-{mode}-eager" for mode in CHECKPOINTING_MODES)]
+    table = out[out.index("configuration"):]
+    for name in expected:
+        line = next(line for line in table.splitlines() if line.startswith(name + " "))
+        assert float(line.split()[1]) > 0, line
+    assert "fastest medseg setting" in out
+    figures = json.loads(report.read_text())
+    assert list(figures["configs"]) == expected
+    for name in expected:
+        entry = figures["configs"][name]
+        assert entry["status"] == "ok" and entry["ms"] > 0 and entry["flops"] > 0
+    # Same geometry: the two networks do the same convolution work.
+    assert figures["flops"]["nnunet"] == figures["flops"]["medseg"]
+
+
+def test_make_large_dataset_reads(tmp_path: Path) -> None:
+    from medseg.data.cases import find_dataset
+
+    root = tmp_path / "large"
+    run_script("--make-large", str(root), "--large-cases", "2", "--large-shape", "24", "24", "20")
+    info = find_dataset(root)
+    assert len(info.cases) == 2
+    description = json.loads((root / "dataset.json").read_text())
+    assert description["labels"] == {"0": "background", "1": "a", "2": "b"}
