@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import yaml
 
 from medseg import config
 from medseg.data.cases import find_dataset
-from medseg.data.checks import check_dataset
+from medseg.data.checks import CaseSummary, check_dataset
 from medseg.data.io import load_volume
 
 # An axis counts as coarse when its spacing exceeds the finest by this factor (nnU-Net: 3).
@@ -76,19 +76,10 @@ def plan(dataset_path: Path, budget_bytes: int, workers: int = 4, samples_per_ca
     normalization = "ct" if any(m.upper() == "CT" for m in dataset.modalities) else "zscore"
 
     base = config.load(None, [f"data.dataset={dataset_path}"])
-    patch = _divisible_patch(at_spacing)
-    # nnU-Net's batch rule: at least 2, more while it fits the memory budget, but one batch covers
-    # at most 5 % of all voxels of the dataset (more would see the same data too often per step).
-    dataset_voxels = float(np.prod(shapes * spacings / target, axis=1).sum())
-    largest = max(2, int(0.05 * dataset_voxels / np.prod(patch)))
+    patch, largest = growth_limits(summaries, target)
     cfg = base.replace(train={"patch_size": patch, "batch_size": 2})
-    chosen, report = memory.fit(cfg, summaries[0].channels, len(labels), tuple(target), budget_bytes)
-    while chosen.train.batch_size < largest and chosen.model.checkpointing == "off":
-        bigger = chosen.replace(train={"batch_size": chosen.train.batch_size + 1})
-        estimate = memory.estimate(bigger, summaries[0].channels, len(labels), tuple(target))
-        if estimate.total > budget_bytes * 0.9:
-            break
-        chosen, report = bigger, estimate
+    chosen, report = memory.fit(cfg, summaries[0].channels, len(labels), tuple(target), budget_bytes,
+                                max_patch=patch, max_batch=largest)
     overrides = {
         "data": {"dataset": str(dataset_path), "spacing": [round(float(v), 4) for v in target],
                  "normalization": normalization},
@@ -107,6 +98,23 @@ def plan(dataset_path: Path, budget_bytes: int, workers: int = 4, samples_per_ca
         intensity=intensity, overrides=overrides,
         memory=f"memory budget {budget_bytes / 2**30:.1f} GiB: {report.summary()}",
     )
+
+
+def growth_limits(summaries: Sequence[CaseSummary], spacing: Sequence[float]) -> tuple[list[int], int]:
+    """How far a memory fit should grow the patch and the batch for these cases at `spacing`.
+
+    The patch: the median case's extent in voxels at that spacing, rounded up to the network's
+    divisibility (a larger patch would be mostly padding). The batch: nnU-Net's cap, one batch
+    of that patch covers at most 5 % of all the dataset's voxels (more would see the same data too
+    often per step), but never fewer than 2.
+    """
+    target = np.asarray(spacing, dtype=float)
+    spacings = np.array([s.spacing_ras for s in summaries])
+    shapes = np.array([_shape_in_ras(s.shape, s.affine) for s in summaries])
+    at_spacing = np.median(shapes * spacings / target, axis=0).round().astype(int)
+    patch = _divisible_patch(at_spacing)
+    dataset_voxels = float(np.prod(shapes * spacings / target, axis=1).sum())
+    return patch, max(2, int(0.05 * dataset_voxels / np.prod(patch)))
 
 
 def _divisible_patch(shape: np.ndarray, max_downsamplings: int = 5, min_feature_size: int = 4) -> list[int]:

@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> None:
         report["gpu_total_gib"] = total / GiB
         if args.memory_limit is not None:
             fraction = min(1.0, args.memory_limit * GiB / total)
-            torch.cuda.set_per_process_memory_fraction(fraction, device)
+            torch.cuda.set_per_process_memory_fraction(fraction, torch.cuda.current_device())
             report["memory_limit_gib"] = args.memory_limit
         print(f"GPU {report['gpu']} ({total / GiB:.1f} GiB"
               f"{f', limited to {args.memory_limit:g} GiB' if args.memory_limit else ''})  torch {torch.__version__}")
