@@ -74,8 +74,9 @@ _MIN_LARGE_ALLOC = 10 << 20  # requests of 1-10 MiB share 20 MiB segments
 _ROUND_LARGE = 2 << 20  # larger requests get their own segment, rounded up to 2 MiB
 
 # Time of one training step per checkpointing mode, relative to "off", as `fit` weighs them: from
-# scripts/bench_train.py (scripts/bench_checkpointing.py) on the GPU; these are first estimates, to
-# be replaced by measured figures. Modes missing here are never chosen by `fit`.
+# scripts/bench_train.py on the GPU (the medseg-<mode> rows, compiled as medseg train runs them on
+# CUDA). First estimates, to be replaced by the measured figures. Modes missing here (or from
+# medseg.models.CHECKPOINTING_MODES) are never chosen by `fit`.
 STEP_TIME: dict[str, float] = {"off": 1.0, "selective": 1.2, "stage": 1.4}
 
 _FIT_MAX_SCALE = 4.0  # fit: patches up to this many times the configured size per axis
@@ -205,14 +206,17 @@ def fit(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float
       `STEP_TIME`; the configured mode and batch size are not kept.
 
     For each mode the largest patch that fits at batch 2 is found, and with it the largest batch B
-    at that patch. Smaller patches (with larger batches) are candidates only down to the volume at
-    which the batch would grow by two, B / (B + 2) of it, and never below half: context matters
-    more than batch in segmentation, and the trade is only there to take up the memory that the
-    coarse steps between patches (and the rounding of the batch) leave unused. Among the candidates the most
-    work wins, but all those within 5 % of the most count as equal, and of them the cheapest mode
-    (off, selective, stage), then the largest patch, then the largest batch is chosen.
-    Memory grows with patch volume and batch, so the search needs only a few estimates (about 10-20):
-    each guess comes from a linear model of memory in voxels × batch fitted to the estimates so far.
+    at that patch. Smaller patches (each with its largest batch) are candidates only down to the
+    volume at which the batch would grow by two, B / (B + 2) of it, and never below half: context
+    matters more than batch in segmentation, and the trade is only there to take up the memory
+    that the coarse steps between patches (and the rounding of the batch) leave unused. Among the
+    candidates the most work wins, but all within 5 % of the most count as equal, and of those the
+    cheapest mode (off, selective, stage), then the largest patch, then the largest batch is chosen.
+
+    Memory grows with patch volume and with batch, so a few estimates settle it (5-15 for the
+    default network, 10-20 s on a laptop CPU): searches over patches and batches, each guess from
+    a linear model of the peak in voxels × batch fitted to the estimates so far, candidates ruled
+    out without an estimate where the model puts them well beyond the budget or the best.
 
     Returns the config (`train.batch_size`, `train.patch_size` and `model.checkpointing` set; the
     rest as given) and its report. Raises MedsegError, with the numbers, if nothing fits.

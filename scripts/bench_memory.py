@@ -11,16 +11,19 @@ an out-of-memory configuration is reported and skipped.
     python scripts/bench_memory.py --only 0 3 --cudnn-benchmark
 
 With --fit, for each budget (GiB) the process's memory is capped at that budget
-(torch.cuda.set_per_process_memory_fraction), `medseg.memory.fit` picks a configuration for the
-default network at patch 192³, batch 2, and 50 real training steps of it run on random data through
+(torch.cuda.set_per_process_memory_fraction), `medseg.memory.fit` picks patch, batch and
+checkpointing for the default network (patch 192³ requested; the rule: the most voxels per unit of
+step time, `medseg.memory.STEP_TIME`, within the budget less the margin; --fit-max-patch and
+--fit-max-batch pass its caps), and 50 real training steps of it run on random data through
 `medseg.train.train_step`: chosen configuration, predicted and measured peak, share of the budget
-used, and whether it ran out of memory.
+used, time per step, the seconds fit() took on this machine's CPU, and whether it ran out of memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 
@@ -104,7 +107,8 @@ def table(indices: list[int], steps: int) -> list[dict]:
     return rows
 
 
-def fit_runs(budgets: list[float], steps: int) -> list[dict]:
+def fit_runs(budgets: list[float], steps: int, max_patch: list[int] | None = None,
+             max_batch: int | None = None) -> list[dict]:
     from medseg.losses import DiceCELoss
     from medseg.models import build_model
     from medseg.device import amp_dtype as _amp_dtype
@@ -114,17 +118,22 @@ def fit_runs(budgets: list[float], steps: int) -> list[dict]:
     total = torch.cuda.get_device_properties(device).total_memory
     base = config.load(None, ["train.patch_size=[192,192,192]", "train.batch_size=2"])
     rows = []
-    print(f"\nfit(): default network, patch 192³ batch 2 requested, {steps} steps each", flush=True)
-    print(f"{'budget':>7} {'chosen':<36} {'pred GiB':>9} {'meas GiB':>9} {'resv GiB':>9} {'% budget':>9}  result",
-          flush=True)
+    caps = f", max_patch {max_patch}" if max_patch else ""
+    caps += f", max_batch {max_batch}" if max_batch else ""
+    print(f"\nfit(): default network, patch 192³ batch 2 requested{caps}, {steps} steps each; "
+          f"STEP_TIME {memory.STEP_TIME}", flush=True)
+    print(f"{'budget':>7} {'chosen':<36} {'pred GiB':>9} {'meas GiB':>9} {'resv GiB':>9} {'% budget':>9} "
+          f"{'ms/step':>8} {'fit s':>6}  result", flush=True)
     for gib in budgets:
         budget = int(gib * GiB)
+        started = time.perf_counter()
         try:
-            chosen, report = memory.fit(base, 1, 3, (1.0, 1.0, 1.0), budget)
+            chosen, report = memory.fit(base, 1, 3, (1.0, 1.0, 1.0), budget, max_patch=max_patch, max_batch=max_batch)
         except Exception as exc:  # MedsegError when nothing fits
             print(f"{gib:7g} {'-':<36} {'':>9} {'':>9} {'':>9} {'':>9}  {exc}", flush=True)
             rows.append({"budget_gib": gib, "error": str(exc)})
             continue
+        fit_seconds = time.perf_counter() - started
         t = chosen.train
         name = f"{'x'.join(map(str, t.patch_size))} b{t.batch_size} ckpt {chosen.model.checkpointing}"
         torch.cuda.empty_cache()
@@ -132,17 +141,24 @@ def fit_runs(budgets: list[float], steps: int) -> list[dict]:
         torch.cuda.reset_peak_memory_stats(device)
         result = "ok"
         model = optimizer = image = label = None
+        step_seconds = float("nan")
         try:
             amp_dtype = _amp_dtype(t.amp, device)
             model = build_model(chosen, 1, 3, (1.0, 1.0, 1.0)).to(device)
             optimizer = _optimizer(chosen, model)
             scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
             loss_fn = DiceCELoss()
-            for _ in range(steps):
+            warmup = min(5, steps // 2)
+            for step in range(steps):
+                if step == warmup:
+                    torch.cuda.synchronize(device)
+                    timed = time.perf_counter()
                 image = torch.randn((t.batch_size, 1, *t.patch_size), device=device)
                 label = torch.randint(0, 3, (t.batch_size, 1, *t.patch_size), device=device).float()
                 train_step(model, image, label, loss_fn, optimizer, scaler, amp_dtype, t.grad_clip)
             torch.cuda.synchronize(device)
+            if steps > warmup:
+                step_seconds = (time.perf_counter() - timed) / (steps - warmup)
         except torch.OutOfMemoryError:
             result = "OUT OF MEMORY"
         allocated = torch.cuda.max_memory_allocated(device)
@@ -151,9 +167,11 @@ def fit_runs(budgets: list[float], steps: int) -> list[dict]:
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(1.0, device)
         print(f"{gib:7g} {name:<36} {report.total / GiB:9.2f} {allocated / GiB:9.2f} {reserved / GiB:9.2f} "
-              f"{100 * allocated / budget:8.1f}%  {result}", flush=True)
+              f"{100 * allocated / budget:8.1f}% {1000 * step_seconds:8.0f} {fit_seconds:6.1f}  {result}", flush=True)
         rows.append({"budget_gib": gib, "chosen": chosen.to_dict()["train"] | {"checkpointing": chosen.model.checkpointing},
-                     "predicted": report.total, "measured": allocated, "reserved": reserved, "result": result})
+                     "predicted": report.total, "measured": allocated, "reserved": reserved, "result": result,
+                     "seconds_per_step": step_seconds, "fit_seconds": fit_seconds,
+                     "voxels_per_second": math.prod(t.patch_size) * t.batch_size / step_seconds})
     return rows
 
 
@@ -164,6 +182,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="Measured steps per configuration (after 2 warm-up).")
     parser.add_argument("--fit", type=float, nargs="+", metavar="GIB", help="Budgets (GiB) for the fit() runs.")
     parser.add_argument("--fit-steps", type=int, default=50)
+    parser.add_argument("--fit-max-patch", type=int, nargs=3, metavar="N",
+                        help="fit(max_patch=...): the data's extent in voxels per axis.")
+    parser.add_argument("--fit-max-batch", type=int, help="fit(max_batch=...).")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="torch.backends.cudnn.benchmark = True (medseg train leaves it off).")
     parser.add_argument("--json", help="Also write the rows to this file.")
@@ -178,7 +199,7 @@ def main() -> None:
     if not args.skip_table:
         results["table"] = table(args.only if args.only is not None else list(range(len(CONFIGS))), args.steps)
     if args.fit:
-        results["fit"] = fit_runs(args.fit, args.fit_steps)
+        results["fit"] = fit_runs(args.fit, args.fit_steps, args.fit_max_patch, args.fit_max_batch)
     print(f"total {time.perf_counter() - started:.0f} s", flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as stream:
