@@ -73,11 +73,12 @@ _SMALL_SIZE = 1 << 20  # requests up to 1 MiB come from the small pool
 _MIN_LARGE_ALLOC = 10 << 20  # requests of 1-10 MiB share 20 MiB segments
 _ROUND_LARGE = 2 << 20  # larger requests get their own segment, rounded up to 2 MiB
 
-# Time of one training step per checkpointing mode, relative to "off", as `fit` weighs them: from
-# scripts/bench_train.py on the GPU (the medseg-<mode> rows, compiled as medseg train runs them on
-# CUDA). First estimates, to be replaced by the measured figures. Modes missing here (or from
-# medseg.models.CHECKPOINTING_MODES) are never chosen by `fit`.
-STEP_TIME: dict[str, float] = {"off": 1.0, "selective": 1.2, "stage": 1.4}
+# Time of one training step per checkpointing mode, relative to "off", as `fit` weighs them, as
+# medseg train runs them on CUDA: scripts/bench_train.py on an H200 at 128³ batch 2 fp16
+# (docs/benchmarks.md): off compiled 43.8 ms, selective compiled 46.4 ms (1.06); stage runs eagerly
+# (compiled it saved no memory), 1.42x eager off, which is 1.53x compiled off: about 2.2. Modes
+# missing here (or from medseg.models.CHECKPOINTING_MODES) are never chosen by `fit`.
+STEP_TIME: dict[str, float] = {"off": 1.0, "selective": 1.06, "stage": 2.2}
 
 _FIT_MAX_SCALE = 4.0  # fit: patches up to this many times the configured size per axis
 _FIT_TIE = 0.05  # fit: candidates within this fraction of the most work count as equal
