@@ -95,3 +95,37 @@ def test_batch_not_divisible_by_processes_is_one_line_error(tmp_path):
     result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=ROOT, env=UTF8)
     assert result.returncode != 0
     assert "'train.batch_size' 3 must be divisible by the 2 processes" in result.stderr
+
+
+# One process (rank 1) runs out of memory without checkpointing; the other would not.
+OOM_HARNESS = textwrap.dedent('''
+    import os
+    import sys
+    import torch
+    import medseg.train as training
+    from medseg import config
+    from medseg.models.unet import UNet3D
+
+    real_forward = UNet3D.forward
+
+    def forward(self, image):
+        if os.environ["RANK"] == "1" and self.training and self.checkpointing == "off":
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_forward(self, image)
+
+    UNet3D.forward = forward
+    training.train(config.load(None, sys.argv[2:]))
+''')
+
+
+def test_out_of_memory_on_one_process_changes_every_process(tmp_path):
+    harness = tmp_path / "harness.py"
+    harness.write_text(OOM_HARNESS)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(harness), str(tmp_path), *_overrides(tmp_path), "train.epochs=1"]
+    result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600,
+                            cwd=ROOT, env=UTF8)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("out of memory on at least one GPU in the first step: activation checkpointing switched to "
+            "selective on every GPU") in " ".join(result.stdout.split())  # (Rich wraps long lines)
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 0
