@@ -403,7 +403,7 @@ def no_training(monkeypatch):
     def reached(*args, **kwargs):
         raise AssertionError("caching/training started before the bad input was reported")
 
-    monkeypatch.setattr("medseg.train.training_loader", reached)
+    monkeypatch.setattr("medseg.train.training_batches", reached)
     monkeypatch.setattr("medseg.train.validation_dataset", reached)
 
 
