@@ -70,6 +70,7 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
         console = Console(quiet=True)
     device = resolve_device(cfg.train.device, context)
     amp_dtype = resolve_amp(cfg.train.amp, device)
+    _hold_to_budget(cfg, device, console)
     if cfg.train.batch_size % context.world_size:
         raise ConfigError(f"'train.batch_size' {cfg.train.batch_size} must be divisible by the "
                           f"{context.world_size} processes it is split over")
@@ -532,6 +533,21 @@ def _network(model: nn.Module) -> nn.Module:
     while hasattr(model, "_orig_mod") or isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
     return model
+
+
+def _hold_to_budget(cfg: Config, device: torch.device, console: Console) -> None:
+    """On a GPU larger than `train.memory_budget`, let this process use no more than the budget
+    (PyTorch's per-process memory fraction): the run behaves as on a card of that size, and leaves
+    the rest to others sharing the GPU."""
+    from medseg.memory import GiB, parse_size
+
+    if not cfg.train.memory_budget or device.type != "cuda":
+        return
+    budget = parse_size(cfg.train.memory_budget)
+    total = torch.cuda.get_device_properties(device).total_memory
+    if budget < total:
+        torch.cuda.set_per_process_memory_fraction(budget / total, device.index if device.index is not None else torch.cuda.current_device())
+        console.print(f"GPU memory held to {budget / GiB:.1f} of {total / GiB:.1f} GiB (train.memory_budget)")
 
 
 def _fit_memory(cfg: Config, prep: Preprocessing, summaries: list[CaseSummary], console: Console) -> Config:
