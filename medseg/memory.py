@@ -75,8 +75,8 @@ _ROUND_LARGE = 2 << 20  # larger requests get their own segment, rounded up to 2
 
 # Time of one training step per checkpointing mode, relative to "off", as `fit` weighs them, as
 # medseg train runs them on CUDA: scripts/bench_train.py on an H200 at 128³ batch 2 fp16
-# (docs/benchmarks.md): off compiled 43.8 ms, selective compiled 46.4 ms (1.06); stage runs eagerly
-# (compiled it saved no memory), 1.42x eager off, which is 1.53x compiled off: about 2.2. Modes
+# (docs/benchmarks.md): off compiled 43.8 ms, selective compiled 46.4 ms (1.06, the mode's first
+# version); stage runs eagerly, 1.42x eager off, which is 1.53x compiled off: about 2.2. Modes
 # missing here (or from medseg.models.CHECKPOINTING_MODES) are never chosen by `fit`.
 STEP_TIME: dict[str, float] = {"off": 1.0, "selective": 1.06, "stage": 2.2}
 

@@ -172,7 +172,7 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
     # With one process, an out-of-memory error in any step is caught and the step retried more
     # cheaply. With several, a change in one process alone would desynchronise them: instead, all
     # try one step first without exchanging gradients and agree on the fallback (see _agree_on_memory).
-    fallback = MemoryFallback(enabled=not context.enabled)
+    fallback = MemoryFallback(enabled=not context.enabled, compiled=_compile_setting(cfg, device) == "on")
     if context.enabled:
         _agree_on_memory(trained, model, batches, loss_fn, amp_dtype, fallback, device, console, context)
     origin = started - schedule.seconds  # a resumed run goes on counting from where it stopped
@@ -360,6 +360,7 @@ class MemoryFallback:
 
     micro_batches: int = 1
     enabled: bool = True
+    compiled: bool = False
 
     def cheaper(self, model: nn.Module, batch_shape: torch.Size) -> str:
         """Apply the next fallback and say what changed; MedsegError when none is left."""
@@ -372,8 +373,11 @@ class MemoryFallback:
     def apply_next(self, model: nn.Module, batch_shape: torch.Size) -> str:
         """`cheaper` without the check: for a change all processes have agreed on."""
         batch_size, patch = batch_shape[0], list(batch_shape[2:])
-        # The next checkpointing mode in order of memory saved (off -> selective -> stage).
+        # The next checkpointing mode in order of memory saved (off -> selective -> stage); a
+        # compiled network stops at selective (stage runs eagerly only, see _compile_setting).
         modes = list(CHECKPOINTING_MODES)
+        if self.compiled:
+            modes.remove("stage")
         current = getattr(model, "checkpointing", modes[-1])
         if current != modes[-1]:
             model.set_checkpointing(modes[modes.index(current) + 1])
@@ -521,10 +525,13 @@ def _agree_on_memory(trained: nn.Module, network: nn.Module, batches: Iterable[d
 
 
 def _compile_setting(cfg: Config, device: torch.device) -> str:
+    # "stage" checkpointing always runs eagerly: compiled on an H200 it kept as much memory as no
+    # checkpointing (docs/benchmarks.md), and compiled on the CPU its gradients differed from
+    # eager by ~5e-4 of their size, where "off" and "selective" agree to ~5e-7.
+    if cfg.model.checkpointing == "stage":
+        return "off"
     if cfg.train.compile == "auto":
-        # Measured on an H200 (docs/benchmarks.md): compiled, "stage" checkpointing kept as much
-        # memory as no checkpointing; eager, it saves a third (and the estimator predicts eager).
-        return "on" if device.type == "cuda" and cfg.model.checkpointing != "stage" else "off"
+        return "on" if device.type == "cuda" else "off"
     return cfg.train.compile
 
 

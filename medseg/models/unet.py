@@ -164,6 +164,13 @@ class UNet3D(nn.Module):
             # Recomputing a stage in backward would update BatchNorm's running statistics twice.
             raise ValueError("checkpointing cannot be combined with batch norm; use instance or group norm")
         self.checkpointing = mode
+        # In place, LeakyReLU saves one tensor where out of place it saves two (its input and, for
+        # the next convolution, its output). Inside a checkpointed region nothing is saved anyway,
+        # and torch.compile's recomputation of the region would apply an in-place activation a
+        # second time to the same tensor (wrong gradients, found by a test): out of place there.
+        for module in self.modules():
+            if isinstance(module, nn.LeakyReLU):
+                module.inplace = mode == "off"
 
     def forward(self, image: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if self.checkpointing == "selective" and torch.is_grad_enabled():
@@ -245,7 +252,7 @@ def _keep_convolutions(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     # Keep what is expensive to recompute: outputs of the (non-transposed) convolutions. Their
     # `transposed` flag is argument 6 of aten.convolution; the 2x2x2 transposed convolutions cost
     # a small fraction of a 3x3x3 one and are recomputed.
-    if op is torch.ops.aten.convolution.default and not args[6]:
+    if op is torch.ops.aten.convolution.default and not args[6] and args[0].shape[1] > 4:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
