@@ -165,9 +165,10 @@ class UNet3D(nn.Module):
             raise ValueError("checkpointing cannot be combined with batch norm; use instance or group norm")
         self.checkpointing = mode
         # In place, LeakyReLU saves one tensor where out of place it saves two (its input and, for
-        # the next convolution, its output). Inside a checkpointed region nothing is saved anyway,
-        # and torch.compile's recomputation of the region would apply an in-place activation a
-        # second time to the same tensor (wrong gradients, found by a test): out of place there.
+        # the next convolution, its output). Inside a checkpointed region nothing is saved until
+        # the recomputation, which the estimator finds cheaper out of place (128³ b2 fp16: selective
+        # 3.42 -> 3.23 GiB, stage 3.19 -> 2.94 GiB); and PyTorch warns against in-place operations
+        # in selectively checkpointed regions under torch.compile.
         for module in self.modules():
             if isinstance(module, nn.LeakyReLU):
                 module.inplace = mode == "off"

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -380,28 +384,38 @@ def test_build_model_rejects_depth_the_patch_cannot_support():
         build_model(_cfg(patch_size=[16, 16, 16], depth=4), 1, 2, (1.0, 1.0, 1.0))
 
 
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                    reason="torch.compile on the CPU needs a C++ compiler")
-def test_selective_checkpointing_compiled_gives_the_same_gradients():
-    # torch.compile recomputes a checkpointed region in its own way (with an activation applied in
-    # place on a view inside the region, gradients came out ~1e-4 of their largest value off while
-    # eager was exact). Compiled and eager must agree to float rounding (~5e-7 when right).
-    mode = "selective"
+# Run in a fresh interpreter in UTF-8 mode: torch.compile's own imports read source files in the
+# locale's encoding and fail under an ASCII locale.
+_COMPILED_GRADIENTS = textwrap.dedent("""
+    import torch
     from medseg.losses import DiceCELoss
+    from medseg.models.unet import UNet3D, plan_network
 
-    torch._dynamo.reset()
     plan = plan_network((32, 32, 32), (1.0, 1.0, 1.0), base_width=8, max_width=32)
     generator = torch.Generator().manual_seed(3)
     image = torch.randn(2, 1, 32, 32, 32, generator=generator)
     label = torch.randint(0, 3, (2, 1, 32, 32, 32), generator=generator)
     grads = {}
-    for name, checkpointing, compiled in (("eager", "off", False), ("compiled", mode, True)):
+    for name, mode, compiled in (("eager", "off", False), ("compiled", "selective", True)):
         torch.manual_seed(0)
-        net = UNet3D(1, 3, plan, checkpointing=checkpointing)
+        net = UNet3D(1, 3, plan, checkpointing=mode)
         run = torch.compile(net) if compiled else net
         DiceCELoss()(run(image), label).backward()
         grads[name] = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
     scale = max(g.abs().max().item() for g in grads["eager"].values())
-    for name, grad in grads["eager"].items():
-        torch.testing.assert_close(grads["compiled"][name], grad, rtol=1e-5, atol=5e-6 * scale, msg=name)
-    torch._dynamo.reset()
+    assert grads["eager"].keys() <= grads["compiled"].keys()
+    print(max((grads["compiled"][n] - g).abs().max().item() / scale for n, g in grads["eager"].items()))
+""")
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_selective_checkpointing_compiled_gives_the_same_gradients():
+    # torch.compile recomputes a checkpointed region in its own way; compiled and eager gradients
+    # must agree to float rounding (about 5e-7 of the largest gradient here).
+    result = subprocess.run([sys.executable, "-c", _COMPILED_GRADIENTS], capture_output=True, text=True,
+                            encoding="utf-8", errors="replace", timeout=900,
+                            env={**os.environ, "PYTHONUTF8": "1", "PYTHONIOENCODING": "utf-8"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    worst = float(result.stdout.strip().splitlines()[-1])
+    assert worst < 5e-6, f"compiled gradients differ from eager by {worst:.2e} of the largest gradient"
