@@ -213,6 +213,8 @@ def fit(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float
     that the coarse steps between patches (and the rounding of the batch) leave unused. Among the
     candidates the most work wins, but all within 5 % of the most count as equal, and of those the
     cheapest mode (off, selective, stage), then the largest patch, then the largest batch is chosen.
+    Finally single axes of the chosen patch grow by half the divisor while it still fits
+    (`_grown_axes`), to take up what the steps between scaled patches leave.
 
     Memory grows with patch volume and with batch, so a few estimates settle it (5-15 for the
     default network, 10-20 s on a laptop CPU): searches over patches and batches, each guess from
@@ -284,9 +286,37 @@ def fit(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float
         _, mode, index, batch = choice
         report = search.report(mode, index, batch)
         if report is not None and report.total <= limit:
-            return _candidate(cfg, patches[index], batch, mode), report
+            return _grown_axes(cfg, patches[index], batch, mode, report, in_channels, num_classes,
+                               spacing, limit, unit, max_patch)
         candidates.remove(choice)  # memory not monotone after all (never seen): the next best
     raise MedsegError(_nothing_fits(budget_bytes, margin, search.smallest()))
+
+
+def _grown_axes(cfg: Config, patch: Sequence[int], batch: int, mode: str, report: MemoryReport,
+                in_channels: int, num_classes: int, spacing: Sequence[float], limit: int,
+                unit: Sequence[int], max_patch: Sequence[int] | None) -> tuple[Config, MemoryReport]:
+    """Take up what the coarse steps of the scaled patches leave unused: grow single axes of the
+    chosen patch, the shortest first, by half the divisor (the network then downsamples that
+    axis one time fewer), as long as the step still fits; batch and checkpointing stay."""
+    patch = [int(n) for n in patch]
+    cache: dict[tuple, MemoryReport | None] = {}
+    grown = True
+    while grown:
+        grown = False
+        for axis in sorted(range(3), key=lambda a: (patch[a], a)):
+            step = unit[axis] // 2
+            larger = list(patch)
+            larger[axis] += step
+            if step < 8 or (max_patch is not None and larger[axis] > max_patch[axis]):
+                continue
+            if not _buildable(cfg, larger, spacing):
+                continue
+            candidate = _candidate(cfg, larger, batch, mode)
+            estimate_ = _cached_estimate(cache, candidate, in_channels, num_classes, spacing)
+            if estimate_ is not None and estimate_.total <= limit:
+                patch, report, grown = larger, estimate_, True
+                break
+    return _candidate(cfg, patch, batch, mode), report
 
 
 def largest_fit(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float], budget_bytes: int,
