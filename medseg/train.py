@@ -97,11 +97,12 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
             _create(run_dir)
             config.dump(cfg, run_dir / "config.yaml")
             (run_dir / "preprocessing.json").write_text(json.dumps(prep.to_dict(), indent=2), encoding="utf-8")
+    compile_mode = _compile_setting(cfg, device)
     console.print(
         f"[bold]medseg train[/]: {len(train_cases)} training / {len(val_cases)} validation cases, "
         f"spacing {_fmt(prep.spacing)} mm, patch {cfg.train.patch_size}, batch {cfg.train.batch_size}, "
         f"device {device}{f' ×{context.world_size}' if context.enabled else ''}, amp {amp_name(amp_dtype)}, "
-        f"checkpointing {cfg.model.checkpointing}, compile {_compile_setting(cfg, device)}"
+        f"checkpointing {cfg.model.checkpointing}, compile {compile_mode}"
         + (f", {cfg.train.max_minutes:g} min" if cfg.train.max_minutes else "")
     )
 
@@ -143,7 +144,7 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
         trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if _compile_setting(cfg, device) == "on":
+    if compile_mode == "on":
         from torch import _dynamo
 
         # Where torch.compile cannot handle the network or the machine (no compiler, an
@@ -172,9 +173,9 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
     # With one process, an out-of-memory error in any step is caught and the step retried more
     # cheaply. With several, a change in one process alone would desynchronise them: instead, all
     # try one step first without exchanging gradients and agree on the fallback (see _agree_on_memory).
-    fallback = MemoryFallback(enabled=not context.enabled, compiled=_compile_setting(cfg, device) == "on")
+    fallback = MemoryFallback(enabled=not context.enabled, compiled=compile_mode == "on")
     if context.enabled:
-        _agree_on_memory(trained, model, batches, loss_fn, amp_dtype, fallback, device, console, context)
+        _agree_on_memory(trained, model, batches, loss_fn, scaler, amp_dtype, fallback, device, console, context)
     origin = started - schedule.seconds  # a resumed run goes on counting from where it stopped
 
     def clock() -> float:
@@ -401,12 +402,7 @@ def train_step(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss_
     fallback): same step, less activation memory. Returns the loss and whether it was finite; a
     non-finite loss takes no optimiser step.
     """
-    loss = image.new_zeros((), dtype=torch.float32)
-    for part_image, part_label in zip(image.tensor_split(micro_batches), label.tensor_split(micro_batches)):
-        with torch.autocast(image.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            part_loss = loss_fn(model(part_image), part_label) * (part_image.shape[0] / image.shape[0])
-        scaler.scale(part_loss).backward()
-        loss = loss + part_loss.detach()
+    loss = _forward_backward(model, image, label, loss_fn, scaler, amp_dtype, micro_batches)
     if grad_clip > 0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -418,6 +414,19 @@ def train_step(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss_
     # set_to_none frees the gradient memory between steps instead of writing zeros into it.
     optimizer.zero_grad(set_to_none=True)
     return loss, finite
+
+
+def _forward_backward(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss_fn: nn.Module,
+                      scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, micro_batches: int) -> torch.Tensor:
+    """Forward under autocast and scaled backward, in `micro_batches` parts whose gradients add up
+    to the whole batch's; returns the (detached) loss of the whole batch."""
+    loss = image.new_zeros((), dtype=torch.float32)
+    for part_image, part_label in zip(image.tensor_split(micro_batches), label.tensor_split(micro_batches)):
+        with torch.autocast(image.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            part_loss = loss_fn(model(part_image), part_label) * (part_image.shape[0] / image.shape[0])
+        scaler.scale(part_loss).backward()
+        loss = loss + part_loss.detach()
+    return loss
 
 
 def validate(model: nn.Module, volumes: Iterable[dict], prep: Preprocessing, cfg: Config,
@@ -493,8 +502,8 @@ class _StopRequests:
 
 
 def _agree_on_memory(trained: nn.Module, network: nn.Module, batches: Iterable[dict], loss_fn: nn.Module,
-                     amp_dtype: torch.dtype | None, fallback: MemoryFallback, device: torch.device,
-                     console: Console, context: distributed.Context) -> None:
+                     scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, fallback: MemoryFallback,
+                     device: torch.device, console: Console, context: distributed.Context) -> None:
     """With several processes: every process runs one forward and backward on a batch without
     exchanging gradients (DDP's no_sync); if any runs out of memory, all apply the same fallback
     and try again. The out-of-memory fallback is thus agreed across processes before training;
@@ -507,14 +516,9 @@ def _agree_on_memory(trained: nn.Module, network: nn.Module, batches: Iterable[d
         failed = False
         try:
             with ddp.no_sync():
-                for part_image, part_label in zip(image.tensor_split(fallback.micro_batches),
-                                                  label.tensor_split(fallback.micro_batches)):
-                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                        loss = loss_fn(trained(part_image), part_label)
-                    loss.backward()
+                _forward_backward(trained, image, label, loss_fn, scaler, amp_dtype, fallback.micro_batches)
         except torch.OutOfMemoryError:
             failed = True
-        loss = None
         network.zero_grad(set_to_none=True)
         if not distributed.any_true(context, failed, device):
             return
