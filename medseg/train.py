@@ -71,6 +71,8 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
     device = resolve_device(cfg.train.device, context)
     amp_dtype = resolve_amp(cfg.train.amp, device)
     _hold_to_budget(cfg, device, console)
+    if cfg.train.max_minutes is not None and cfg.train.max_minutes <= 0:
+        raise ConfigError(f"'train.max_minutes' must be positive, got {cfg.train.max_minutes}")
     if cfg.train.batch_size % context.world_size:
         raise ConfigError(f"'train.batch_size' {cfg.train.batch_size} must be divisible by the "
                           f"{context.world_size} processes it is split over")
@@ -309,9 +311,7 @@ class Schedule:
         t = cfg.train
         self.optimizer, self.base_lr, self.kind, self.exponent = optimizer, t.lr, t.lr_schedule, t.poly_exponent
         self.total_steps = max(t.epochs * t.iterations_per_epoch, 1)
-        self.allowed = t.max_minutes * 60 if t.max_minutes else None
-        if self.allowed is not None and self.allowed <= 0:
-            raise ConfigError(f"'train.max_minutes' must be positive, got {t.max_minutes}")
+        self.allowed = t.max_minutes * 60 if t.max_minutes is not None else None
         self.steps, self.seconds = 0, 0.0
         self._apply()
 

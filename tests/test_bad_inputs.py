@@ -547,3 +547,9 @@ def test_cli_unwritable_output_dir(tmp_path, no_training):
     runs = tmp_path / "afile" / "runs"
     result = _train(tmp_path, _make_dataset(tmp_path / "ds"), f"output_dir={runs}")
     _assert_cli_error(result, runs, "cannot create")
+
+
+def test_cli_non_positive_time_limit_creates_no_run(tmp_path, no_training):
+    result = _train(tmp_path, _make_dataset(tmp_path / "ds"), "train.max_minutes=0")
+    _assert_cli_error(result, "train.max_minutes", "must be positive")
+    assert not (tmp_path / "runs" / "run").exists()
