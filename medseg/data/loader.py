@@ -38,8 +38,9 @@ def training_batches(cases: Sequence[Case], prep: Preprocessing, cfg: Config, ca
     resident = None
     if device.type == "cuda":
         # Volumes stay on the GPU while they take at most a fifth of it; beyond that each patch's
-        # box is copied from pinned host memory.
-        resident = torch.cuda.get_device_properties(device).total_memory // 5
+        # box is copied from pinned host memory. Under `train.memory_budget` the budget belongs
+        # to the training step the estimator fitted into it, so the volumes stay in host memory.
+        resident = 0 if train.memory_budget else torch.cuda.get_device_properties(device).total_memory // 5
     return _Epochs(DevicePatchSampler(
         volumes, train.patch_size, prep.num_classes, train.batch_size, cfg.data.foreground_oversample,
         train.augment, device, train.seed, resident_bytes=resident,
