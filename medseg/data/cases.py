@@ -71,8 +71,12 @@ def find_dataset(root: str | Path) -> DatasetInfo:
 
 
 def split(cases: tuple[Case, ...] | list[Case], folds: int, fold: int, seed: int) -> tuple[list[Case], list[Case]]:
-    """Deterministic k-fold split: cases sorted by name, shuffled by `seed`, dealt into `folds`.
+    """Deterministic k-fold split: the case names sorted, shuffled by numpy's RandomState(`seed`),
+    and cut into `folds` consecutive parts, the first `len % folds` one case larger.
 
+    This is the assignment of scikit-learn's KFold(shuffle=True, random_state=seed), which nnU-Net
+    uses for its default split (seed 12345) over the sorted case names: with the same seed, medseg's
+    fold k holds the same validation cases as nnU-Net's, so results on a fold compare directly.
     fold = -1 means train on everything, validate on nothing.
     """
     ordered = sorted(cases, key=lambda c: c.name)
@@ -82,9 +86,11 @@ def split(cases: tuple[Case, ...] | list[Case], folds: int, fold: int, seed: int
         raise DataError(f"fold {fold} is not in 0..{folds - 1} (data.folds={folds})")
     if len(ordered) < folds:
         raise DataError(f"{len(ordered)} cases cannot be split into {folds} folds")
-    order = np.random.default_rng(seed).permutation(len(ordered))
-    chunks = np.array_split(order, folds)
-    val_index = set(chunks[fold].tolist())
+    order = np.arange(len(ordered))
+    np.random.RandomState(seed).shuffle(order)
+    sizes = [len(ordered) // folds + (k < len(ordered) % folds) for k in range(folds)]
+    start = sum(sizes[:fold])
+    val_index = set(order[start:start + sizes[fold]].tolist())
     train = [c for i, c in enumerate(ordered) if i not in val_index]
     val = [c for i, c in enumerate(ordered) if i in val_index]
     return train, val
