@@ -50,6 +50,10 @@ def train(
     """Train a 3D U-Net on a dataset folder."""
     if gpu_memory is not None:
         set_ = [*(set_ or []), f"train.memory_budget={gpu_memory}"]
+    # Before CUDA starts (torchrun's processes inherit it): segments that grow in place keep the
+    # caching allocator from fragmenting, so what the memory estimator fitted into a budget is what
+    # the card must hold. A setting of the user's own is kept.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if gpus > 1 and "LOCAL_RANK" not in os.environ:
         # The same as `torchrun --nproc-per-node N -m medseg train ...`: PyTorch's own launcher.
         from torch.distributed.run import main as torchrun

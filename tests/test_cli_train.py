@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -115,6 +116,15 @@ def test_missing_dataset_is_one_line_error(tmp_path):
     assert result.exit_code == 2
     assert "nowhere" in result.output and "does not exist" in result.output
     assert "Traceback" not in result.output
+
+
+def test_train_asks_for_expandable_allocator_segments_and_keeps_the_users_setting(tmp_path, monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    _train(tmp_path, dataset=str(tmp_path / "nowhere"))
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    _train(tmp_path, dataset=str(tmp_path / "nowhere"))
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
 
 
 @pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason="shared hippocampus data not present")
