@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for item in args.runs:
-        label, _, path = item.partition("=")
+        label, _, path = item.rpartition("=")  # the path is after the last "="
         rows = [r for r in csv.DictReader(open(path, encoding="utf-8")) if r.get("val_dice")]
         minutes = [float(r["elapsed_minutes"]) for r in rows]
         dice = [float(r["val_dice"]) for r in rows]
