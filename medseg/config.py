@@ -65,6 +65,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 4
     augment: bool = True
+    batch_dice: bool = True
     max_nonfinite_steps: int = 20
     memory_budget: Optional[str] = None
     max_minutes: Optional[float] = None

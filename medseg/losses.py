@@ -17,15 +17,18 @@ def deep_supervision_weights(outputs: int) -> list[float]:
 
 
 class DiceCELoss(nn.Module):
-    """Soft Dice over the foreground classes (batch Dice) plus cross-entropy, per output scale.
+    """Soft Dice over the foreground classes plus cross-entropy, per output scale.
 
-    Computed in float32 whatever the autocast dtype: softmax sums and the Dice ratio lose too much
-    precision in fp16.
+    `batch_dice`: one Dice per class over the whole batch (nnU-Net's choice for full-resolution
+    training of cases much larger than the patch); otherwise one per sample and class, averaged
+    (nnU-Net's choice where a patch holds most of a case). Computed in float32 whatever the
+    autocast dtype: softmax sums and the Dice ratio lose too much precision in fp16.
     """
 
-    def __init__(self, smooth: float = 1e-5) -> None:
+    def __init__(self, smooth: float = 1e-5, batch_dice: bool = True) -> None:
         super().__init__()
         self.smooth = smooth
+        self.batch_dice = batch_dice
 
     def forward(self, outputs: torch.Tensor | list[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
         """`outputs`: logits (B, K, ...) or a list of them, finest first. `label`: (B, 1, ...) ints."""
@@ -45,7 +48,7 @@ class DiceCELoss(nn.Module):
         cross_entropy = F.cross_entropy(logits, target)
         probabilities = logits.softmax(dim=1)[:, 1:]
         one_hot = F.one_hot(target, logits.shape[1]).movedim(-1, 1)[:, 1:].to(probabilities.dtype)
-        axes = [0] + list(range(2, logits.ndim))
+        axes = ([0] if self.batch_dice else []) + list(range(2, logits.ndim))
         intersection = (probabilities * one_hot).sum(axes)
         denominator = probabilities.sum(axes) + one_hot.sum(axes)
         dice = (2 * intersection + self.smooth) / (denominator + self.smooth).clamp_min(1e-8)

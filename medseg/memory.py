@@ -405,7 +405,7 @@ def measure(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[f
     model = build_model(cfg, in_channels, num_classes, tuple(spacing)).to(device)
     optimizer = _optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    loss_fn = DiceCELoss()
+    loss_fn = DiceCELoss(batch_dice=cfg.train.batch_dice)
     image = torch.randn((batch, in_channels, *patch), device=device)
     label = torch.randint(0, num_classes, (batch, 1, *patch), device=device).float()
     try:
@@ -572,7 +572,7 @@ def _simulate_step(cfg: Config, in_channels: int, num_classes: int, spacing: Seq
         _emulate_cuda_autocast(model)
         optimizer = _optimizer(cfg, model)
         scaler = torch.amp.GradScaler("cpu", enabled=amp_dtype == torch.float16)
-        loss_fn = DiceCELoss()
+        loss_fn = DiceCELoss(batch_dice=cfg.train.batch_dice)
         # What the training loader delivers: a float32 image batch and float32 labels.
         image = torch.randn((batch, in_channels, *patch))
         label = torch.randint(0, num_classes, (batch, 1, *patch)).float()

@@ -22,6 +22,8 @@ from medseg.data.io import load_volume
 
 # An axis counts as coarse when its spacing exceeds the finest by this factor (nnU-Net: 3).
 ANISOTROPY = 3.0
+# A patch holding less than this share of the median case's voxels trains with batch Dice (nnU-Net's rule).
+BATCH_DICE_SHARE = 0.25
 
 
 @dataclass
@@ -84,7 +86,8 @@ def plan(dataset_path: Path, budget_bytes: int, workers: int = 4, samples_per_ca
         "data": {"dataset": str(dataset_path), "spacing": [round(float(v), 4) for v in target],
                  "normalization": normalization},
         "model": {"checkpointing": chosen.model.checkpointing},
-        "train": {"patch_size": list(chosen.train.patch_size), "batch_size": chosen.train.batch_size},
+        "train": {"patch_size": list(chosen.train.patch_size), "batch_size": chosen.train.batch_size,
+                  "batch_dice": _batch_dice(chosen.train.patch_size, at_spacing)},
     }
     total = counts.sum()
     return Plan(
@@ -98,6 +101,13 @@ def plan(dataset_path: Path, budget_bytes: int, workers: int = 4, samples_per_ca
         intensity=intensity, overrides=overrides,
         memory=f"memory budget {budget_bytes / 2**30:.1f} GiB: {report.summary()}",
     )
+
+
+def _batch_dice(patch: list[int], median_shape: np.ndarray) -> bool:
+    """Dice over the whole batch where a patch holds less than a quarter of the median case's
+    voxels, per sample otherwise: nnU-Net's rule (below that quarter it also plans a low-resolution
+    stage, and uses batch Dice at full resolution)."""
+    return float(np.prod(patch, dtype=float)) < BATCH_DICE_SHARE * float(np.prod(median_shape, dtype=float))
 
 
 def growth_limits(summaries: Sequence[CaseSummary], spacing: Sequence[float]) -> tuple[list[int], int]:

@@ -115,7 +115,7 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
     schedule = Schedule(optimizer, cfg)
     # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 has fp32's range.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    loss_fn = DiceCELoss()
+    loss_fn = DiceCELoss(batch_dice=cfg.train.batch_dice)
     history: list[dict[str, Any]] = []
     start_epoch, steps_done = 0, 0
     if state is not None:

@@ -98,6 +98,30 @@ def test_matches_a_straightforward_reference():
     assert loss.item() == pytest.approx(_reference(logits.numpy(), label.numpy()), rel=1e-5)
 
 
+def test_per_sample_dice_averages_each_samples_dice():
+    label = _label(seed=6)
+    logits = torch.randn(2, K, *SHAPE, generator=torch.Generator().manual_seed(7)) * 2
+    per_sample = DiceCELoss(batch_dice=False)(logits, label).item()
+    # Cross-entropy is the same mean over all voxels; the Dice term is the mean of the samples' terms.
+    ce = F.cross_entropy(logits, label[:, 0]).item()
+    dice_terms = [_reference(logits[i:i + 1].numpy(), label[i:i + 1].numpy())
+                  - F.cross_entropy(logits[i:i + 1], label[i:i + 1, 0]).item() for i in range(2)]
+    assert per_sample == pytest.approx(ce + np.mean(dice_terms), rel=1e-5)
+
+
+def test_per_sample_dice_counts_a_missed_small_structure():
+    # Sample 0: a large structure, found; sample 1: a small one, missed. Over the batch the miss
+    # hardly shows; per sample it costs half of that class's Dice.
+    label = torch.zeros(2, 1, 8, 8, 8, dtype=torch.long)
+    label[0, 0, :6] = 1
+    label[1, 0, :1, :2, :2] = 1
+    found = label.clone()
+    found[1] = 0
+    logits = _one_hot_logits(found)
+    batch, per_sample = DiceCELoss()(logits, label).item(), DiceCELoss(batch_dice=False)(logits, label).item()
+    assert per_sample - batch > 0.2
+
+
 def test_uniform_logits():
     # CE = log K; each foreground class's (batch) Dice follows from its voxel count alone.
     label = _label(seed=5)

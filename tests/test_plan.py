@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from medseg import config
 from medseg.cli import app
-from medseg.plan import _divisible_patch, plan
+from medseg.plan import _batch_dice, _divisible_patch, plan
 from tests.conftest import ROOT
 
 runner = CliRunner()
@@ -35,6 +35,14 @@ def test_plan_of_sample_data():
     patch = result.overrides["train"]["patch_size"]
     assert all(p >= s for p, s in zip(patch, result.shape_at_spacing))
     assert result.overrides["train"]["batch_size"] >= 2
+    # The patch holds the whole median case: per-sample Dice, as nnU-Net for such data.
+    assert result.overrides["train"]["batch_dice"] is False
+
+
+def test_batch_dice_where_a_patch_holds_under_a_quarter_of_the_case():
+    assert _batch_dice([40, 56, 40], [35, 50, 36]) is False
+    assert _batch_dice([128, 128, 128], [512, 512, 300]) is True
+    assert _batch_dice([128, 128, 128], [200, 200, 200]) is False  # 26 % of the case
 
 
 def test_plan_command_writes_a_config_train_accepts(tmp_path):
