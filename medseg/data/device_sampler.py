@@ -14,9 +14,12 @@ too large) and produces a batch with a few dozen batched torch operations:
    unaugmented sample, rotation * scale * mirroring otherwise), `grid_sample` of the image
    (bilinear) and the label (nearest), then noise, blur, brightness and gamma for the whole batch.
 
-The augmentation follows `training_augmentation()` (nnU-Net's defaults), with one difference
-for the better: rotated and scaled patches are sampled from the volume around the patch, not
-from the already cropped patch, so their corners hold image rather than zeros.
+The augmentation follows `training_augmentation()` (nnU-Net's defaults), with two differences:
+rotated and scaled patches are sampled from the volume around the patch, not from the already
+cropped patch, so their corners hold image rather than zeros; and a foreground-centred patch stays
+centred on its voxel near the volume's border (nnU-Net's sampler does this on the upper side of
+each axis), where the MONAI crop keeps the patch inside the padded volume. In cases smaller than
+the patch the MONAI crop therefore always sits at the same place; here the foreground moves in it.
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ import torch.nn.functional as F
 # large structures (as `patch_sampling()`'s ClassesToIndicesd).
 MAX_INDICES_PER_CLASS = 20_000
 
-# nnU-Net's defaults, as in `training_augmentation()`.
-SPATIAL_PROB = 0.2
+# nnU-Net's defaults, as in `training_augmentation()`: rotation and scaling are drawn
+# independently, the scaling is the same along every axis.
+ROTATION_PROB, SCALE_PROB = 0.2, 0.2
 MAX_ROTATION = math.pi / 6  # radians, about each axis
-SCALE_RANGE = (0.7, 1.4)  # per axis: MONAI's scale_range (-0.3, 0.4)
+SCALE_RANGE = (0.7, 1.4)  # one factor for all axes
 NOISE_PROB, MAX_NOISE_STD = 0.1, 0.1
 BLUR_PROB, BLUR_SIGMA = 0.2, (0.5, 1.0)
 BRIGHTNESS_PROB, MAX_BRIGHTNESS = 0.15, 0.25
@@ -89,10 +93,10 @@ class DevicePatchSampler:
 
     Cases are drawn uniformly with replacement. With probability `foreground_fraction` a patch is
     centred on a random voxel of a random foreground class present in the case (classes equally
-    likely), otherwise its position is uniformly random. Patches stay inside the volume where the
-    volume is at least as large as the patch and are centred (zero-padded) where it is smaller, as
-    MONAI's crop after `SpatialPadd` does; a foreground voxel chosen as centre is always inside its
-    patch. Outside the volume the image is 0 and the label background.
+    likely), reaching beyond the volume where the voxel lies near its border; otherwise its
+    position is uniformly random, inside the volume where the volume is at least as large as the
+    patch and centred where it is smaller (as MONAI's crop after `SpatialPadd`). Outside the volume
+    the image is 0 and the label background.
 
     With `augment`, each sample gets nnU-Net's augmentation (see `training_augmentation()`).
     All randomness comes from one generator seeded with `seed`: the same seed and volumes give the
@@ -223,13 +227,12 @@ class DevicePatchSampler:
 
         draw = _Draw(cases, corners, [], [], [], [], [], noise_seed=0)
         for u in draws:
-            (spatial, ax, ay, az, kx, ky, kz, noise, noise_std, blur, sx, sy, sz, bright, factor, contrast, gamma,
-             fx, fy, fz) = u[_POSITION_DRAWS:]
-            matrix = identity
-            if spatial < SPATIAL_PROB:
-                angles = [MAX_ROTATION * (2 * v - 1) for v in (ax, ay, az)]
-                scales = [_between(v, SCALE_RANGE) for v in (kx, ky, kz)]
-                matrix = [[r * s for r, s in zip(row, scales)] for row in _rotation(angles)]
+            (rotate, ax, ay, az, scale, factor_u, _, noise, noise_std, blur, sx, sy, sz, bright, factor, contrast,
+             gamma, fx, fy, fz) = u[_POSITION_DRAWS:]
+            matrix = _rotation([MAX_ROTATION * (2 * v - 1) for v in (ax, ay, az)]) if rotate < ROTATION_PROB else identity
+            if scale < SCALE_PROB:
+                k = _between(factor_u, SCALE_RANGE)
+                matrix = [[m * k for m in row] for row in matrix]
             # Mirroring a patch axis is negating its offsets: a sign on the matrix column. It
             # commutes with the intensity changes, so doing it first changes nothing.
             mirror = [-1.0 if v < FLIP_PROB else 1.0 for v in (fx, fy, fz)]
@@ -247,16 +250,18 @@ class DevicePatchSampler:
         if u[0] < self.foreground_fraction and volume.foreground:
             indices = volume.foreground[_pick(u[1], len(volume.foreground))]
             voxel = _unravel(int(indices[_pick(u[2], len(indices))]), volume.shape)
+        if voxel is not None:
+            # Centred on the voxel wherever it lies, reaching beyond the volume if need be (zeros
+            # there), so the foreground is seen at every position in the patch, also in cases
+            # smaller than the patch. (nnU-Net bounds this shift on the lower side only.)
+            return [v - patch // 2 for v, patch in zip(voxel, self.patch_size)]
         corner = []
         for axis, (size, patch) in enumerate(zip(volume.shape, self.patch_size)):
-            # Allowed first voxels: inside the volume where it is larger than the patch, centred
-            # where it is smaller (MONAI's SpatialPad and crop-centre correction, nnU-Net's bbox).
+            # Random patches: inside the volume where it is larger than the patch, centred where it
+            # is smaller (MONAI's SpatialPad and crop-centre correction, nnU-Net's bbox).
             need = max(patch - size, 0)
             low, high = -(need // 2), size - patch + need - need // 2
-            if voxel is not None:  # centred on the voxel, shifted only as far as the bounds require
-                corner.append(min(max(voxel[axis] - patch // 2, low), high))
-            else:
-                corner.append(low + _pick(u[3 + axis], high - low + 1))
+            corner.append(low + _pick(u[3 + axis], high - low + 1))
         return corner
 
     # --- one batch: the work on the device --------------------------------------------------------------

@@ -118,8 +118,9 @@ def training_augmentation(p: Preprocessing, patch_size: list[int], foreground_fr
     """Random patch sampling (foreground-balanced) and spatial/intensity augmentation, applied to
     volumes prepared by `preprocessing` and `patch_sampling`.
 
-    Defaults follow nnU-Net's: rotations up to 30 degrees and scaling 0.7-1.4 with probability 0.2,
-    mirroring on every axis, Gaussian noise and blur, brightness, contrast and gamma changes.
+    Defaults follow nnU-Net's: rotations up to 30 degrees and scaling 0.7-1.4 (the same along every
+    axis), each with probability 0.2, mirroring on every axis, Gaussian noise and blur, brightness,
+    contrast and gamma changes.
     """
     keys = ("image", "label")
     foreground_classes = max(p.num_classes - 1, 1)
@@ -135,10 +136,11 @@ def training_augmentation(p: Preprocessing, patch_size: list[int], foreground_fr
     if augment:
         rotation = math.pi / 6
         steps += [
-            T.RandAffined(
-                keys, prob=0.2, rotate_range=(rotation,) * 3, scale_range=((-0.3, 0.4),) * 3,
-                mode=("bilinear", "nearest"), padding_mode="zeros", spatial_size=patch_size, cache_grid=True,
-            ),
+            # Rotation and scaling drawn independently, one scale factor for all axes (nnU-Net's).
+            T.RandRotated(keys, range_x=rotation, range_y=rotation, range_z=rotation, prob=0.2,
+                          mode=("bilinear", "nearest"), padding_mode="zeros", keep_size=True),
+            T.RandZoomd(keys, prob=0.2, min_zoom=0.7, max_zoom=1.4, mode=("trilinear", "nearest"),
+                        padding_mode="constant", keep_size=True),
             T.RandGaussianNoised("image", prob=0.1, std=0.1),
             T.RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
             T.RandScaleIntensityd("image", prob=0.15, factors=0.25),

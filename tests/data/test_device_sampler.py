@@ -121,7 +121,7 @@ def _check_unaugmented(batch: dict, volumes: list[dict], patch=PATCH) -> list[tu
 
 def test_unaugmented_patch_is_the_slice_of_the_padded_volume():
     volumes = [_coded_volume(s, i) for i, s in enumerate(SHAPES)]
-    sampler = _sampler(volumes, augment=False, batch_size=6)
+    sampler = _sampler(volumes, augment=False, batch_size=6, foreground_fraction=0.0)
     cases = set()
     for batch in _batches(sampler, 8):
         for case, corner in _check_unaugmented(batch, volumes):
@@ -137,7 +137,7 @@ def test_unaugmented_patch_is_the_slice_of_the_padded_volume():
 @pytest.mark.parametrize("shape", [(5, 6, 7), (1, 12, 12), (2, 1, 1)])
 def test_volumes_smaller_than_the_patch(shape):
     volumes = [_coded_volume(shape, 0)]
-    for batch in _batches(_sampler(volumes, augment=False), 3):
+    for batch in _batches(_sampler(volumes, augment=False, foreground_fraction=0.0), 3):
         for _, corner in _check_unaugmented(batch, volumes):
             for size, patch, start in zip(shape, PATCH, corner):
                 assert start == -((patch - size) // 2) if size < patch else 0 <= start <= size - patch
@@ -156,6 +156,28 @@ def test_foreground_fraction_one_always_contains_foreground():
                        patch_size=(6, 6, 6))
     for batch in _batches(sampler, 10):
         assert (batch["label"].flatten(1) == 1).any(dim=1).all()
+
+
+@pytest.mark.parametrize("voxel", [(20, 3, 17), (0, 23, 12), (2, 2, 2)])
+def test_foreground_patch_is_centred_on_its_voxel_even_at_the_border(voxel):
+    # Near the border the patch reaches beyond the volume: the foreground voxel is always at the
+    # patch's centre, so every position of the patch sees foreground over the training.
+    volume = _single_foreground(voxel=voxel)
+    sampler = _sampler([volume], num_classes=2, foreground_fraction=1.0, augment=False, patch_size=(6, 8, 7))
+    for batch in _batches(sampler, 3):
+        for label in batch["label"][:, 0]:
+            assert (label == 1).nonzero().tolist() == [[3, 4, 3]]
+
+
+def test_foreground_moves_in_a_case_smaller_than_the_patch():
+    # Random patches of a case thinner than the patch sit at one place (centred); foreground-centred
+    # ones follow their voxel, so the structure is seen at different places of the patch.
+    label = torch.zeros(1, 6, 6, 6, dtype=torch.uint8)
+    label[0, 1:5, 1:5, 1:5] = 1
+    sampler = _sampler([{"image": torch.randn(1, 6, 6, 6), "label": label}], num_classes=2,
+                       foreground_fraction=1.0, augment=False, patch_size=(8, 8, 8), batch_size=8)
+    positions = {tuple((b == 1).nonzero()[0].tolist()) for batch in _batches(sampler, 4) for b in batch["label"][:, 0]}
+    assert len(positions) > 5
 
 
 def test_foreground_fraction_zero_draws_uniform_positions():
@@ -214,10 +236,11 @@ def test_spatial_augmentation_maps_image_and_label_through_the_same_grid():
         batch = sampler._render(draw)
         for i in range(b):
             matrix = torch.tensor(draw.matrices[i])
-            # Column lengths are the axis scales (rotation keeps lengths), columns orthogonal.
+            # Column lengths are the scale, the same for every axis (rotation keeps lengths), columns orthogonal.
             gram = matrix.T @ matrix
             scales = gram.diagonal().sqrt()
             assert ((scales > 0.7 - 1e-4) & (scales < 1.4 + 1e-4)).all()
+            torch.testing.assert_close(scales, scales[:1].expand(3), atol=1e-5, rtol=0)
             torch.testing.assert_close(gram, torch.diag_embed(gram.diagonal()), atol=1e-5, rtol=0)
             rotated += not torch.allclose(matrix.abs(), torch.eye(3))
             mirrored += bool((matrix.diagonal() < 0).any()) and torch.allclose(matrix.abs(), torch.eye(3))
@@ -235,6 +258,23 @@ def test_spatial_augmentation_maps_image_and_label_through_the_same_grid():
             expected_label = label[0, nearest[0], nearest[1], nearest[2]]
             assert torch.equal(batch["label"][i, 0][inside][clear], expected_label)
     assert rotated > 0 and mirrored > 0  # both kinds of geometry were exercised
+
+
+def test_rotation_and_scaling_are_drawn_independently():
+    volumes = [_coded_volume(s, i) for i, s in enumerate(SHAPES)]
+    sampler = _sampler(volumes, batch_size=100)
+    rotated = scaled = both = 0
+    n = 0
+    for _ in range(20):
+        for matrix in sampler._draw().matrices:
+            m = torch.tensor(matrix).abs()
+            scale = float((torch.tensor(matrix).T @ torch.tensor(matrix)).diagonal()[0].sqrt())
+            is_scaled = abs(scale - 1) > 1e-6
+            is_rotated = not torch.allclose(m / scale, torch.eye(3))
+            rotated, scaled, both, n = rotated + is_rotated, scaled + is_scaled, both + (is_rotated and is_scaled), n + 1
+    # nnU-Net: rotation with probability 0.2, scaling with 0.2, independently (both: 0.04).
+    assert abs(rotated / n - 0.2) < 0.04 and abs(scaled / n - 0.2) < 0.04
+    assert abs(both / n - 0.04) < 0.02
 
 
 def _agreement(batch: dict) -> torch.Tensor:
@@ -265,8 +305,10 @@ def test_augmented_image_and_label_stay_aligned():
         misaligned.append(_agreement({"image": batch["image"], "label": batch["label"].flip(3)})[keep])
     aligned, misaligned = torch.cat(aligned), torch.cat(misaligned)
     assert len(aligned) >= 20
-    # Not all 1: blur, bilinear vs nearest at edges and the patch border move a few voxels.
-    assert aligned.min() > 0.85 and aligned.mean() > 0.97
+    # Not all 1: blur, bilinear vs nearest at edges and the patch border move a few voxels (a patch
+    # showing mostly a thin edge of the structure, blurred, can lose a fifth; the geometry alone is
+    # checked exactly in test_spatial_augmentation_maps_image_and_label_through_the_same_grid).
+    assert aligned.min() > 0.75 and aligned.mean() > 0.97
     assert misaligned.mean() < aligned.mean() - 0.05
 
 
@@ -311,7 +353,7 @@ def test_augmentation_parameters_stay_in_range():
     assert abs((sigma[:, 0] > 0).sum() / n - 0.2) < 0.05
     assert abs((brightness != 1).sum() / n - 0.15) < 0.05
     assert abs((gamma != 1).sum() / n - 0.3) < 0.05
-    assert abs(spatial.double().mean() - 0.2) < 0.05
+    assert abs(spatial.double().mean() - 0.36) < 0.05  # rotation 0.2 or scaling 0.2, independently
     assert (abs(mirrored.mean(0) - 0.5) < 0.06).all()
 
 
