@@ -12,7 +12,8 @@ too large) and produces a batch with a few dozen batched torch operations:
    synchronisation, and the batches do not depend on the device.
 2. On the device: one sampling grid per sample in the volume's voxel coordinates (identity for an
    unaugmented sample, rotation * scale * mirroring otherwise), `grid_sample` of the image
-   (bilinear) and the label (nearest), then noise, blur, brightness and gamma for the whole batch.
+   (bilinear) and the label (nearest), then noise, blur, brightness, contrast, low resolution and
+   gamma for the whole batch.
 
 The augmentation follows `training_augmentation()` (nnU-Net's defaults), with two differences:
 rotated and scaled patches are sampled from the volume around the patch, not from the already
@@ -43,7 +44,10 @@ SCALE_RANGE = (0.7, 1.4)  # one factor for all axes
 NOISE_PROB, MAX_NOISE_STD = 0.1, 0.1
 BLUR_PROB, BLUR_SIGMA = 0.2, (0.5, 1.0)
 BRIGHTNESS_PROB, MAX_BRIGHTNESS = 0.15, 0.25
-GAMMA_PROB, GAMMA_RANGE = 0.3, (0.7, 1.5)
+CONTRAST_PROB, MAX_CONTRAST = 0.15, 0.25  # deviations from the mean scaled by 1 ± 0.25, range kept
+LOW_RESOLUTION_PROB, LOW_RESOLUTION_ZOOM = 0.25, (0.5, 1.0)  # down (nearest) and up (trilinear) again
+INVERTED_GAMMA_PROB = 0.1  # gamma of the inverted image, as nnU-Net's second gamma transform
+GAMMA_PROB, GAMMA_RANGE = 0.3, (0.7, 1.5)  # both gammas keep the patch's mean and standard deviation
 FLIP_PROB = 0.5
 
 # The widest blur kernel: MONAI truncates its Gaussian at 4 sigma, so sigma <= 1 needs 9 taps.
@@ -52,9 +56,9 @@ _BLUR_TAIL = int(max(BLUR_SIGMA[1] * 4.0, 0.5) + 0.5)
 # MONAI AdjustContrast's epsilon.
 _GAMMA_EPSILON = 1e-7
 _BLUR_TAPS = 2 * _BLUR_TAIL + 1
-# Uniform numbers drawn per sample and batch: 7 for the case and patch position, 20 for the
+# Uniform numbers drawn per sample and batch: 7 for the case and patch position, 25 for the
 # augmentation.
-_POSITION_DRAWS, _AUGMENT_DRAWS = 7, 20
+_POSITION_DRAWS, _AUGMENT_DRAWS = 7, 25
 
 Matrix = list[list[float]]
 
@@ -80,6 +84,9 @@ class _Draw:
     noise_std: list[float]  # 0: no noise
     blur_sigma: list[list[float]]  # per axis; 0: no blur
     brightness: list[float]  # multiplicative factor; 1: unchanged
+    contrast: list[float]  # factor on the deviation from the mean; 1: unchanged
+    low_resolution: list[float]  # zoom of the simulated acquisition; 1: unchanged
+    inverted_gamma: list[float]  # gamma of the inverted image; 1: unchanged
     gamma: list[float]  # 1: unchanged
     noise_seed: int
 
@@ -223,12 +230,13 @@ class DevicePatchSampler:
             corners.append(self._corner(self._volumes[case], u[1:_POSITION_DRAWS]))
         identity: Matrix = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
         if not self.augment:
-            return _Draw(cases, corners, [identity] * b, [0.0] * b, [[0.0] * 3] * b, [1.0] * b, [1.0] * b, 0)
+            return _Draw(cases, corners, [identity] * b, [0.0] * b, [[0.0] * 3] * b, [1.0] * b, [1.0] * b,
+                         [1.0] * b, [1.0] * b, [1.0] * b, 0)
 
-        draw = _Draw(cases, corners, [], [], [], [], [], noise_seed=0)
+        draw = _Draw(cases, corners, [], [], [], [], [], [], [], [], noise_seed=0)
         for u in draws:
-            (rotate, ax, ay, az, scale, factor_u, _, noise, noise_std, blur, sx, sy, sz, bright, factor, contrast,
-             gamma, fx, fy, fz) = u[_POSITION_DRAWS:]
+            (rotate, ax, ay, az, scale, factor_u, contrast, noise, noise_std, blur, sx, sy, sz, bright, factor,
+             gamma_u, gamma, fx, fy, fz, contrast_u, low_u, zoom, inverted_u, inverted) = u[_POSITION_DRAWS:]
             matrix = _rotation([MAX_ROTATION * (2 * v - 1) for v in (ax, ay, az)]) if rotate < ROTATION_PROB else identity
             if scale < SCALE_PROB:
                 k = _between(factor_u, SCALE_RANGE)
@@ -240,7 +248,10 @@ class DevicePatchSampler:
             draw.noise_std.append(MAX_NOISE_STD * noise_std if noise < NOISE_PROB else 0.0)
             draw.blur_sigma.append([_between(v, BLUR_SIGMA) for v in (sx, sy, sz)] if blur < BLUR_PROB else [0.0] * 3)
             draw.brightness.append(1 + MAX_BRIGHTNESS * (2 * factor - 1) if bright < BRIGHTNESS_PROB else 1.0)
-            draw.gamma.append(_between(gamma, GAMMA_RANGE) if contrast < GAMMA_PROB else 1.0)
+            draw.contrast.append(1 + MAX_CONTRAST * (2 * contrast_u - 1) if contrast < CONTRAST_PROB else 1.0)
+            draw.low_resolution.append(_between(zoom, LOW_RESOLUTION_ZOOM) if low_u < LOW_RESOLUTION_PROB else 1.0)
+            draw.inverted_gamma.append(_between(inverted, GAMMA_RANGE) if inverted_u < INVERTED_GAMMA_PROB else 1.0)
+            draw.gamma.append(_between(gamma, GAMMA_RANGE) if gamma_u < GAMMA_PROB else 1.0)
         draw.noise_seed = int(torch.randint(2**62, (1,), generator=self._generator))
         return draw
 
@@ -274,7 +285,7 @@ class DevicePatchSampler:
             params += grid
         blur = any(sigma > 0 for sigmas in draw.blur_sigma for sigma in sigmas)
         if self.augment:
-            params += draw.noise_std + draw.brightness + draw.gamma
+            params += draw.noise_std + draw.brightness + draw.contrast + draw.inverted_gamma + draw.gamma
         if blur:
             for sigmas in draw.blur_sigma:  # each sample's kernels, once per image channel
                 params += [w for sigma in sigmas for w in _blur_kernel(sigma)] * self.channels
@@ -307,9 +318,9 @@ class DevicePatchSampler:
         image = torch.cat(images)
         label = torch.cat(labels).to(torch.uint8)
         if self.augment:
-            noise_std, brightness, gamma = values[b * 12:b * 15].view(3, b)
-            kernels = values[b * 15:].view(-1, 3, _BLUR_TAPS) if blur else None
-            image = self._intensity(image, draw, noise_std, brightness, gamma, kernels)
+            factors = values[b * 12:b * 17].view(5, b)  # noise std, brightness, contrast, inverted gamma, gamma
+            kernels = values[b * 17:].view(-1, 3, _BLUR_TAPS) if blur else None
+            image = self._intensity(image, draw, factors, kernels)
         return {"image": image, "label": label}
 
     def _box_and_grid(self, volume: _Volume, corner: list[int],
@@ -347,13 +358,16 @@ class DevicePatchSampler:
             return staging.to(self.device, non_blocking=True)
         return box.to(self.device)
 
-    def _intensity(self, image: torch.Tensor, draw: _Draw, noise_std: torch.Tensor, brightness: torch.Tensor,
-                   gamma: torch.Tensor, kernels: torch.Tensor | None) -> torch.Tensor:
-        """Noise, blur, brightness, gamma, in `training_augmentation()`'s order, for the whole batch.
+    def _intensity(self, image: torch.Tensor, draw: _Draw, factors: torch.Tensor,
+                   kernels: torch.Tensor | None) -> torch.Tensor:
+        """Noise, blur, brightness, contrast, low resolution, inverted gamma, gamma, in
+        `training_augmentation()`'s (nnU-Net's) order, for the whole batch.
 
         Each step runs only when some sample of the batch gets it (known on the host); the other
-        samples get identity parameters. `kernels`: (B * C, 3, taps), None when nothing is blurred.
+        samples get identity parameters. `factors`: (5, B) noise std, brightness, contrast, inverted
+        gamma, gamma. `kernels`: (B * C, 3, taps), None when nothing is blurred.
         """
+        noise_std, brightness, contrast, inverted_gamma, gamma = factors
         per_sample = (-1,) + (1,) * (image.ndim - 1)
         if any(std > 0 for std in draw.noise_std):
             self._noise_generator.manual_seed(draw.noise_seed)
@@ -363,6 +377,13 @@ class DevicePatchSampler:
             image = _blur(image, kernels)
         if any(factor != 1 for factor in draw.brightness):
             image = image * brightness.view(per_sample)
+        if any(factor != 1 for factor in draw.contrast):
+            image = torch.where((contrast != 1).view(per_sample), _contrast(image, contrast), image)
+        if any(zoom != 1 for zoom in draw.low_resolution):
+            image = _low_resolution(image, draw.low_resolution)
+        if any(value != 1 for value in draw.inverted_gamma):
+            chosen = (inverted_gamma != 1).view(per_sample)
+            image = torch.where(chosen, -_gamma(-image, inverted_gamma), image)
         if any(value != 1 for value in draw.gamma):
             image = torch.where((gamma != 1).view(per_sample), _gamma(image, gamma), image)
         return image
@@ -425,9 +446,37 @@ def _blur(image: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
 
 
 def _gamma(image: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """MONAI's AdjustContrast per sample: rescale to [0, 1] by the sample's min and max (over all
-    channels), raise to `gamma`, rescale back."""
-    low, high = torch.aminmax(image.flatten(1), dim=1)
+    """MONAI's AdjustContrast(retain_stats=True) per sample: rescale to [0, 1] by the sample's min
+    and max (over all channels), raise to `gamma`, rescale back, then restore the sample's mean and
+    standard deviation (nnU-Net's gamma keeps them too)."""
+    flat = image.flatten(1)
     shape = (-1,) + (1,) * (image.ndim - 1)
+    mean, std = flat.mean(1).view(shape), flat.std(1).view(shape)
+    low, high = torch.aminmax(flat, dim=1)
     low, span = low.view(shape), (high - low).view(shape)
-    return ((image - low) / (span + _GAMMA_EPSILON)).pow(gamma.view(shape)) * span + low
+    adjusted = ((image - low) / (span + _GAMMA_EPSILON)).pow(gamma.view(shape)) * span + low
+    flat = adjusted.flatten(1)
+    centred = adjusted - flat.mean(1).view(shape)
+    return centred / (flat.std(1).view(shape) + 1e-8) * std + mean
+
+
+def _contrast(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """MONAI's ScaleIntensityFixedMean(preserve_range=True) per sample: deviations from the
+    sample's mean scaled by `factor`, then clipped to the sample's original range."""
+    flat = image.flatten(1)
+    shape = (-1,) + (1,) * (image.ndim - 1)
+    low, high = torch.aminmax(flat, dim=1)
+    mean = flat.mean(1).view(shape)
+    return torch.clamp((image - mean) * factor.view(shape) + mean, low.view(shape), high.view(shape))
+
+
+def _low_resolution(image: torch.Tensor, zooms: list[float]) -> torch.Tensor:
+    """MONAI's SimulateLowResolution for the samples with zoom < 1: down to round(size * zoom)
+    voxels per axis by nearest neighbour, back up by trilinear interpolation (align_corners=False)."""
+    samples = list(image.unbind(0))
+    for i, zoom in enumerate(zooms):
+        if zoom != 1:
+            size = [max(1, round(s * zoom)) for s in image.shape[2:]]
+            small = F.interpolate(samples[i][None], size=size, mode="nearest")
+            samples[i] = F.interpolate(small, size=image.shape[2:], mode="trilinear", align_corners=False)[0]
+    return torch.stack(samples)

@@ -120,7 +120,8 @@ def training_augmentation(p: Preprocessing, patch_size: list[int], foreground_fr
 
     Defaults follow nnU-Net's: rotations up to 30 degrees and scaling 0.7-1.4 (the same along every
     axis), each with probability 0.2, mirroring on every axis, Gaussian noise and blur, brightness,
-    contrast and gamma changes.
+    contrast, simulated low resolution, and gamma changes of the image and of its inverse that keep
+    its mean and standard deviation.
     """
     keys = ("image", "label")
     foreground_classes = max(p.num_classes - 1, 1)
@@ -144,7 +145,11 @@ def training_augmentation(p: Preprocessing, patch_size: list[int], foreground_fr
             T.RandGaussianNoised("image", prob=0.1, std=0.1),
             T.RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
             T.RandScaleIntensityd("image", prob=0.15, factors=0.25),
-            T.RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
+            T.RandScaleIntensityFixedMeand("image", prob=0.15, factors=0.25, preserve_range=True),
+            T.RandSimulateLowResolutiond("image", prob=0.25, zoom_range=(0.5, 1.0)),
+            # nnU-Net's two gamma transforms, both keeping the patch's mean and standard deviation.
+            T.RandAdjustContrastd("image", prob=0.1, gamma=(0.7, 1.5), invert_image=True, retain_stats=True),
+            T.RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
             T.RandFlipd(keys, prob=0.5, spatial_axis=0),
             T.RandFlipd(keys, prob=0.5, spatial_axis=1),
             T.RandFlipd(keys, prob=0.5, spatial_axis=2),

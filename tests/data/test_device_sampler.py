@@ -226,13 +226,15 @@ def test_spatial_augmentation_maps_image_and_label_through_the_same_grid():
     xyz = _coordinates(shape)
     image = torch.cat([xyz, torch.ones(1, *shape)])
     label = ((xyz[0] + 2 * xyz[1] + 3 * xyz[2]) % 5).to(torch.uint8)[None]
-    sampler = _sampler([{"image": image, "label": label}], num_classes=5, batch_size=8)
+    # Random positions (inside the volume): foreground-centred patches may sit mostly outside it.
+    sampler = _sampler([{"image": image, "label": label}], num_classes=5, batch_size=8, foreground_fraction=0.0)
     offsets = _coordinates(PATCH) - ((torch.tensor(PATCH, dtype=torch.float32) - 1) / 2)[:, None, None, None]
     rotated = mirrored = 0
     for _ in range(8):
         draw = sampler._draw()
         b = len(draw.cases)
-        draw = replace(draw, noise_std=[0.0] * b, blur_sigma=[[0.0] * 3] * b, brightness=[1.0] * b, gamma=[1.0] * b)
+        draw = replace(draw, noise_std=[0.0] * b, blur_sigma=[[0.0] * 3] * b, brightness=[1.0] * b, gamma=[1.0] * b,
+                       contrast=[1.0] * b, low_resolution=[1.0] * b, inverted_gamma=[1.0] * b)
         batch = sampler._render(draw)
         for i in range(b):
             matrix = torch.tensor(draw.matrices[i])
@@ -328,8 +330,41 @@ def test_gamma_matches_monai_adjust_contrast():
     gamma = torch.tensor([0.7, 1.0, 1.5])
     adjusted = device_sampler._gamma(image, gamma)
     for i in range(3):
-        expected = torch.as_tensor(T.AdjustContrast(gamma=float(gamma[i]))(image[i]))
+        expected = torch.as_tensor(T.AdjustContrast(gamma=float(gamma[i]), retain_stats=True)(image[i]))
         torch.testing.assert_close(adjusted[i], expected, atol=1e-4, rtol=1e-5)
+    # The patch's mean and standard deviation are kept.
+    torch.testing.assert_close(adjusted.flatten(1).mean(1), image.flatten(1).mean(1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(adjusted.flatten(1).std(1), image.flatten(1).std(1), atol=1e-4, rtol=1e-5)
+    # The inverted variant: MONAI's invert_image=True.
+    inverted = -device_sampler._gamma(-image, gamma)
+    for i in range(3):
+        expected = torch.as_tensor(
+            T.AdjustContrast(gamma=float(gamma[i]), invert_image=True, retain_stats=True)(image[i]))
+        torch.testing.assert_close(inverted[i], expected, atol=1e-4, rtol=1e-5)
+
+
+def test_contrast_matches_monai_scale_intensity_fixed_mean():
+    image = torch.randn(2, 2, 6, 7, 8, generator=torch.Generator().manual_seed(3)) * 3
+    factor = torch.tensor([1.25, 0.8])
+    changed = device_sampler._contrast(image, factor)
+    for i in range(2):
+        expected = T.ScaleIntensityFixedMean(factor=float(factor[i]) - 1, preserve_range=True)(image[i])
+        torch.testing.assert_close(changed[i], torch.as_tensor(expected), atol=1e-5, rtol=1e-5)
+    assert changed.min() >= image.min() and changed.max() <= image.max()
+
+
+def test_low_resolution_matches_monai_simulate_low_resolution():
+    image = torch.randn(3, 2, 9, 10, 11, generator=torch.Generator().manual_seed(4))
+    zooms = [0.5, 1.0, 0.73]
+    simulated = device_sampler._low_resolution(image, zooms)
+    for i, zoom in enumerate(zooms):
+        if zoom == 1:
+            assert torch.equal(simulated[i], image[i])
+            continue
+        monai_transform = T.RandSimulateLowResolution(prob=1.0, zoom_range=(zoom, zoom))
+        expected = torch.as_tensor(monai_transform(image[i]))
+        torch.testing.assert_close(simulated[i], expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(simulated[i], image[i])
 
 
 def test_augmentation_parameters_stay_in_range():
@@ -339,6 +374,9 @@ def test_augmentation_parameters_stay_in_range():
     sigma = torch.tensor([v for d in draws for v in d.blur_sigma])
     brightness = torch.tensor([v for d in draws for v in d.brightness])
     gamma = torch.tensor([v for d in draws for v in d.gamma])
+    contrast = torch.tensor([v for d in draws for v in d.contrast])
+    low_resolution = torch.tensor([v for d in draws for v in d.low_resolution])
+    inverted = torch.tensor([v for d in draws for v in d.inverted_gamma])
     matrices = torch.tensor([m for d in draws for m in d.matrices], dtype=torch.float64)
     spatial = ~torch.isclose(matrices.abs(), torch.eye(3, dtype=torch.float64)).flatten(1).all(1)
     # Rotations of at most 30 degrees keep the diagonal positive: its sign is the mirroring.
@@ -353,6 +391,10 @@ def test_augmentation_parameters_stay_in_range():
     assert abs((sigma[:, 0] > 0).sum() / n - 0.2) < 0.05
     assert abs((brightness != 1).sum() / n - 0.15) < 0.05
     assert abs((gamma != 1).sum() / n - 0.3) < 0.05
+    assert ((contrast >= 0.75) & (contrast <= 1.25)).all() and abs((contrast != 1).sum() / n - 0.15) < 0.05
+    assert ((low_resolution >= 0.5) & (low_resolution <= 1)).all()
+    assert abs((low_resolution != 1).sum() / n - 0.25) < 0.05
+    assert ((inverted >= 0.7) & (inverted <= 1.5)).all() and abs((inverted != 1).sum() / n - 0.1) < 0.04
     assert abs(spatial.double().mean() - 0.36) < 0.05  # rotation 0.2 or scaling 0.2, independently
     assert (abs(mirrored.mean(0) - 0.5) < 0.06).all()
 
