@@ -242,6 +242,16 @@ def fit(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float
     search = _FitSearch(cfg, in_channels, num_classes, spacing, limit, patches)
     cap = max_batch if max_batch is not None else _NO_BATCH_CAP
 
+    # Where the data caps both patch and batch (small cases), the largest patch at the largest batch
+    # without checkpointing is the most work there can be, at the cheapest step: if it fits, one
+    # estimate settles the search.
+    if max_patch is not None and max_batch is not None:
+        largest = max(range(len(patches)), key=lambda i: search.volumes[i])
+        report = search.report(modes[0], largest, cap)
+        if report is not None and report.total <= limit:
+            return _grown_axes(cfg, patches[largest], cap, modes[0], report, in_channels, num_classes,
+                               spacing, limit, unit, max_patch)
+
     # The largest patch per mode at the smallest batch allowed: 2, or 1 when 2 fits nowhere.
     smallest_batch = min(2, cap)
     top = search.largest_patches(modes, smallest_batch)

@@ -239,6 +239,16 @@ def test_fit_respects_max_patch_and_max_batch_and_then_prefers_no_checkpointing(
     assert (chosen.train.patch_size, chosen.train.batch_size, chosen.model.checkpointing) == ([40, 40, 40], 3, "off")
 
 
+def test_fit_within_both_caps_takes_one_estimate(monkeypatch, shared_estimates):
+    # When the capped patch and batch fit without checkpointing nothing can do more work: no search.
+    calls = []
+    remembered = memory.estimate
+    monkeypatch.setattr(memory, "estimate", lambda *args, **kw: calls.append(args) or remembered(*args, **kw))
+    chosen, report = fit(tiny(), 256 * MiB, max_patch=(40, 40, 40), max_batch=3)
+    assert (chosen.train.patch_size, chosen.train.batch_size, chosen.model.checkpointing) == ([40, 40, 40], 3, "off")
+    assert len(calls) == 1 and report.total <= 0.9 * 256 * MiB
+
+
 def test_fit_weighs_checkpointing_by_its_step_time(monkeypatch, shared_estimates):
     # Only modes in STEP_TIME are candidates: with "stage" nearly free it buys far more voxels per
     # step (about 1.5 times) and wins; at twice the step time it loses.
