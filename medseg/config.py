@@ -77,6 +77,7 @@ class ValidateConfig:
     every: int = 1
     overlap: float = 0.5
     sw_batch_size: int = 2
+    mirror: bool = False
 
 
 @dataclass(frozen=True)

@@ -101,20 +101,8 @@ class Predictor:
         """
         volume = image.as_tensor()[None]
         aggregate = self._aggregation_device(self.prep.num_classes * volume[0, 0].numel() * 4)
-        flips: list[tuple[int, ...]] = [()]
-        if mirror:
-            flips += [axes for r in (1, 2, 3) for axes in itertools.combinations((2, 3, 4), r)]
-        total = None
-        for axes in flips:
-            flipped = volume.flip(axes) if axes else volume
-            logits = predict_logits(self.model, flipped, self.patch_size, overlap, sw_batch_size,
-                                    self.amp_dtype, aggregate)
-            if not mirror:
-                return logits[0]
-            scores = logits.softmax(1).flip(axes) if axes else logits.softmax(1)
-            del logits
-            total = scores if total is None else total.add_(scores)
-        return total[0] / len(flips)
+        return predict_scores(self.model, volume, self.patch_size, overlap, sw_batch_size, self.amp_dtype,
+                              aggregate, mirror)[0]
 
     def _aggregation_device(self, score_bytes: int) -> torch.device:
         # Bounded memory: blend the windows' scores on the GPU only while they (and a softmax copy)
@@ -203,6 +191,27 @@ def predict_logits(model: nn.Module, image: torch.Tensor, patch_size: Sequence[i
             sw_device=device, device=aggregate_device or device,
         )
     return logits.float()
+
+
+def predict_scores(model: nn.Module, image: torch.Tensor, patch_size: Sequence[int], overlap: float = 0.5,
+                   sw_batch_size: int = 2, amp_dtype: torch.dtype | None = None,
+                   aggregate_device: torch.device | None = None, mirror: bool = False) -> torch.Tensor:
+    """Class scores (B, K, ...) of a whole preprocessed volume (B, C, ...): the logits, or with
+    `mirror` the mean softmax over all 8 combinations of flipping the three axes (test-time
+    augmentation, as nnU-Net's validation). Their argmax is the label."""
+    flips: list[tuple[int, ...]] = [()]
+    if mirror:
+        flips += [axes for r in (1, 2, 3) for axes in itertools.combinations((2, 3, 4), r)]
+    total = None
+    for axes in flips:
+        flipped = image.flip(axes) if axes else image
+        logits = predict_logits(model, flipped, patch_size, overlap, sw_batch_size, amp_dtype, aggregate_device)
+        if not mirror:
+            return logits
+        scores = logits.softmax(1).flip(axes) if axes else logits.softmax(1)
+        del logits
+        total = scores if total is None else total.add_(scores)
+    return total / len(flips)
 
 
 def _prefetch(cases: list, predictor: Predictor) -> Iterator[tuple[Any, Future]]:

@@ -38,7 +38,7 @@ from medseg.data.transforms import Preprocessing
 from medseg.device import amp_dtype as resolve_amp
 from medseg.device import amp_name, resolve_device
 from medseg.errors import CheckpointError, ConfigError, DataError, MedsegError, TrainingInterrupted
-from medseg.infer import predict_logits
+from medseg.infer import predict_scores
 from medseg.losses import DiceCELoss, deep_supervision_weights
 from medseg.metrics import dice_per_class
 from medseg.models import CHECKPOINTING_MODES, build_model
@@ -438,9 +438,9 @@ def validate(model: nn.Module, volumes: Iterable[dict], prep: Preprocessing, cfg
     scores = []
     for item in volumes:
         image = torch.as_tensor(item["image"])[None]
-        logits = predict_logits(model, image, cfg.train.patch_size, cfg.validate.overlap,
-                                cfg.validate.sw_batch_size, amp_dtype)
-        prediction = logits.argmax(1)[0]
+        class_scores = predict_scores(model, image, cfg.train.patch_size, cfg.validate.overlap,
+                                      cfg.validate.sw_batch_size, amp_dtype, mirror=cfg.validate.mirror)
+        prediction = class_scores.argmax(1)[0]
         scores.append(dice_per_class(prediction, torch.as_tensor(item["label"])[0], prep.num_classes))
     model.train()
     scores = [row for part in distributed.gather(context, scores) for row in part]

@@ -118,6 +118,13 @@ def test_missing_dataset_is_one_line_error(tmp_path):
     assert "Traceback" not in result.output
 
 
+def test_validation_with_test_time_mirroring(tmp_path):
+    result = _train(tmp_path, "validate.mirror=true", "train.epochs=1")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv", encoding="utf-8")))
+    assert 0.0 <= float(rows[-1]["val_dice"]) <= 1.0
+
+
 def test_train_asks_for_expandable_allocator_segments_and_keeps_the_users_setting(tmp_path, monkeypatch):
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     _train(tmp_path, dataset=str(tmp_path / "nowhere"))
