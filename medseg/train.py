@@ -530,9 +530,7 @@ def _agree_on_memory(trained: nn.Module, network: nn.Module, batches: Iterable[d
 
 def _compile_setting(cfg: Config, device: torch.device) -> str:
     # "stage" checkpointing always runs eagerly: compiled on an H200 it kept as much memory as no
-    # checkpointing (docs/benchmarks.md), and in a CPU comparison on random data its compiled
-    # gradients differed from eager by ~5e-4 of their size (not understood; "off" and "selective"
-    # agreed to ~5e-7 there).
+    # checkpointing (docs/benchmarks.md), so compiling it would only hide the memory it is for.
     if cfg.model.checkpointing == "stage":
         return "off"
     if cfg.train.compile == "auto":
