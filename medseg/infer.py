@@ -105,12 +105,7 @@ class Predictor:
                               aggregate, mirror)[0]
 
     def _aggregation_device(self, score_bytes: int) -> torch.device:
-        # Bounded memory: blend the windows' scores on the GPU only while they (and a softmax copy)
-        # take at most a quarter of its memory; beyond that they are blended in host memory.
-        if self.device.type != "cuda":
-            return self.device
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        return self.device if 2 * score_bytes <= total // 4 else torch.device("cpu")
+        return aggregation_device(self.device, score_bytes)
 
 
 def predict(checkpoint_path: Path, inputs: Sequence[Path], out_dir: Path, overlap: float = 0.5,
@@ -191,6 +186,16 @@ def predict_logits(model: nn.Module, image: torch.Tensor, patch_size: Sequence[i
             sw_device=device, device=aggregate_device or device,
         )
     return logits.float()
+
+
+def aggregation_device(device: torch.device, score_bytes: int, memory_bytes: int | None = None) -> torch.device:
+    """Where to blend a volume's window scores (`score_bytes` for one copy): on the GPU only while
+    they and a softmax copy take at most a quarter of its memory (or of `memory_bytes`, a budget
+    the process keeps to), in host memory beyond that: bounded GPU memory for any volume size."""
+    if device.type != "cuda":
+        return device
+    total = memory_bytes or torch.cuda.get_device_properties(device).total_memory
+    return device if 2 * score_bytes <= total // 4 else torch.device("cpu")
 
 
 def predict_scores(model: nn.Module, image: torch.Tensor, patch_size: Sequence[int], overlap: float = 0.5,

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from medseg.data.transforms import Preprocessing
 from medseg.device import amp_dtype as resolve_amp
 from medseg.device import amp_name, resolve_device
 from medseg.errors import CheckpointError, ConfigError, DataError, MedsegError, TrainingInterrupted
-from medseg.infer import predict_scores
+from medseg.infer import aggregation_device, predict_scores
 from medseg.losses import DiceCELoss, deep_supervision_weights
 from medseg.metrics import dice_per_class
 from medseg.models import CHECKPOINTING_MODES, build_model
@@ -85,6 +85,9 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
     summaries = check_dataset(dataset.cases, dataset.labels, len(dataset.modalities) or None,
                               workers=max(cfg.train.workers, 1))
     train_cases, val_cases = split(dataset.cases, cfg.data.folds, cfg.data.fold, cfg.data.split_seed)
+    if state is not None and state.get("split"):
+        # A resumed run keeps the cases it started with, whatever the split rule says now.
+        train_cases, val_cases = _saved_split(dataset.cases, state["split"], resume)
     if state is not None:
         prep = Preprocessing.from_dict(state["preprocessing"])
         if prep.channels != summaries[0].channels:
@@ -169,6 +172,7 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
             "sampler": sampler_states,
             "config": cfg.to_dict(),
             "preprocessing": prep.to_dict(),
+            "split": {"train": [c.name for c in train_cases], "validation": [c.name for c in val_cases]},
             "history": history,
         }
 
@@ -435,11 +439,17 @@ def validate(model: nn.Module, volumes: Iterable[dict], prep: Preprocessing, cfg
 
     With several processes each predicts its share of the volumes and the scores are gathered.
     """
+    from medseg.memory import parse_size
+
+    budget = parse_size(cfg.train.memory_budget) if cfg.train.memory_budget else None
     scores = []
     for item in volumes:
         image = torch.as_tensor(item["image"])[None]
+        # Blended on the GPU while that is small against its memory (or the budget), else on the host.
+        aggregate = aggregation_device(next(model.parameters()).device, prep.num_classes * image[0, 0].numel() * 4,
+                                       budget)
         class_scores = predict_scores(model, image, cfg.train.patch_size, cfg.validate.overlap,
-                                      cfg.validate.sw_batch_size, amp_dtype, mirror=cfg.validate.mirror)
+                                      cfg.validate.sw_batch_size, amp_dtype, aggregate, cfg.validate.mirror)
         prediction = class_scores.argmax(1)[0]
         scores.append(dice_per_class(prediction, torch.as_tensor(item["label"])[0], prep.num_classes))
     model.train()
@@ -573,6 +583,17 @@ def _fit_memory(cfg: Config, prep: Preprocessing, summaries: list[CaseSummary], 
                          max_patch=max_patch, max_batch=max(max_batch, cfg.train.batch_size))
     console.print(f"memory budget {budget / GiB:.1f} GiB: chose {report.summary()}")
     return chosen
+
+
+def _saved_split(cases: Sequence[Case], saved: dict[str, list[str]],
+                 run_dir: Path | None) -> tuple[list[Case], list[Case]]:
+    """The training and validation cases a checkpoint names, from the dataset's cases."""
+    by_name = {case.name: case for case in cases}
+    missing = [name for part in ("train", "validation") for name in saved.get(part, []) if name not in by_name]
+    if missing:
+        raise DataError(f"{run_dir}: the run was trained on case {missing[0]!r}, which the dataset no longer has"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return [by_name[n] for n in saved.get("train", [])], [by_name[n] for n in saved.get("validation", [])]
 
 
 def _freeze_unused_heads(model: nn.Module) -> None:

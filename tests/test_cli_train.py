@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -82,6 +83,30 @@ def test_resume_continues_to_more_epochs(tmp_path):
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert checkpoint.load(run_dir / "last.pt")["epoch"] == 2
+
+
+def test_resume_keeps_the_runs_own_split(tmp_path):
+    # The checkpoint names the cases the run trains and validates on; a resume uses those, and a
+    # dataset that lost one of them is a one-line error naming it.
+    dataset = tmp_path / "data"
+    shutil.copytree(ROOT / "sample_data", dataset)
+    assert _train(tmp_path, dataset=str(dataset)).exit_code == 0
+    run_dir = tmp_path / "run"
+    state = checkpoint.load(run_dir / "last.pt")
+    assert len(state["split"]["train"]) == 9 and len(state["split"]["validation"]) == 3
+    assert not set(state["split"]["train"]) & set(state["split"]["validation"])
+    state["config"]["train"]["epochs"] = 3
+    checkpoint.save(state, run_dir / "last.pt")
+    gone = state["split"]["validation"][0]
+    for path in dataset.rglob(f"{gone}*"):
+        path.unlink()
+    description = json.loads((dataset / "dataset.json").read_text(encoding="utf-8"))
+    description["training"] = [t for t in description["training"] if gone not in t["image"]]
+    description["numTraining"] = len(description["training"])
+    (dataset / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
+    result = runner.invoke(app, ["train", "--resume", str(run_dir)])
+    assert result.exit_code == 2
+    assert gone in result.output and "no longer has" in result.output and "Traceback" not in result.output
 
 
 def test_training_is_reproducible_on_cpu(tmp_path):

@@ -45,7 +45,9 @@ NOISE_PROB, MAX_NOISE_STD = 0.1, 0.1
 BLUR_PROB, BLUR_SIGMA = 0.2, (0.5, 1.0)
 BRIGHTNESS_PROB, MAX_BRIGHTNESS = 0.15, 0.25
 CONTRAST_PROB, MAX_CONTRAST = 0.15, 0.25  # deviations from the mean scaled by 1 ± 0.25, range kept
-LOW_RESOLUTION_PROB, LOW_RESOLUTION_ZOOM = 0.25, (0.5, 1.0)  # down (nearest) and up (trilinear) again
+# Simulated low resolution as MONAI's RandSimulateLowResolution: down (nearest) and up (trilinear)
+# again, all channels (nnU-Net: each channel with probability 0.5, cubic upsampling).
+LOW_RESOLUTION_PROB, LOW_RESOLUTION_ZOOM = 0.25, (0.5, 1.0)
 INVERTED_GAMMA_PROB = 0.1  # gamma of the inverted image, as nnU-Net's second gamma transform
 GAMMA_PROB, GAMMA_RANGE = 0.3, (0.7, 1.5)  # both gammas keep the patch's mean and standard deviation
 FLIP_PROB = 0.5

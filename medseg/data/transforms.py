@@ -69,6 +69,34 @@ class ClipAndStandardized(T.MapTransform):
         return d
 
 
+class RandIsotropicScaled(T.RandomizableTransform, T.MapTransform):
+    """With probability `prob`, scale every key about the patch centre by one factor for all axes,
+    drawn uniformly from `scale_range`, in RandAffine's sense: a factor above 1 samples a larger
+    region into the patch, so structures look smaller (nnU-Net's convention). Outside is zero."""
+
+    def __init__(self, keys: KeysCollection, prob: float, scale_range: tuple[float, float],
+                 modes: tuple[str, ...]) -> None:
+        T.MapTransform.__init__(self, keys)
+        T.RandomizableTransform.__init__(self, prob)
+        self.scale_range, self.modes = scale_range, modes
+        self.factor = 1.0
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        self.factor = float(self.R.uniform(*self.scale_range))
+
+    def __call__(self, data: dict) -> dict:
+        self.randomize()
+        if not self._do_transform:
+            return data
+        d = dict(data)
+        for key, mode in zip(self.keys, self.modes):
+            spatial = d[key].ndim - 1
+            d[key] = T.Affine(scale_params=(self.factor,) * spatial, mode=mode, padding_mode="zeros",
+                              image_only=True)(d[key])
+        return d
+
+
 def load(keys: tuple[str, ...] = ("image", "label"), series_uid: str | None = None) -> list:
     """Read files into channel-first MetaTensors in RAS orientation (no resampling)."""
     return [
@@ -140,8 +168,7 @@ def training_augmentation(p: Preprocessing, patch_size: list[int], foreground_fr
             # Rotation and scaling drawn independently, one scale factor for all axes (nnU-Net's).
             T.RandRotated(keys, range_x=rotation, range_y=rotation, range_z=rotation, prob=0.2,
                           mode=("bilinear", "nearest"), padding_mode="zeros", keep_size=True),
-            T.RandZoomd(keys, prob=0.2, min_zoom=0.7, max_zoom=1.4, mode=("trilinear", "nearest"),
-                        padding_mode="constant", keep_size=True),
+            RandIsotropicScaled(keys, prob=0.2, scale_range=(0.7, 1.4), modes=("bilinear", "nearest")),
             T.RandGaussianNoised("image", prob=0.1, std=0.1),
             T.RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
             T.RandScaleIntensityd("image", prob=0.15, factors=0.25),
