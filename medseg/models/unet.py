@@ -17,6 +17,9 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 # Cheapest first in time, most expensive first in memory.
 CHECKPOINTING_MODES = ("off", "selective", "stage")
+# With "stage" checkpointing, the stages of this many of the finest levels run one sample at a time
+# (the full- and half-resolution stages hold most of the memory of the backward pass).
+PER_SAMPLE_LEVELS = 2
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,8 @@ class UNet3D(nn.Module):
                    backward, one stage at a time (the expensive convolutions are never rerun).
         stage:     keep only each stage's input (and the skip tensors, which are stage outputs anyway);
                each encoder and decoder stage's inner activations (conv outputs, norm statistics,
-               activations) are recomputed in backward, one stage at a time.
+               activations) are recomputed in backward, one stage at a time, and at the two finest
+               levels one sample at a time.
         """
         if mode not in CHECKPOINTING_MODES:
             raise ValueError(f"checkpointing must be one of {CHECKPOINTING_MODES}, got {mode!r}")
@@ -178,13 +182,13 @@ class UNet3D(nn.Module):
             return self._forward_selective(image)
         skips = []
         features = image
-        for stage in self.encoder:
-            features = self._run(stage, features)
+        for level, stage in enumerate(self.encoder):
+            features = self._run(stage, features, per_sample=level < PER_SAMPLE_LEVELS)
             skips.append(features)
         outputs = []
         features = skips.pop()
-        for stage, head in zip(self.decoder, self.heads):
-            features = self._run(stage, features, skips.pop())
+        for level, (stage, head) in zip(range(len(self.decoder) - 1, -1, -1), zip(self.decoder, self.heads)):
+            features = self._run(stage, features, skips.pop(), per_sample=level < PER_SAMPLE_LEVELS)
             if self.training and self.deep_supervision:
                 outputs.append(head(features))
         if not (self.training and self.deep_supervision):
@@ -218,10 +222,15 @@ class UNet3D(nn.Module):
     def _checkpoint(function, *arguments) -> torch.Tensor:
         return checkpoint(function, *arguments, use_reentrant=False, context_fn=_KEEP_CONVOLUTIONS)
 
-    def _run(self, stage: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    def _run(self, stage: nn.Module, *inputs: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
         if self.checkpointing == "stage" and torch.is_grad_enabled():
             # Non-reentrant checkpointing: works with autocast and inputs that need no grad, and
             # recomputes the stage under the same autocast state as in forward.
+            if per_sample and inputs[0].shape[0] > 1:
+                # Instance and group norm keep samples independent: one checkpoint per sample
+                # recomputes (and holds the backward's temporaries of) one sample at a time.
+                return torch.cat([checkpoint(stage, *(x[i:i + 1] for x in inputs), use_reentrant=False)
+                                  for i in range(inputs[0].shape[0])])
             return checkpoint(stage, *inputs, use_reentrant=False)
         return stage(*inputs)
 
