@@ -100,12 +100,9 @@ class Predictor:
         where they were blended (the GPU, or host memory for very large volumes).
         """
         volume = image.as_tensor()[None]
-        aggregate = self._aggregation_device(self.prep.num_classes * volume[0, 0].numel() * 4)
+        aggregate = aggregation_device(self.device, volume, self.prep.num_classes)
         return predict_scores(self.model, volume, self.patch_size, overlap, sw_batch_size, self.amp_dtype,
                               aggregate, mirror)[0]
-
-    def _aggregation_device(self, score_bytes: int) -> torch.device:
-        return aggregation_device(self.device, score_bytes)
 
 
 def predict(checkpoint_path: Path, inputs: Sequence[Path], out_dir: Path, overlap: float = 0.5,
@@ -188,12 +185,15 @@ def predict_logits(model: nn.Module, image: torch.Tensor, patch_size: Sequence[i
     return logits.float()
 
 
-def aggregation_device(device: torch.device, score_bytes: int, memory_bytes: int | None = None) -> torch.device:
-    """Where to blend a volume's window scores (`score_bytes` for one copy): on the GPU only while
-    they and a softmax copy take at most a quarter of its memory (or of `memory_bytes`, a budget
-    the process keeps to), in host memory beyond that: bounded GPU memory for any volume size."""
+def aggregation_device(device: torch.device, volume: torch.Tensor, num_classes: int,
+                       memory_bytes: int | None = None) -> torch.device:
+    """Where to blend the window scores of `volume` (B, C, ...): on the GPU only while they (float32,
+    one per class and voxel) and a softmax copy take at most a quarter of its memory (or of
+    `memory_bytes`, a budget the process keeps to), in host memory beyond that: bounded GPU memory
+    for any volume size."""
     if device.type != "cuda":
         return device
+    score_bytes = num_classes * volume[0, 0].numel() * 4
     total = memory_bytes or torch.cuda.get_device_properties(device).total_memory
     return device if 2 * score_bytes <= total // 4 else torch.device("cpu")
 

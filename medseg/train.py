@@ -446,8 +446,7 @@ def validate(model: nn.Module, volumes: Iterable[dict], prep: Preprocessing, cfg
     for item in volumes:
         image = torch.as_tensor(item["image"])[None]
         # Blended on the GPU while that is small against its memory (or the budget), else on the host.
-        aggregate = aggregation_device(next(model.parameters()).device, prep.num_classes * image[0, 0].numel() * 4,
-                                       budget)
+        aggregate = aggregation_device(next(model.parameters()).device, image, prep.num_classes, budget)
         class_scores = predict_scores(model, image, cfg.train.patch_size, cfg.validate.overlap,
                                       cfg.validate.sw_batch_size, amp_dtype, aggregate, cfg.validate.mirror)
         prediction = class_scores.argmax(1)[0]

@@ -26,7 +26,7 @@ the patch the MONAI crop therefore always sits at the same place; here the foreg
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
@@ -82,15 +82,15 @@ class _Draw:
 
     cases: list[int]
     corners: list[list[int]]  # the patch's first voxel, in volume coordinates (may be negative)
-    matrices: list[Matrix]  # patch offset -> volume offset: rotation @ scale @ mirror
-    noise_std: list[float]  # 0: no noise
-    blur_sigma: list[list[float]]  # per axis; 0: no blur
-    brightness: list[float]  # multiplicative factor; 1: unchanged
-    contrast: list[float]  # factor on the deviation from the mean; 1: unchanged
-    low_resolution: list[float]  # zoom of the simulated acquisition; 1: unchanged
-    inverted_gamma: list[float]  # gamma of the inverted image; 1: unchanged
-    gamma: list[float]  # 1: unchanged
-    noise_seed: int
+    matrices: list[Matrix] = field(default_factory=list)  # patch offset -> volume offset: rotation @ scale @ mirror
+    noise_std: list[float] = field(default_factory=list)  # 0: no noise
+    blur_sigma: list[list[float]] = field(default_factory=list)  # per axis; 0: no blur
+    brightness: list[float] = field(default_factory=list)  # multiplicative factor; 1: unchanged
+    contrast: list[float] = field(default_factory=list)  # factor on the deviation from the mean; 1: unchanged
+    low_resolution: list[float] = field(default_factory=list)  # zoom of the simulated acquisition; 1: unchanged
+    inverted_gamma: list[float] = field(default_factory=list)  # gamma of the inverted image; 1: unchanged
+    gamma: list[float] = field(default_factory=list)  # 1: unchanged
+    noise_seed: int = 0
 
 
 class DevicePatchSampler:
@@ -232,14 +232,17 @@ class DevicePatchSampler:
             corners.append(self._corner(self._volumes[case], u[1:_POSITION_DRAWS]))
         identity: Matrix = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
         if not self.augment:
-            return _Draw(cases, corners, [identity] * b, [0.0] * b, [[0.0] * 3] * b, [1.0] * b, [1.0] * b,
-                         [1.0] * b, [1.0] * b, [1.0] * b, 0)
+            return _Draw(cases, corners, matrices=[identity] * b, noise_std=[0.0] * b, blur_sigma=[[0.0] * 3] * b,
+                         brightness=[1.0] * b, contrast=[1.0] * b, low_resolution=[1.0] * b,
+                         inverted_gamma=[1.0] * b, gamma=[1.0] * b)
 
-        draw = _Draw(cases, corners, [], [], [], [], [], [], [], [], noise_seed=0)
+        draw = _Draw(cases, corners)
         for u in draws:
             (rotate, ax, ay, az, scale, factor_u, contrast, noise, noise_std, blur, sx, sy, sz, bright, factor,
              gamma_u, gamma, fx, fy, fz, contrast_u, low_u, zoom, inverted_u, inverted) = u[_POSITION_DRAWS:]
-            matrix = _rotation([MAX_ROTATION * (2 * v - 1) for v in (ax, ay, az)]) if rotate < ROTATION_PROB else identity
+            matrix = identity
+            if rotate < ROTATION_PROB:
+                matrix = _rotation([MAX_ROTATION * (2 * v - 1) for v in (ax, ay, az)])
             if scale < SCALE_PROB:
                 k = _between(factor_u, SCALE_RANGE)
                 matrix = [[m * k for m in row] for row in matrix]

@@ -187,7 +187,7 @@ class UNet3D(nn.Module):
             skips.append(features)
         outputs = []
         features = skips.pop()
-        for level, (stage, head) in zip(range(len(self.decoder) - 1, -1, -1), zip(self.decoder, self.heads)):
+        for level, stage, head in zip(reversed(range(len(self.decoder))), self.decoder, self.heads):
             features = self._run(stage, features, skips.pop(), per_sample=level < PER_SAMPLE_LEVELS)
             if self.training and self.deep_supervision:
                 outputs.append(head(features))
