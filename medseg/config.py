@@ -112,7 +112,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("sgd", "adamw"),
     "train.lr_schedule": ("poly", "cosine", "constant"),
     "train.amp": ("auto", "fp16", "bf16", "off"),
-    "train.compile": ("auto", "on", "off"),
+    "train.compile": ("auto", "on", "off", "graphs"),
 }
 
 

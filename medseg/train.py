@@ -71,6 +71,11 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
     device = resolve_device(cfg.train.device, context)
     amp_dtype = resolve_amp(cfg.train.amp, device)
     _hold_to_budget(cfg, device, console)
+    if device.type == "cuda":
+        # The patch shape is fixed, so cuDNN can time its convolution algorithms once and keep the
+        # fastest (as nnU-Net does). Not under a memory budget: the trial runs and the chosen
+        # algorithms' workspaces are outside what the estimator fitted the step to.
+        torch.backends.cudnn.benchmark = not cfg.train.memory_budget
     if cfg.train.max_minutes is not None and cfg.train.max_minutes <= 0:
         raise ConfigError(f"'train.max_minutes' must be positive, got {cfg.train.max_minutes}")
     if cfg.train.batch_size % context.world_size:
@@ -102,7 +107,7 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
             _create(run_dir)
             config.dump(cfg, run_dir / "config.yaml")
             (run_dir / "preprocessing.json").write_text(json.dumps(prep.to_dict(), indent=2), encoding="utf-8")
-    compile_mode = _compile_setting(cfg, device)
+    compile_mode = _compile_setting(cfg, device, context.enabled)
     console.print(
         f"[bold]medseg train[/]: {len(train_cases)} training / {len(val_cases)} validation cases, "
         f"spacing {_fmt(prep.spacing)} mm, patch {cfg.train.patch_size}, batch {cfg.train.batch_size}, "
@@ -149,13 +154,7 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
         trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if compile_mode == "on":
-        from torch import _dynamo
-
-        # Where torch.compile cannot handle the network or the machine (no compiler, an
-        # unsupported GPU), run that part eagerly instead of failing the run.
-        _dynamo.config.suppress_errors = True
-        trained = torch.compile(trained)
+    trained, loss_fn = compile_for_training(trained, loss_fn, compile_mode)
     best = max((row["val_dice"] for row in history if not math.isnan(row.get("val_dice", math.nan))), default=-1.0)
 
     def snapshot(completed_epoch: int, steps: int) -> dict[str, Any]:
@@ -179,7 +178,7 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
     # With one process, an out-of-memory error in any step is caught and the step retried more
     # cheaply. With several, a change in one process alone would desynchronise them: instead, all
     # try one step first without exchanging gradients and agree on the fallback (see _agree_on_memory).
-    fallback = MemoryFallback(enabled=not context.enabled, compiled=compile_mode == "on")
+    fallback = MemoryFallback(enabled=not context.enabled, compiled=compile_mode != "off")
     if context.enabled:
         _agree_on_memory(trained, model, batches, loss_fn, scaler, amp_dtype, fallback, device, console, context)
     origin = started - schedule.seconds  # a resumed run goes on counting from where it stopped
@@ -537,14 +536,39 @@ def _agree_on_memory(trained: nn.Module, network: nn.Module, batches: Iterable[d
         console.print(f"out of memory on at least one GPU in the first step: {change} on every GPU")
 
 
-def _compile_setting(cfg: Config, device: torch.device) -> str:
+def compile_for_training(model: nn.Module, loss_fn: nn.Module, mode: str) -> tuple[nn.Module, nn.Module]:
+    """The network and the loss as the training step runs them: eager (`off`), compiled with
+    torch.compile (`on`), or compiled and replayed as CUDA graphs (`graphs`).
+
+    The loss is compiled with the network: eager, its softmax, one-hot, sums and their backward
+    for every deep-supervision output are dozens of small kernels per step. CUDA graphs
+    (torch.compile's "reduce-overhead" mode) launch each compiled forward and backward as one
+    graph: for small patches, where the step is bound by kernel launches rather than arithmetic.
+    """
+    if mode == "off":
+        return model, loss_fn
+    from torch import _dynamo
+
+    # Where torch.compile cannot handle the network or the machine (no compiler, an unsupported
+    # GPU), run that part eagerly instead of failing the run.
+    _dynamo.config.suppress_errors = True
+    options = {"mode": "reduce-overhead"} if mode == "graphs" else {}
+    return torch.compile(model, **options), torch.compile(loss_fn, **options)
+
+
+def _compile_setting(cfg: Config, device: torch.device, distributed_run: bool = False) -> str:
     # "stage" checkpointing always runs eagerly: compiled on an H200 it kept as much memory as no
     # checkpointing (docs/benchmarks.md), so compiling it would only hide the memory it is for.
     if cfg.model.checkpointing == "stage":
         return "off"
-    if cfg.train.compile == "auto":
-        return "on" if device.type == "cuda" else "off"
-    return cfg.train.compile
+    setting = cfg.train.compile
+    if setting == "auto":
+        setting = "on" if device.type == "cuda" else "off"
+    # CUDA graphs need CUDA, and replay no collective communication: with several processes
+    # (DistributedDataParallel's gradient all-reduce) or on the CPU they fall back to plain compile.
+    if setting == "graphs" and (device.type != "cuda" or distributed_run):
+        setting = "on"
+    return setting
 
 
 def _network(model: nn.Module) -> nn.Module:

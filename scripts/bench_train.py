@@ -50,18 +50,31 @@ from medseg.device import amp_dtype as resolve_amp
 from medseg.device import amp_name
 from medseg.losses import DiceCELoss
 from medseg.models import CHECKPOINTING_MODES, build_model, network_plan
-from medseg.train import _optimizer, train_step
+from medseg.train import _compile_setting, _optimizer, compile_for_training, train_step
 
 GiB = 2**30
 REPO = Path(__file__).resolve().parents[1]
 HIPPOCAMPUS_PATCH, HIPPOCAMPUS_BATCH = [40, 56, 40], 7
 
 
+# How a configuration runs: eager, torch.compile'd (network and loss, as `medseg train` with
+# train.compile=on) or compiled and replayed as CUDA graphs (train.compile=graphs).
+RUN_KINDS = {"eager": "off", "compiled": "on", "graphs": "graphs"}
+
+
 def all_configs() -> list[str]:
-    names = ["nnunet-eager", "nnunet-compiled"]
-    for mode in CHECKPOINTING_MODES:
-        names += [f"medseg-{mode}-eager", f"medseg-{mode}-compiled"]
+    """Configuration names: FAMILY[-MODE]-KIND[-cl]; -cl = channels-last (NDHWC) memory layout."""
+    names = []
+    for kind in RUN_KINDS:
+        names += [f"nnunet-{kind}", f"nnunet-{kind}-cl"]
+        for mode in CHECKPOINTING_MODES:
+            names += [f"medseg-{mode}-{kind}", f"medseg-{mode}-{kind}-cl"]
     return names
+
+
+def run_kind(name: str) -> str:
+    """train.compile setting of a configuration name."""
+    return RUN_KINDS[name.removesuffix("-cl").rsplit("-", 1)[1]]
 
 
 def model_overrides(args: argparse.Namespace) -> list[str]:
@@ -98,7 +111,7 @@ def nnunet_model(cfg: config.Config, in_channels: int, classes: int, spacing=(1.
 
 def build(name: str, patch: list[int], batch: int, extra: list[str], in_channels: int, classes: int,
           spacing=(1.0, 1.0, 1.0)) -> tuple[nn.Module, config.Config]:
-    """(model, cfg) of a configuration name: nnunet-{eager,compiled} or medseg-MODE-{eager,compiled}."""
+    """(model, cfg) of a configuration name (see all_configs)."""
     parts = name.split("-")
     if parts[0] == "nnunet":
         cfg = make_cfg(patch, batch, "off", extra)
@@ -161,22 +174,20 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def measure_step(model: nn.Module, cfg: config.Config, compiled: bool, device: torch.device,
-                 amp: torch.dtype | None, in_channels: int, classes: int, steps: int, warmup: int) -> dict[str, Any]:
-    """Median step time and memory of `model` (moved to `device`) with `medseg.train.train_step`."""
+def measure_step(model: nn.Module, cfg: config.Config, kind: str, device: torch.device,
+                 amp: torch.dtype | None, in_channels: int, classes: int, steps: int, warmup: int,
+                 channels_last: bool = False) -> dict[str, Any]:
+    """Median step time and memory of `model` (moved to `device`) with `medseg.train.train_step`,
+    run as `kind` (a train.compile setting: off, on, graphs)."""
     patch, batch = list(cfg.train.patch_size), cfg.train.batch_size
-    model = model.to(device).train()
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=layout).train()
     optimizer = _optimizer(cfg, model)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    loss_fn = DiceCELoss()
-    image = torch.randn(batch, in_channels, *patch, device=device)
+    loss_fn = DiceCELoss(batch_dice=cfg.train.batch_dice)
+    image = torch.randn(batch, in_channels, *patch, device=device).contiguous(memory_format=layout)
     label = torch.randint(0, classes, (batch, 1, *patch), device=device, dtype=torch.uint8)
-    trained = model
-    if compiled:
-        from torch import _dynamo
-
-        _dynamo.config.suppress_errors = True  # as medseg.train does
-        trained = torch.compile(model)
+    trained, loss_fn = compile_for_training(model, loss_fn, kind)  # as medseg.train does
     timer = Timer(device)
     losses: list[torch.Tensor] = []
 
@@ -185,7 +196,8 @@ def measure_step(model: nn.Module, cfg: config.Config, compiled: bool, device: t
         losses.append(loss)
 
     first_ms = timer.time(step)  # includes compilation when compiled
-    for _ in range(warmup + (1 if compiled else 0) - 1):
+    # Compiled: one more warm-up step; CUDA graphs: two more (one run to warm up, one to record).
+    for _ in range(warmup + {"off": 0, "on": 1, "graphs": 3}[kind] - 1):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -203,10 +215,10 @@ def measure_step(model: nn.Module, cfg: config.Config, compiled: bool, device: t
 def run_config(name: str, args: argparse.Namespace, device: torch.device, amp: torch.dtype | None,
                patch: list[int], batch: int, extra: list[str], in_channels: int = 1, classes: int = 3,
                spacing=(1.0, 1.0, 1.0)) -> dict[str, Any]:
-    compiled = name.endswith("-compiled")
     try:
         model, cfg = build(name, patch, batch, extra, in_channels, classes, spacing)
-        result = measure_step(model, cfg, compiled, device, amp, in_channels, classes, args.steps, args.warmup)
+        result = measure_step(model, cfg, run_kind(name), device, amp, in_channels, classes, args.steps,
+                              args.warmup, channels_last=name.endswith("-cl"))
         del model
     except Exception as exc:  # noqa: BLE001 - one failing configuration must not end the run
         result = {"status": "OOM" if is_oom(exc) else f"error: {type(exc).__name__}: {str(exc)[:300]}"}
@@ -259,7 +271,7 @@ def print_table(results: dict[str, dict[str, Any]], peak_tflops: float) -> list[
         m_nn = r["peak_gib"] / nn_ref["peak_gib"] if nn_ref and "peak_gib" in r and "peak_gib" in nn_ref else None
         t_off = m_off = None
         if name.startswith("medseg-"):
-            off = ok(f"medseg-off-{name.rsplit('-', 1)[1]}")
+            off = ok(f"medseg-off-{name.split('-', 2)[2]}")
             if off:
                 t_off = r["ms"] / off["ms"]
                 m_off = r["peak_gib"] / off["peak_gib"] if "peak_gib" in r and "peak_gib" in off else None
@@ -284,9 +296,11 @@ def print_table(results: dict[str, dict[str, Any]], peak_tflops: float) -> list[
 def part1(args: argparse.Namespace, device: torch.device, amp: torch.dtype | None) -> dict[str, Any]:
     patch, batch = args.patch or [128, 128, 128], args.batch or 2
     extra = model_overrides(args)
+    if args.hippocampus_plan:
+        extra.append("train.batch_dice=false")  # as medseg plan chooses for this data
     names = args.configs or all_configs()
     if args.no_compile:
-        names = [n for n in names if not n.endswith("-compiled")]
+        names = [n for n in names if run_kind(n) == "off"]
     unknown = [n for n in names if n not in all_configs()]
     if unknown:
         raise SystemExit(f"unknown configurations {unknown}; choose from {all_configs()}")
@@ -355,7 +369,7 @@ def part2(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
             overrides.append("train.compile=off")
         overrides += args.full_set
         cfg = config.load(config_file, overrides)
-        compiled = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
+        kind = _compile_setting(cfg, device)
         amp = resolve_amp(cfg.train.amp, device)
         patch, batch = list(cfg.train.patch_size), cfg.train.batch_size
         spacing = tuple(cfg.data.spacing) if cfg.data.spacing else (1.0, 1.0, 1.0)
@@ -365,7 +379,7 @@ def part2(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
             for item in [*overrides, f"output_dir={tmp}", "run_name=bench"]:
                 command += ["--set", item]
             print(f"\n{path}: patch {patch} batch {batch} checkpointing {cfg.model.checkpointing} "
-                  f"compile {compiled} amp {amp_name(amp)}\n$ {shlex.join(command)}", flush=True)
+                  f"compile {kind} amp {amp_name(amp)}\n$ {shlex.join(command)}", flush=True)
             started = time.perf_counter()
             done = subprocess.run(command, env=os.environ.copy(), cwd=REPO)
             wall = time.perf_counter() - started
@@ -380,8 +394,9 @@ def part2(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
         seconds = sum(float(r["train_seconds"]) for r in later)
         steps = sum(int(r["steps"]) for r in later)
         loop_ms = 1000 * seconds / steps
-        name = f"medseg-{cfg.model.checkpointing}-{'compiled' if compiled else 'eager'}"
+        name = f"medseg-{cfg.model.checkpointing}-{next(k for k, v in RUN_KINDS.items() if v == kind)}"
         extra = [f"model.{k}={getattr(cfg.model, k)}" for k in ("base_width", "max_width", "norm", "deep_supervision")]
+        extra.append(f"train.batch_dice={str(cfg.train.batch_dice).lower()}")
         if cfg.model.depth is not None:
             extra.append(f"model.depth={cfg.model.depth}")
         print(f"pure step ({name}, resident random tensors) ...", flush=True)
