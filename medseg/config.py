@@ -70,6 +70,7 @@ class TrainConfig:
     memory_budget: Optional[str] = None
     max_minutes: Optional[float] = None
     compile: str = "auto"
+    channels_last: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.lr_schedule": ("poly", "cosine", "constant"),
     "train.amp": ("auto", "fp16", "bf16", "off"),
     "train.compile": ("auto", "on", "off", "graphs"),
+    "train.channels_last": ("auto", "on", "off"),
 }
 
 

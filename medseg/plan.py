@@ -24,6 +24,9 @@ from medseg.data.io import load_volume
 ANISOTROPY = 3.0
 # A patch holding less than this share of the median case's voxels trains with batch Dice (nnU-Net's rule).
 BATCH_DICE_SHARE = 0.25
+# One batch covers at most this share of the dataset's voxels, but holds at least MIN_BATCH
+# patches (nnU-Net: max_dataset_covered 0.05, UNet_min_batch_size 2).
+MAX_DATASET_COVERED, MIN_BATCH = 0.05, 2
 
 
 @dataclass
@@ -115,16 +118,19 @@ def growth_limits(summaries: Sequence[CaseSummary], spacing: Sequence[float]) ->
 
     The patch: the median case's extent in voxels at that spacing, rounded up to the network's
     divisibility (a larger patch would be mostly padding). The batch: nnU-Net's cap, one batch
-    of that patch covers at most 5 % of all the dataset's voxels (more would see the same data too
-    often per step), but never fewer than 2.
+    of that patch covers at most 5 % of the dataset's voxels (more would see the same data too
+    often per step), rounded to the nearest batch size, but never fewer than 2. As nnU-Net
+    (get_plans_for_configuration), the dataset's voxels are approximated by the median case's
+    (each case's shape at `spacing` rounded, then the median per axis) times the number of cases.
     """
     target = np.asarray(spacing, dtype=float)
     spacings = np.array([s.spacing_ras for s in summaries])
     shapes = np.array([_shape_in_ras(s.shape, s.affine) for s in summaries])
     at_spacing = np.median(shapes * spacings / target, axis=0).round().astype(int)
     patch = _divisible_patch(at_spacing)
-    dataset_voxels = float(np.prod(shapes * spacings / target, axis=1).sum())
-    return patch, max(2, int(0.05 * dataset_voxels / np.prod(patch)))
+    median_voxels = float(np.prod(np.median(np.round(shapes * spacings / target), axis=0), dtype=np.float64))
+    covered = MAX_DATASET_COVERED * median_voxels * len(summaries) / float(np.prod(patch, dtype=np.float64))
+    return patch, max(MIN_BATCH, round(covered))
 
 
 def _divisible_patch(shape: np.ndarray, max_downsamplings: int = 5, min_feature_size: int = 4) -> list[int]:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
 import yaml
 from typer.testing import CliRunner
 
 from medseg import config
 from medseg.cli import app
-from medseg.plan import _batch_dice, _divisible_patch, plan
+from medseg.plan import _batch_dice, _divisible_patch, growth_limits, plan
 from tests.conftest import ROOT
+
+HIPPOCAMPUS = Path("/work/shared/data/hippocampus")
 
 runner = CliRunner()
 
@@ -18,6 +25,35 @@ def test_patch_is_the_median_shape_rounded_to_the_network():
     assert _divisible_patch([35, 50, 36]) == [40, 56, 40]
     assert _divisible_patch([128, 128, 128]) == [128, 128, 128]
     assert all(p % 2 == 0 for p in _divisible_patch([9, 17, 300]))
+
+
+def _cases(*shapes: tuple[int, int, int]) -> list[SimpleNamespace]:
+    return [SimpleNamespace(shape=shape, spacing_ras=(1.0, 1.0, 1.0), affine=np.eye(4)) for shape in shapes]
+
+
+def test_batch_cap_is_nnunets_median_case_times_cases():
+    # nnU-Net: round(0.05 * median case voxels * cases / patch voxels), at least 2. The sum of all
+    # voxels would let a few large cases raise the cap (here to 17), and int() rounded it down.
+    cases = _cases(*[(35, 50, 36)] * 150, *[(70, 100, 72)] * 45)
+    patch, batch = growth_limits(cases, (1.0, 1.0, 1.0))
+    assert patch == [40, 56, 40]
+    assert batch == round(0.05 * 35 * 50 * 36 * 195 / (40 * 56 * 40)) == 7  # 6.86: rounded, not truncated
+    assert growth_limits(_cases(*[(35, 50, 36)] * 10), (1.0, 1.0, 1.0))[1] == 2  # never below 2
+    # The median of the shapes at the spacing, each rounded first (nnU-Net's compute_new_shape).
+    halves = [SimpleNamespace(shape=(70, 100, 72), spacing_ras=(0.5, 0.5, 0.5), affine=np.eye(4))] * 400
+    assert growth_limits(halves, (1.0, 1.0, 1.0))[1] == round(0.05 * 35 * 50 * 36 * 400 / 89600)
+
+
+@pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason="needs the MSD hippocampus data")
+def test_batch_cap_of_hippocampus():
+    from medseg.data.cases import find_dataset
+    from medseg.data.checks import check_dataset
+
+    dataset = find_dataset(HIPPOCAMPUS)
+    summaries = check_dataset(dataset.cases, dataset.labels, len(dataset.modalities) or None, workers=4)
+    patch, batch = growth_limits(summaries, (1.0, 1.0, 1.0))
+    assert patch == [40, 56, 40]
+    assert batch == 7  # nnU-Net's rule on these 195 cases (median 35×50×36); the old sum-and-truncate gave 6
 
 
 def test_plan_of_sample_data():

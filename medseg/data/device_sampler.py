@@ -12,12 +12,15 @@ too large) and produces a batch with a few dozen batched torch operations:
    synchronisation, and the batches do not depend on the device.
 2. On the device: one sampling grid per sample in the volume's voxel coordinates (identity for an
    unaugmented sample, rotation * scale * mirroring otherwise), `grid_sample` of the image
-   (bilinear) and the label (nearest), then noise, blur, brightness, contrast, low resolution and
-   gamma for the whole batch.
+   (bilinear) and the label (nearest where the grid stays on voxels; for rotated or scaled
+   samples each class's indicator trilinearly and the largest taken, nnU-Net's mode_seg
+   'bilinear'), then noise, blur, brightness, contrast, low resolution and gamma for the whole
+   batch.
 
-The augmentation follows `training_augmentation()` (nnU-Net's defaults), with two differences:
+The augmentation follows `training_augmentation()` (nnU-Net's defaults), with three differences:
 rotated and scaled patches are sampled from the volume around the patch, not from the already
-cropped patch, so their corners hold image rather than zeros; and a foreground-centred patch stays
+cropped patch, so their corners hold image rather than zeros; their labels are interpolated as
+nnU-Net's (the MONAI pipeline takes the nearest voxel's); and a foreground-centred patch stays
 centred on its voxel near the volume's border (nnU-Net's sampler does this on the upper side of
 each axis), where the MONAI crop keeps the patch inside the padded volume. In cases smaller than
 the patch the MONAI crop therefore always sits at the same place; here the foreground moves in it.
@@ -42,25 +45,36 @@ ROTATION_PROB, SCALE_PROB = 0.2, 0.2
 MAX_ROTATION = math.pi / 6  # radians, about each axis
 SCALE_RANGE = (0.7, 1.4)  # one factor for all axes
 NOISE_PROB, MAX_NOISE_STD = 0.1, 0.1
-BLUR_PROB, BLUR_SIGMA = 0.2, (0.5, 1.0)
+# Gaussian blur with probability 0.2 per sample, then each channel with probability 0.5 (nnU-Net:
+# p_per_channel 0.5), a sigma per channel and axis; nnU-Net's kernel (the Gaussian sampled at
+# integer offsets, about 6 sigma wide, normalised to sum 1), the border reflected.
+BLUR_PROB, BLUR_CHANNEL_PROB, BLUR_SIGMA = 0.2, 0.5, (0.5, 1.0)
 BRIGHTNESS_PROB, MAX_BRIGHTNESS = 0.15, 0.25
 CONTRAST_PROB, MAX_CONTRAST = 0.15, 0.25  # deviations from the mean scaled by 1 ± 0.25, range kept
-# Simulated low resolution as MONAI's RandSimulateLowResolution: down (nearest) and up (trilinear)
-# again, all channels (nnU-Net: each channel with probability 0.5, cubic upsampling).
-LOW_RESOLUTION_PROB, LOW_RESOLUTION_ZOOM = 0.25, (0.5, 1.0)
+# Simulated low resolution as nnU-Net's: with probability 0.25 per sample, then each channel with
+# probability 0.5 (nnU-Net: p_per_channel 0.5) and its own zoom (the same for all axes): down by
+# 'nearest-exact' (the voxel nearest each coarse voxel's centre, so the image does not move against
+# the label) and up again by trilinear interpolation.
+LOW_RESOLUTION_PROB, LOW_RESOLUTION_CHANNEL_PROB, LOW_RESOLUTION_ZOOM = 0.25, 0.5, (0.5, 1.0)
 INVERTED_GAMMA_PROB = 0.1  # gamma of the inverted image, as nnU-Net's second gamma transform
-GAMMA_PROB, GAMMA_RANGE = 0.3, (0.7, 1.5)  # both gammas keep the patch's mean and standard deviation
+# Both gammas: each channel its own gamma, with probability 0.5 from (0.7, 1) and otherwise from
+# (1, 1.5) (nnU-Net's BGContrast sampling), keeping the channel's mean and standard deviation.
+GAMMA_PROB, GAMMA_RANGE = 0.3, (0.7, 1.5)
 FLIP_PROB = 0.5
 
-# The widest blur kernel: MONAI truncates its Gaussian at 4 sigma, so sigma <= 1 needs 9 taps.
-# Narrower kernels are padded with zeros, which changes nothing.
-_BLUR_TAIL = int(max(BLUR_SIGMA[1] * 4.0, 0.5) + 0.5)
+# The widest blur kernel: nnU-Net's kernel for sigma 1 has 7 taps (`_blur_size`). Narrower kernels
+# are padded with zeros, which changes nothing.
+_BLUR_TAIL = 3
+# nnU-Net's kernel size: about this many sigma (batchgeneratorsv2 blur_dimension's truncate).
+_BLUR_TRUNCATE = 6.0
 # MONAI AdjustContrast's epsilon.
 _GAMMA_EPSILON = 1e-7
 _BLUR_TAPS = 2 * _BLUR_TAIL + 1
-# Uniform numbers drawn per sample and batch: 7 for the case and patch position, 25 for the
-# augmentation.
-_POSITION_DRAWS, _AUGMENT_DRAWS = 7, 25
+# Classes interpolated together when resampling a rotated or scaled label (bounds the memory).
+_LABEL_CLASSES_PER_PASS = 16
+# Uniform numbers drawn per sample and batch: 7 for the case and patch position, 19 for the
+# augmentation, and 10 more for each image channel (blur, low resolution and gammas per channel).
+_POSITION_DRAWS, _AUGMENT_DRAWS, _CHANNEL_DRAWS = 7, 19, 10
 
 Matrix = list[list[float]]
 
@@ -84,12 +98,13 @@ class _Draw:
     corners: list[list[int]]  # the patch's first voxel, in volume coordinates (may be negative)
     matrices: list[Matrix] = field(default_factory=list)  # patch offset -> volume offset: rotation @ scale @ mirror
     noise_std: list[float] = field(default_factory=list)  # 0: no noise
-    blur_sigma: list[list[float]] = field(default_factory=list)  # per axis; 0: no blur
+    blur_sigma: list[list[list[float]]] = field(default_factory=list)  # per channel and axis; 0: no blur
     brightness: list[float] = field(default_factory=list)  # multiplicative factor; 1: unchanged
     contrast: list[float] = field(default_factory=list)  # factor on the deviation from the mean; 1: unchanged
-    low_resolution: list[float] = field(default_factory=list)  # zoom of the simulated acquisition; 1: unchanged
-    inverted_gamma: list[float] = field(default_factory=list)  # gamma of the inverted image; 1: unchanged
-    gamma: list[float] = field(default_factory=list)  # 1: unchanged
+    # Per channel: zoom of the simulated acquisition; 1: unchanged.
+    low_resolution: list[list[float]] = field(default_factory=list)
+    inverted_gamma: list[list[float]] = field(default_factory=list)  # per channel, of the inverted image; 1: unchanged
+    gamma: list[list[float]] = field(default_factory=list)  # per channel; 1: unchanged
     noise_seed: int = 0
 
 
@@ -223,7 +238,7 @@ class DevicePatchSampler:
     def _draw(self) -> _Draw:
         b = self.batch_size
         # One call for all of the batch's uniforms, always the same number per batch.
-        columns = _POSITION_DRAWS + (_AUGMENT_DRAWS if self.augment else 0)
+        columns = _POSITION_DRAWS + (_AUGMENT_DRAWS + _CHANNEL_DRAWS * self.channels if self.augment else 0)
         draws = torch.rand(b, columns, generator=self._generator, dtype=torch.float64).tolist()
         cases, corners = [], []
         for u in draws:
@@ -232,14 +247,12 @@ class DevicePatchSampler:
             corners.append(self._corner(self._volumes[case], u[1:_POSITION_DRAWS]))
         identity: Matrix = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
         if not self.augment:
-            return _Draw(cases, corners, matrices=[identity] * b, noise_std=[0.0] * b, blur_sigma=[[0.0] * 3] * b,
-                         brightness=[1.0] * b, contrast=[1.0] * b, low_resolution=[1.0] * b,
-                         inverted_gamma=[1.0] * b, gamma=[1.0] * b)
+            return _unaugmented(cases, corners, self.channels)
 
         draw = _Draw(cases, corners)
         for u in draws:
-            (rotate, ax, ay, az, scale, factor_u, contrast, noise, noise_std, blur, sx, sy, sz, bright, factor,
-             gamma_u, gamma, fx, fy, fz, contrast_u, low_u, zoom, inverted_u, inverted) = u[_POSITION_DRAWS:]
+            (rotate, ax, ay, az, scale, factor_u, contrast, noise, noise_std, blur, bright, factor,
+             gamma_u, fx, fy, fz, contrast_u, low_u, inverted_u) = u[_POSITION_DRAWS:_POSITION_DRAWS + _AUGMENT_DRAWS]
             matrix = identity
             if rotate < ROTATION_PROB:
                 matrix = _rotation([MAX_ROTATION * (2 * v - 1) for v in (ax, ay, az)])
@@ -251,12 +264,24 @@ class DevicePatchSampler:
             mirror = [-1.0 if v < FLIP_PROB else 1.0 for v in (fx, fy, fz)]
             draw.matrices.append([[m * f for m, f in zip(row, mirror)] for row in matrix])
             draw.noise_std.append(MAX_NOISE_STD * noise_std if noise < NOISE_PROB else 0.0)
-            draw.blur_sigma.append([_between(v, BLUR_SIGMA) for v in (sx, sy, sz)] if blur < BLUR_PROB else [0.0] * 3)
             draw.brightness.append(1 + MAX_BRIGHTNESS * (2 * factor - 1) if bright < BRIGHTNESS_PROB else 1.0)
             draw.contrast.append(1 + MAX_CONTRAST * (2 * contrast_u - 1) if contrast < CONTRAST_PROB else 1.0)
-            draw.low_resolution.append(_between(zoom, LOW_RESOLUTION_ZOOM) if low_u < LOW_RESOLUTION_PROB else 1.0)
-            draw.inverted_gamma.append(_between(inverted, GAMMA_RANGE) if inverted_u < INVERTED_GAMMA_PROB else 1.0)
-            draw.gamma.append(_between(gamma, GAMMA_RANGE) if gamma_u < GAMMA_PROB else 1.0)
+            sigmas, zooms, inverted_gammas, gammas = [], [], [], []
+            for c in range(self.channels):
+                start = _POSITION_DRAWS + _AUGMENT_DRAWS + _CHANNEL_DRAWS * c
+                (blur_c, sx, sy, sz, low_c, zoom, inverted_half, inverted, gamma_half,
+                 gamma) = u[start:start + _CHANNEL_DRAWS]
+                blurred = blur < BLUR_PROB and blur_c < BLUR_CHANNEL_PROB
+                sigmas.append([_between(v, BLUR_SIGMA) for v in (sx, sy, sz)] if blurred else [0.0] * 3)
+                coarse = low_u < LOW_RESOLUTION_PROB and low_c < LOW_RESOLUTION_CHANNEL_PROB
+                zooms.append(_between(zoom, LOW_RESOLUTION_ZOOM) if coarse else 1.0)
+                inverted_gammas.append(_bg_between(inverted_half, inverted, GAMMA_RANGE)
+                                       if inverted_u < INVERTED_GAMMA_PROB else 1.0)
+                gammas.append(_bg_between(gamma_half, gamma, GAMMA_RANGE) if gamma_u < GAMMA_PROB else 1.0)
+            draw.blur_sigma.append(sigmas)
+            draw.low_resolution.append(zooms)
+            draw.inverted_gamma.append(inverted_gammas)
+            draw.gamma.append(gammas)
         draw.noise_seed = int(torch.randint(2**62, (1,), generator=self._generator))
         return draw
 
@@ -288,12 +313,13 @@ class DevicePatchSampler:
             box, grid = self._box_and_grid(self._volumes[case], corner, matrix)
             boxes.append(box)
             params += grid
-        blur = any(sigma > 0 for sigmas in draw.blur_sigma for sigma in sigmas)
+        blur = any(sigma > 0 for channels in draw.blur_sigma for sigmas in channels for sigma in sigmas)
         if self.augment:
-            params += draw.noise_std + draw.brightness + draw.contrast + draw.inverted_gamma + draw.gamma
+            params += draw.noise_std + draw.brightness + draw.contrast
+            params += [g for channels in draw.inverted_gamma + draw.gamma for g in channels]
         if blur:
-            for sigmas in draw.blur_sigma:  # each sample's kernels, once per image channel
-                params += [w for sigma in sigmas for w in _blur_kernel(sigma)] * self.channels
+            for channels in draw.blur_sigma:  # each sample's kernels, for each of its channels
+                params += [w for sigmas in channels for sigma in sigmas for w in _blur_kernel(sigma)]
         b = len(draw.cases)
         # One host-to-device copy for all of the batch's numbers.
         values = torch.tensor(params, dtype=torch.float32)
@@ -310,7 +336,7 @@ class DevicePatchSampler:
         grid = origin[:, None, None, None] + x[:, :, None, None] + y[:, None, :, None] + z[:, None, None, :]
 
         images, labels = [], []
-        for i, (case, box) in enumerate(zip(draw.cases, boxes)):
+        for i, (case, box, matrix) in enumerate(zip(draw.cases, boxes, draw.matrices)):
             volume = self._volumes[case]
             region = (slice(None), *(slice(lo, hi) for lo, hi in box))
             image = self._fetch(volume.image[region])
@@ -318,14 +344,19 @@ class DevicePatchSampler:
             sample_grid = grid[i:i + 1]
             images.append(F.grid_sample(image[None], sample_grid, mode="bilinear", padding_mode="zeros",
                                         align_corners=True))
-            labels.append(F.grid_sample(label[None].float(), sample_grid, mode="nearest", padding_mode="zeros",
-                                        align_corners=True))
+            if _on_voxels(matrix):  # identity or mirroring: every grid point is a voxel, nearest is exact
+                labels.append(F.grid_sample(label[None].float(), sample_grid, mode="nearest", padding_mode="zeros",
+                                            align_corners=True))
+            else:
+                labels.append(_linear_label(label, sample_grid, self.num_classes))
         image = torch.cat(images)
         label = torch.cat(labels).to(torch.uint8)
         if self.augment:
-            factors = values[b * 12:b * 17].view(5, b)  # noise std, brightness, contrast, inverted gamma, gamma
-            kernels = values[b * 17:].view(-1, 3, _BLUR_TAPS) if blur else None
-            image = self._intensity(image, draw, factors, kernels)
+            c = self.channels
+            factors = values[b * 12:b * 15].view(3, b)  # noise std, brightness, contrast
+            gammas = values[b * 15:b * (15 + 2 * c)].view(2, b, c)  # inverted gamma, gamma
+            kernels = values[b * (15 + 2 * c):].view(-1, 3, _BLUR_TAPS) if blur else None
+            image = self._intensity(image, draw, factors, gammas, kernels)
         return {"image": image, "label": label}
 
     def _box_and_grid(self, volume: _Volume, corner: list[int],
@@ -363,17 +394,20 @@ class DevicePatchSampler:
             return staging.to(self.device, non_blocking=True)
         return box.to(self.device)
 
-    def _intensity(self, image: torch.Tensor, draw: _Draw, factors: torch.Tensor,
+    def _intensity(self, image: torch.Tensor, draw: _Draw, factors: torch.Tensor, gammas: torch.Tensor,
                    kernels: torch.Tensor | None) -> torch.Tensor:
         """Noise, blur, brightness, contrast, low resolution, inverted gamma, gamma, in
         `training_augmentation()`'s (nnU-Net's) order, for the whole batch.
 
-        Each step runs only when some sample of the batch gets it (known on the host); the other
-        samples get identity parameters. `factors`: (5, B) noise std, brightness, contrast, inverted
-        gamma, gamma. `kernels`: (B * C, 3, taps), None when nothing is blurred.
+        Each step runs only when some sample (or channel) of the batch gets it (known on the host);
+        the others get identity parameters. `factors`: (3, B) noise std, brightness, contrast.
+        `gammas`: (2, B, C) inverted gamma, gamma. `kernels`: (B * C, 3, taps), None when nothing
+        is blurred.
         """
-        noise_std, brightness, contrast, inverted_gamma, gamma = factors
+        noise_std, brightness, contrast = factors
+        inverted_gamma, gamma = gammas
         per_sample = (-1,) + (1,) * (image.ndim - 1)
+        per_channel = image.shape[:2] + (1,) * (image.ndim - 2)
         if any(std > 0 for std in draw.noise_std):
             self._noise_generator.manual_seed(draw.noise_seed)
             noise = torch.randn(image.shape, generator=self._noise_generator, device=image.device)
@@ -384,14 +418,25 @@ class DevicePatchSampler:
             image = image * brightness.view(per_sample)
         if any(factor != 1 for factor in draw.contrast):
             image = torch.where((contrast != 1).view(per_sample), _contrast(image, contrast), image)
-        if any(zoom != 1 for zoom in draw.low_resolution):
+        if any(zoom != 1 for zooms in draw.low_resolution for zoom in zooms):
             image = _low_resolution(image, draw.low_resolution)
-        if any(value != 1 for value in draw.inverted_gamma):
-            chosen = (inverted_gamma != 1).view(per_sample)
+        if any(value != 1 for values in draw.inverted_gamma for value in values):
+            chosen = (inverted_gamma != 1).view(per_channel)
             image = torch.where(chosen, -_gamma(-image, inverted_gamma), image)
-        if any(value != 1 for value in draw.gamma):
-            image = torch.where((gamma != 1).view(per_sample), _gamma(image, gamma), image)
+        if any(value != 1 for values in draw.gamma for value in values):
+            image = torch.where((gamma != 1).view(per_channel), _gamma(image, gamma), image)
         return image
+
+
+def _unaugmented(cases: list[int], corners: list[list[int]], channels: int) -> _Draw:
+    """A draw whose patches are plain slices: identity geometry and intensity."""
+    b = len(cases)
+    identity: Matrix = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    per_channel = [[1.0] * channels for _ in range(b)]
+    return _Draw(cases, corners, matrices=[identity] * b, noise_std=[0.0] * b,
+                 blur_sigma=[[[0.0] * 3 for _ in range(channels)] for _ in range(b)],
+                 brightness=[1.0] * b, contrast=[1.0] * b, low_resolution=per_channel,
+                 inverted_gamma=[list(g) for g in per_channel], gamma=[list(g) for g in per_channel])
 
 
 def _pick(u: float, n: int) -> int:
@@ -401,6 +446,41 @@ def _pick(u: float, n: int) -> int:
 
 def _between(u: float, bounds: tuple[float, float]) -> float:
     return bounds[0] + (bounds[1] - bounds[0]) * u
+
+
+def _bg_between(half: float, u: float, bounds: tuple[float, float]) -> float:
+    """batchgeneratorsv2's BGContrast sampling: with probability 0.5 (`half` < 0.5) uniform between
+    the lower bound and 1, otherwise between 1 and the upper bound."""
+    low, high = bounds
+    if half < 0.5 and low < 1:
+        return _between(u, (low, 1.0))
+    return _between(u, (max(low, 1.0), high))
+
+
+def _on_voxels(matrix: Matrix) -> bool:
+    """Whether the matrix only permutes and mirrors axes, so every grid point lands on a voxel."""
+    return all(v in (-1.0, 0.0, 1.0) for row in matrix for v in row)
+
+
+def _linear_label(label: torch.Tensor, grid: torch.Tensor, classes: int) -> torch.Tensor:
+    """nnU-Net's label resampling under rotation and scaling (mode_seg 'bilinear'): each class's
+    indicator interpolated trilinearly through `grid`, the label the class of the largest value
+    (the lowest of equal ones). Outside the volume every indicator is 0: background.
+
+    `label`: (1, X, Y, Z) integer; returns (1, 1, *grid) float class indices.
+    """
+    best = index = None
+    for first in range(0, classes, _LABEL_CLASSES_PER_PASS):
+        ids = torch.arange(first, min(first + _LABEL_CLASSES_PER_PASS, classes), device=label.device)
+        indicators = (label.long() == ids.view(-1, 1, 1, 1)).float()
+        sampled = F.grid_sample(indicators[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+        value, which = sampled.max(0)
+        if best is None:
+            best, index = value, which
+        else:
+            better = value > best  # strictly: equal values keep the lower class
+            best, index = torch.where(better, value, best), torch.where(better, which + first, index)
+    return index.float()[None, None]
 
 
 def _unravel(flat: int, shape: tuple[int, int, int]) -> list[int]:
@@ -420,22 +500,34 @@ def _matmul(a: Matrix, b: Matrix) -> Matrix:
     return [[sum(a[i][k] * b[k][j] for k in range(3)) for j in range(3)] for i in range(3)]
 
 
+def _blur_size(sigma: float) -> int:
+    """nnU-Net's kernel size (batchgeneratorsv2 _compute_kernel_size, truncate 6): sigma * 6 + 0.5
+    rounded to the nearest odd number."""
+    n = sigma * _BLUR_TRUNCATE + 0.5
+    rounded = round(n)
+    if rounded % 2 == 1:
+        return rounded
+    return rounded + 1 if n - rounded >= 0 else rounded - 1
+
+
 def _blur_kernel(sigma: float) -> list[float]:
-    """MONAI GaussianSmooth's kernel (erf approximation, truncated at 4 sigma, not normalised),
-    zero-padded to 2 * _BLUR_TAIL + 1 taps; sigma 0 gives the identity kernel."""
+    """nnU-Net's kernel (batchgeneratorsv2 _build_kernel): the Gaussian sampled at the integer
+    offsets of `_blur_size(sigma)` taps about 0, normalised to sum 1, zero-padded to
+    2 * _BLUR_TAIL + 1 taps; sigma 0 gives the identity kernel."""
     taps = range(-_BLUR_TAIL, _BLUR_TAIL + 1)
     if sigma <= 0:
         return [1.0 if x == 0 else 0.0 for x in taps]
-    tail = int(max(sigma * 4.0, 0.5) + 0.5)
-    t = 0.70710678 / sigma
-    return [max(0.5 * (math.erf(t * (x + 0.5)) - math.erf(t * (x - 0.5))), 0.0) if abs(x) <= tail else 0.0
-            for x in taps]
+    tail = (_blur_size(sigma) - 1) // 2
+    pdf = [math.exp(-0.5 * (x / sigma) ** 2) if abs(x) <= tail else 0.0 for x in taps]
+    total = sum(pdf)
+    return [v / total for v in pdf]
 
 
 def _blur(image: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur with zero padding, one kernel per sample and axis.
+    """Separable Gaussian blur, the border reflected (nnU-Net's), one kernel per sample, channel
+    and axis.
 
-    `kernels`: (B * C, 3, taps), each sample's kernels repeated for each of its channels. The batch's
+    `kernels`: (B * C, 3, taps), each sample's kernels for each of its channels. The batch's
     channels become the groups of one convolution per axis.
     """
     b, c = image.shape[:2]
@@ -444,25 +536,27 @@ def _blur(image: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     for axis in range(3):
         shape = [b * c, 1, 1, 1, 1]
         shape[2 + axis] = taps
-        padding = [0, 0, 0]
-        padding[axis] = taps // 2
-        x = F.conv3d(x, kernels[:, axis].reshape(shape), padding=tuple(padding), groups=b * c)
+        padding = [0] * 6  # F.pad: last axis first
+        padding[4 - 2 * axis] = padding[5 - 2 * axis] = taps // 2
+        # Reflection needs more voxels than the padding; thinner axes (never a real patch) repeat the edge.
+        mode = "reflect" if x.shape[2 + axis] > taps // 2 else "replicate"
+        x = F.conv3d(F.pad(x, padding, mode=mode), kernels[:, axis].reshape(shape), groups=b * c)
     return x.reshape(image.shape)
 
 
 def _gamma(image: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """MONAI's AdjustContrast(retain_stats=True) per sample: rescale to [0, 1] by the sample's min
-    and max (over all channels), raise to `gamma`, rescale back, then restore the sample's mean and
-    standard deviation (nnU-Net's gamma keeps them too)."""
-    flat = image.flatten(1)
-    shape = (-1,) + (1,) * (image.ndim - 1)
-    mean, std = flat.mean(1).view(shape), flat.std(1).view(shape)
-    low, high = torch.aminmax(flat, dim=1)
+    """MONAI's AdjustContrast(retain_stats=True) per channel, as nnU-Net's GammaTransform: rescale
+    each channel to [0, 1] by its min and max, raise to its `gamma` ((B, C)), rescale back, then
+    restore the channel's mean and standard deviation."""
+    flat = image.flatten(2)
+    shape = image.shape[:2] + (1,) * (image.ndim - 2)
+    mean, std = flat.mean(2).view(shape), flat.std(2).view(shape)
+    low, high = torch.aminmax(flat, dim=2)
     low, span = low.view(shape), (high - low).view(shape)
     adjusted = ((image - low) / (span + _GAMMA_EPSILON)).pow(gamma.view(shape)) * span + low
-    flat = adjusted.flatten(1)
-    centred = adjusted - flat.mean(1).view(shape)
-    return centred / (flat.std(1).view(shape) + 1e-8) * std + mean
+    flat = adjusted.flatten(2)
+    centred = adjusted - flat.mean(2).view(shape)
+    return centred / (flat.std(2).view(shape) + 1e-8) * std + mean
 
 
 def _contrast(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -475,13 +569,19 @@ def _contrast(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return torch.clamp((image - mean) * factor.view(shape) + mean, low.view(shape), high.view(shape))
 
 
-def _low_resolution(image: torch.Tensor, zooms: list[float]) -> torch.Tensor:
-    """MONAI's SimulateLowResolution for the samples with zoom < 1: down to round(size * zoom)
-    voxels per axis by nearest neighbour, back up by trilinear interpolation (align_corners=False)."""
-    samples = list(image.unbind(0))
-    for i, zoom in enumerate(zooms):
-        if zoom != 1:
-            size = [max(1, round(s * zoom)) for s in image.shape[2:]]
-            small = F.interpolate(samples[i][None], size=size, mode="nearest")
-            samples[i] = F.interpolate(small, size=image.shape[2:], mode="trilinear", align_corners=False)[0]
+def _low_resolution(image: torch.Tensor, zooms: list[list[float]]) -> torch.Tensor:
+    """nnU-Net's SimulateLowResolutionTransform (as MONAI's SimulateLowResolution with
+    downsample_mode 'nearest-exact') for the channels with zoom < 1 (`zooms`: per sample and
+    channel): down to round(size * zoom) voxels per axis by 'nearest-exact', which takes the voxel
+    nearest each coarse voxel's centre ('nearest' takes the one at its corner and moves the image
+    by up to a voxel), back up by trilinear interpolation (align_corners=False)."""
+    samples = []
+    for sample, per_channel in zip(image.unbind(0), zooms):
+        channels = list(sample.unbind(0))
+        for c, zoom in enumerate(per_channel):
+            if zoom != 1:
+                size = [max(1, round(s * zoom)) for s in image.shape[2:]]
+                small = F.interpolate(channels[c][None, None], size=size, mode="nearest-exact")
+                channels[c] = F.interpolate(small, size=image.shape[2:], mode="trilinear", align_corners=False)[0, 0]
+        samples.append(torch.stack(channels))
     return torch.stack(samples)

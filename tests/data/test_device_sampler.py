@@ -13,6 +13,7 @@ from monai import transforms as T
 from torch import nn
 
 from medseg.data import device_sampler
+from medseg.data import transforms as medseg_transforms
 from medseg.data.device_sampler import DevicePatchSampler
 from medseg.losses import DiceCELoss
 
@@ -221,7 +222,9 @@ def test_spatial_augmentation_maps_image_and_label_through_the_same_grid():
     """Image channels = voxel coordinates (bilinear interpolation of a linear function is exact),
     plus a channel of ones (exactly 1 where all interpolated voxels are inside the volume). With
     the intensity augmentation switched off, every patch voxel inside the volume must hold the
-    coordinates `centre + matrix @ offset`, and its label the label of the nearest voxel there."""
+    coordinates `centre + matrix @ offset`, and its label the label of the nearest voxel there
+    when the patch is only mirrored, else (rotated or scaled) nnU-Net's: the class whose indicator,
+    interpolated trilinearly there, is largest."""
     shape = (20, 22, 24)
     xyz = _coordinates(shape)
     image = torch.cat([xyz, torch.ones(1, *shape)])
@@ -233,8 +236,8 @@ def test_spatial_augmentation_maps_image_and_label_through_the_same_grid():
     for _ in range(8):
         draw = sampler._draw()
         b = len(draw.cases)
-        draw = replace(draw, noise_std=[0.0] * b, blur_sigma=[[0.0] * 3] * b, brightness=[1.0] * b, gamma=[1.0] * b,
-                       contrast=[1.0] * b, low_resolution=[1.0] * b, inverted_gamma=[1.0] * b)
+        plain = device_sampler._unaugmented(draw.cases, draw.corners, sampler.channels)
+        draw = replace(plain, matrices=draw.matrices)
         batch = sampler._render(draw)
         for i in range(b):
             matrix = torch.tensor(draw.matrices[i])
@@ -253,13 +256,69 @@ def test_spatial_augmentation_maps_image_and_label_through_the_same_grid():
             inside = (sampled[3] - 1).abs() < 1e-4
             assert inside.float().mean() > 0.3
             torch.testing.assert_close(sampled[:3][:, inside], expected[:, inside], atol=2e-3, rtol=0)
-            # Nearest neighbour: skip points within rounding error of a half-voxel.
             coords = expected[:, inside]
-            clear = ((coords - coords.floor() - 0.5).abs() > 1e-2).all(0)
-            nearest = coords[:, clear].round().long()
-            expected_label = label[0, nearest[0], nearest[1], nearest[2]]
-            assert torch.equal(batch["label"][i, 0][inside][clear], expected_label)
+            if torch.equal(matrix.abs(), torch.eye(3)):
+                # Mirrored only: the grid points are voxels, the label theirs exactly.
+                nearest = coords.round().long()
+                assert torch.equal(batch["label"][i, 0][inside], label[0, nearest[0], nearest[1], nearest[2]])
+                continue
+            # Trilinear class indicators, largest wins: skip points where two classes nearly tie.
+            scores = _trilinear_class_scores(label[0], coords, 5)
+            top = scores.topk(2, dim=0).values
+            clear = (top[0] - top[1]) > 1e-2
+            assert clear.float().mean() > 0.5
+            assert torch.equal(batch["label"][i, 0][inside][clear], scores.argmax(0)[clear].to(torch.uint8))
     assert rotated > 0 and mirrored > 0  # both kinds of geometry were exercised
+
+
+def _trilinear_class_scores(label: torch.Tensor, coords: torch.Tensor, classes: int) -> torch.Tensor:
+    """(classes, N): each class's indicator of `label` (X, Y, Z) interpolated trilinearly at the
+    points `coords` (3, N), all of whose neighbours lie inside the volume."""
+    base = coords.floor().long()
+    frac = coords - base
+    scores = torch.zeros(classes, coords.shape[1])
+    for corner in itertools.product((0, 1), repeat=3):
+        step = torch.tensor(corner)[:, None]
+        weight = torch.where(step == 1, frac, 1 - frac).prod(0)
+        x, y, z = (base + step).clamp(min=0).unbind(0)
+        x, y, z = x.clamp(max=label.shape[0] - 1), y.clamp(max=label.shape[1] - 1), z.clamp(max=label.shape[2] - 1)
+        scores.scatter_add_(0, label[x, y, z].long()[None], weight[None])
+    return scores
+
+
+def test_rotated_labels_are_interpolated_per_class_not_nearest():
+    # A ball rotated and scaled: nnU-Net's per-class trilinear resampling gives a different (smoother)
+    # label than the nearest voxel's on some voxels, and agrees with a direct computation.
+    shape = (20, 20, 20)
+    xyz = _coordinates(shape)
+    label = ((((xyz - 9.3) ** 2).sum(0) < 5.5 ** 2).to(torch.uint8) + (xyz[0] > 14).to(torch.uint8))[None]
+    patch = (12, 12, 12)
+    sampler = _sampler([{"image": torch.ones(1, *shape), "label": label}], num_classes=3, patch_size=patch,
+                       batch_size=1, foreground_fraction=0.0)
+    matrix = torch.tensor(device_sampler._rotation([0.3, -0.4, 0.5])) * 0.9
+    draw = replace(device_sampler._unaugmented([0], [[4, 4, 4]], 1), matrices=[matrix.tolist()])
+    resampled = sampler._render(draw)["label"][0, 0]
+    offsets = _coordinates(patch) - 5.5
+    coords = torch.full((3,), 9.5)[:, None, None, None] + torch.einsum("ak,kxyz->axyz", matrix, offsets)
+    coords = coords.flatten(1)
+    scores = _trilinear_class_scores(label[0], coords, 3)
+    top = scores.topk(2, dim=0).values
+    clear = (top[0] - top[1]) > 1e-3
+    assert torch.equal(resampled.flatten()[clear], scores.argmax(0)[clear].to(torch.uint8))
+    nearest = coords.round().long().clamp(0, 19)
+    nearest_label = label[0, nearest[0], nearest[1], nearest[2]]
+    assert (resampled.flatten()[clear] != nearest_label[clear]).sum() >= 5
+
+
+def test_label_classes_interpolated_in_passes_give_the_same_label(monkeypatch):
+    label = torch.randint(0, 20, (1, 10, 11, 12), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    grid = torch.rand(1, 6, 7, 8, 3, generator=torch.Generator().manual_seed(6)) * 1.8 - 0.9
+    whole = device_sampler._linear_label(label, grid, 20)
+    monkeypatch.setattr(device_sampler, "_LABEL_CLASSES_PER_PASS", 3)
+    assert torch.equal(device_sampler._linear_label(label, grid, 20), whole)
+    assert whole.shape == (1, 1, 6, 7, 8) and len(whole.unique()) > 5
+    # Outside the volume every indicator is 0: background.
+    assert int(device_sampler._linear_label(label, torch.full((1, 2, 2, 2, 3), 3.0), 20).max()) == 0
 
 
 def test_rotation_and_scaling_are_drawn_independently():
@@ -314,33 +373,63 @@ def test_augmented_image_and_label_stay_aligned():
     assert misaligned.mean() < aligned.mean() - 0.05
 
 
-def test_blur_matches_monai_gaussian_smooth():
+def test_blur_matches_the_pipelines_nnunet_blur():
     image = torch.randn(2, 3, 9, 10, 11, generator=torch.Generator().manual_seed(1))
-    sigma = [[0.5, 0.8, 1.0], [0.0, 0.0, 0.0]]
-    kernels = torch.tensor([[device_sampler._blur_kernel(s) for s in sigmas] for sigmas in sigma])
-    kernels = kernels.repeat_interleave(3, dim=0)  # per sample, once for each channel
+    # Per sample and channel: sigma per axis (0: that channel unblurred).
+    sigma = [[[0.5, 0.8, 1.0], [0.0, 0.0, 0.0], [0.9, 0.6, 0.7]], [[0.0] * 3] * 3]
+    kernels = torch.tensor([[device_sampler._blur_kernel(s) for s in sigmas] for channels in sigma
+                            for sigmas in channels])
     blurred = device_sampler._blur(image, kernels)
-    expected = T.GaussianSmooth(sigma=(0.5, 0.8, 1.0))(image[0])
-    torch.testing.assert_close(blurred[0], torch.as_tensor(expected), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(blurred[1], image[1])  # sigma 0: unchanged
+    blur = medseg_transforms.RandGaussianBlur(1.0, (0.5, 1.0))
+    for c in (0, 2):
+        blur.sigmas = sigma[0][c]
+        expected = blur(image[0, c:c + 1], randomize=False)
+        torch.testing.assert_close(blurred[0, c:c + 1], torch.as_tensor(expected), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(blurred[0, 1], image[0, 1])  # sigma 0: unchanged
+    torch.testing.assert_close(blurred[1], image[1])
 
 
-def test_gamma_matches_monai_adjust_contrast():
+def test_blur_kernel_is_nnunets():
+    # batchgeneratorsv2: about 6 sigma rounded to an odd size, the sampled Gaussian normalised.
+    for sigma, taps in ((0.5, 3), (0.6, 5), (0.75, 5), (0.9, 5), (1.0, 7)):
+        assert device_sampler._blur_size(sigma) == taps
+        kernel = medseg_transforms.blur_kernel(sigma)
+        assert len(kernel) == taps and abs(kernel.sum() - 1) < 1e-12
+        x = torch.arange(taps, dtype=torch.float64) - (taps - 1) / 2
+        pdf = torch.exp(-0.5 * (x / sigma) ** 2)
+        torch.testing.assert_close(torch.tensor(kernel), pdf / pdf.sum())
+        padded = torch.tensor(device_sampler._blur_kernel(sigma), dtype=torch.float64)
+        tail = device_sampler._BLUR_TAIL
+        torch.testing.assert_close(padded[tail - (taps - 1) // 2:tail + (taps - 1) // 2 + 1], pdf / pdf.sum())
+        assert padded.sum() == pytest.approx(1.0)
+    assert device_sampler._BLUR_TAPS == max(device_sampler._blur_size(s / 100) for s in range(50, 101))
+
+
+def test_blur_reflects_the_border():
+    # Normalised kernel and reflection: a constant image stays constant up to its border (a
+    # zero-padded or unnormalised blur changes it there).
+    image = torch.full((1, 1, 6, 7, 8), 3.0)
+    kernels = torch.tensor([[device_sampler._blur_kernel(s) for s in (0.5, 0.75, 1.0)]])
+    torch.testing.assert_close(device_sampler._blur(image, kernels), image)
+
+
+def test_gamma_matches_monai_adjust_contrast_per_channel():
     image = torch.randn(3, 2, 6, 7, 8, generator=torch.Generator().manual_seed(2)) * 5 + 1
-    gamma = torch.tensor([0.7, 1.0, 1.5])
+    image[:, 1] = image[:, 1] * 3 + 10  # channels of different ranges: statistics are per channel
+    gamma = torch.tensor([[0.7, 1.3], [1.0, 1.0], [1.5, 0.8]])
     adjusted = device_sampler._gamma(image, gamma)
-    for i in range(3):
-        expected = torch.as_tensor(T.AdjustContrast(gamma=float(gamma[i]), retain_stats=True)(image[i]))
-        torch.testing.assert_close(adjusted[i], expected, atol=1e-4, rtol=1e-5)
-    # The patch's mean and standard deviation are kept.
-    torch.testing.assert_close(adjusted.flatten(1).mean(1), image.flatten(1).mean(1), atol=1e-4, rtol=0)
-    torch.testing.assert_close(adjusted.flatten(1).std(1), image.flatten(1).std(1), atol=1e-4, rtol=1e-5)
+    for i, c in itertools.product(range(3), range(2)):
+        expected = torch.as_tensor(T.AdjustContrast(gamma=float(gamma[i, c]), retain_stats=True)(image[i, c:c + 1]))
+        torch.testing.assert_close(adjusted[i, c:c + 1], expected, atol=1e-4, rtol=1e-5)
+    # Each channel's mean and standard deviation are kept.
+    torch.testing.assert_close(adjusted.flatten(2).mean(2), image.flatten(2).mean(2), atol=1e-4, rtol=0)
+    torch.testing.assert_close(adjusted.flatten(2).std(2), image.flatten(2).std(2), atol=1e-4, rtol=1e-5)
     # The inverted variant: MONAI's invert_image=True.
     inverted = -device_sampler._gamma(-image, gamma)
-    for i in range(3):
+    for i, c in itertools.product(range(3), range(2)):
         expected = torch.as_tensor(
-            T.AdjustContrast(gamma=float(gamma[i]), invert_image=True, retain_stats=True)(image[i]))
-        torch.testing.assert_close(inverted[i], expected, atol=1e-4, rtol=1e-5)
+            T.AdjustContrast(gamma=float(gamma[i, c]), invert_image=True, retain_stats=True)(image[i, c:c + 1]))
+        torch.testing.assert_close(inverted[i, c:c + 1], expected, atol=1e-4, rtol=1e-5)
 
 
 def test_contrast_matches_monai_scale_intensity_fixed_mean():
@@ -355,28 +444,57 @@ def test_contrast_matches_monai_scale_intensity_fixed_mean():
 
 def test_low_resolution_matches_monai_simulate_low_resolution():
     image = torch.randn(3, 2, 9, 10, 11, generator=torch.Generator().manual_seed(4))
-    zooms = [0.5, 1.0, 0.73]
+    zooms = [[0.5, 1.0], [1.0, 1.0], [0.73, 0.61]]  # per sample and channel
     simulated = device_sampler._low_resolution(image, zooms)
-    for i, zoom in enumerate(zooms):
+    for i, c in itertools.product(range(3), range(2)):
+        zoom = zooms[i][c]
         if zoom == 1:
-            assert torch.equal(simulated[i], image[i])
+            assert torch.equal(simulated[i, c], image[i, c])
             continue
-        monai_transform = T.RandSimulateLowResolution(prob=1.0, zoom_range=(zoom, zoom))
-        expected = torch.as_tensor(monai_transform(image[i]))
-        torch.testing.assert_close(simulated[i], expected, atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(simulated[i], image[i])
+        monai_transform = T.RandSimulateLowResolution(prob=1.0, downsample_mode="nearest-exact",
+                                                      zoom_range=(zoom, zoom))
+        expected = torch.as_tensor(monai_transform(image[i, c:c + 1]))
+        torch.testing.assert_close(simulated[i, c:c + 1], expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(simulated[i, c], image[i, c])
+
+
+def _blob(shape=(24, 26, 22), centre=(11.3, 12.6, 10.2), sigma=3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    xyz = _coordinates(shape)
+    centre = torch.tensor(centre)
+    return torch.exp(-((xyz - centre[:, None, None, None]) ** 2).sum(0) / (2 * sigma ** 2))[None], xyz
+
+
+def _centroid(image: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
+    weights = image[0].clamp(min=0)
+    return (xyz * weights).flatten(1).sum(1) / weights.sum()
+
+
+@pytest.mark.parametrize("zoom", [0.6, 0.67, 0.73, 0.8, 0.85, 0.9])
+def test_low_resolution_does_not_move_the_image(zoom):
+    # 'nearest' downsampling moved a blob by 0.5-0.9 voxel against its (unchanged) label;
+    # 'nearest-exact' keeps it in place, in both samplers.
+    blob, xyz = _blob()
+    centre = _centroid(blob, xyz)
+    simulated = device_sampler._low_resolution(blob[None], [[zoom]])[0]
+    assert not torch.allclose(simulated, blob)
+    assert (_centroid(simulated, xyz) - centre).abs().max() < 0.2
+    pipeline = medseg_transforms.RandChannelwised(
+        "image", T.RandSimulateLowResolution(prob=1.0, downsample_mode="nearest-exact", zoom_range=(zoom, zoom)),
+        prob=1.0, channel_prob=1.0)
+    torch.testing.assert_close(pipeline({"image": blob})["image"], simulated, atol=1e-5, rtol=1e-5)
 
 
 def test_augmentation_parameters_stay_in_range():
     sampler = _sampler([_coded_volume((12, 12, 12), 0)], batch_size=64)
     draws = [sampler._draw() for _ in range(20)]
     noise = torch.tensor([v for d in draws for v in d.noise_std])
-    sigma = torch.tensor([v for d in draws for v in d.blur_sigma])
+    # Per sample and channel (4 channels): flattened over both.
+    sigma = torch.tensor([v for d in draws for v in d.blur_sigma]).flatten(0, 1)
     brightness = torch.tensor([v for d in draws for v in d.brightness])
-    gamma = torch.tensor([v for d in draws for v in d.gamma])
+    gamma = torch.tensor([v for d in draws for v in d.gamma]).flatten()
     contrast = torch.tensor([v for d in draws for v in d.contrast])
-    low_resolution = torch.tensor([v for d in draws for v in d.low_resolution])
-    inverted = torch.tensor([v for d in draws for v in d.inverted_gamma])
+    low_resolution = torch.tensor([v for d in draws for v in d.low_resolution]).flatten()
+    inverted = torch.tensor([v for d in draws for v in d.inverted_gamma]).flatten()
     matrices = torch.tensor([m for d in draws for m in d.matrices], dtype=torch.float64)
     spatial = ~torch.isclose(matrices.abs(), torch.eye(3, dtype=torch.float64)).flatten(1).all(1)
     # Rotations of at most 30 degrees keep the diagonal positive: its sign is the mirroring.
@@ -386,15 +504,16 @@ def test_augmentation_parameters_stay_in_range():
     assert ((sigma == 0) | ((sigma >= 0.5) & (sigma <= 1.0))).all()
     assert ((brightness >= 0.75) & (brightness <= 1.25)).all()
     assert ((gamma >= 0.7) & (gamma <= 1.5)).all()
-    # Probabilities as in training_augmentation() (1280 samples: loose bounds, fixed seed).
+    # Probabilities as in training_augmentation() (1280 samples, 5120 channels: loose bounds, fixed
+    # seed). Blur and low resolution: nnU-Net's per sample probability times 0.5 per channel.
     assert abs((noise > 0).sum() / n - 0.1) < 0.04
-    assert abs((sigma[:, 0] > 0).sum() / n - 0.2) < 0.05
+    assert abs((sigma[:, 0] > 0).double().mean() - 0.1) < 0.025
     assert abs((brightness != 1).sum() / n - 0.15) < 0.05
-    assert abs((gamma != 1).sum() / n - 0.3) < 0.05
+    assert abs((gamma != 1).double().mean() - 0.3) < 0.05
     assert ((contrast >= 0.75) & (contrast <= 1.25)).all() and abs((contrast != 1).sum() / n - 0.15) < 0.05
     assert ((low_resolution >= 0.5) & (low_resolution <= 1)).all()
-    assert abs((low_resolution != 1).sum() / n - 0.25) < 0.05
-    assert ((inverted >= 0.7) & (inverted <= 1.5)).all() and abs((inverted != 1).sum() / n - 0.1) < 0.04
+    assert abs((low_resolution != 1).double().mean() - 0.125) < 0.025
+    assert ((inverted >= 0.7) & (inverted <= 1.5)).all() and abs((inverted != 1).double().mean() - 0.1) < 0.04
     assert abs(spatial.double().mean() - 0.36) < 0.05  # rotation 0.2 or scaling 0.2, independently
     assert (abs(mirrored.mean(0) - 0.5) < 0.06).all()
 
@@ -465,3 +584,33 @@ def test_cuda_resident_streamed_and_cpu_agree():
     for gpu_batch, cpu_batch in zip(on_gpu, on_cpu):
         torch.testing.assert_close(gpu_batch["image"].cpu(), cpu_batch["image"], atol=1e-4, rtol=1e-5)
         assert torch.equal(gpu_batch["label"].cpu(), cpu_batch["label"])
+
+
+def test_blur_and_low_resolution_choose_channels_independently():
+    sampler = _sampler([_coded_volume((12, 12, 12), 0)], batch_size=100)  # 4 channels
+    draws = [sampler._draw() for _ in range(30)]
+    blurred = torch.tensor([[s[0] > 0 for s in channels] for d in draws for channels in d.blur_sigma])
+    coarse = torch.tensor([[z != 1 for z in zooms] for d in draws for zooms in d.low_resolution])
+    for chosen, sample_prob in ((blurred, 0.2), (coarse, 0.25)):
+        touched = chosen.any(1).double().mean()
+        # P(some channel) = p * (1 - 0.5 ** 4); within a touched sample each channel with 0.5.
+        assert abs(touched - sample_prob * (1 - 0.5 ** 4)) < 0.03
+        assert abs(chosen[chosen.any(1)].double().mean() - 0.5 / (1 - 0.5 ** 4)) < 0.05
+    # Channels of one sample get their own parameters.
+    sigmas = [channels for d in draws for channels in d.blur_sigma if sum(s[0] > 0 for s in channels) > 1]
+    assert all(len({tuple(s) for s in channels if s[0] > 0}) > 1 for channels in sigmas)
+
+
+def test_gammas_are_below_one_as_often_as_above():
+    # nnU-Net's BGContrast sampling of (0.7, 1.5): half from (0.7, 1), half from (1, 1.5); a uniform
+    # draw on (0.7, 1.5) would be below 1 only 3 times in 8.
+    sampler = _sampler([_coded_volume((12, 12, 12), 0)], batch_size=100)
+    draws = [sampler._draw() for _ in range(30)]
+    for name in ("gamma", "inverted_gamma"):
+        values = torch.tensor([getattr(d, name) for d in draws]).flatten()
+        applied = values[values != 1]
+        assert len(applied) > 300
+        assert abs((applied < 1).double().mean() - 0.5) < 0.06
+        above = applied[applied > 1]
+        assert abs(float(above.mean()) - 1.25) < 0.03  # uniform on (1, 1.5)
+        assert abs(float(applied[applied < 1].mean()) - 0.85) < 0.03  # uniform on (0.7, 1)
