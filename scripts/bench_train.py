@@ -3,9 +3,10 @@
 Part 1 (default) measures, in one run and side by side, one training step of
 - nnU-Net's PlainConvUNet (dynamic_network_architectures) with nnU-Net's 3d_fullres arguments and
   the same stages/strides/kernels/widths as medseg's plan for the patch, eager and torch.compile'd;
-- medseg's UNet3D (`medseg.models.build_model`) for every checkpointing mode, eager and compiled.
+- medseg's UNet3D (`medseg.models.build_model`) for every checkpointing mode;
+each eager, compiled (network and loss) or as CUDA graphs, optionally channels-last (`-cl`).
 Everything else is identical: the step is `medseg.train.train_step` (fp16 autocast + GradScaler, SGD
-Nesterov, Dice+CE with deep supervision, grad clip 12), on resident random tensors. Median of N
+Nesterov, fused on CUDA, Dice+CE with deep supervision, grad clip 12), on resident random tensors. Median of N
 steps after warm-up, timed with CUDA events; peak from torch.cuda.max_memory_allocated. FLOPs of a
 step (forward + backward, checkpointing off: the useful work) from FlopCounterMode, compared with a
 large fp16 matmul measured in the same run.
@@ -17,7 +18,8 @@ network, patch and batch. `--make-large DIR` writes a synthetic large-volume MSD
     python scripts/bench_train.py --patch 128 128 128 --batch 2 --json bench.json
     python scripts/bench_train.py --hippocampus-plan
     python scripts/bench_train.py --patch 256 256 256 --batch 2 --memory-limit 24 \\
-        --configs medseg-selective-compiled medseg-stage-compiled nnunet-compiled
+        --configs medseg-stage-eager nnunet-compiled
+    python scripts/bench_train.py --hippocampus-plan --configs nnunet-compiled medseg-off-compiled medseg-off-graphs
     python scripts/bench_train.py --make-large /tmp/large --large-cases 30
     python scripts/bench_train.py --full .data/hippocampus
     python scripts/bench_train.py --full /tmp/large --patch 128 128 128 --batch 2
@@ -50,7 +52,7 @@ from medseg.device import amp_dtype as resolve_amp
 from medseg.device import amp_name
 from medseg.losses import DiceCELoss
 from medseg.models import CHECKPOINTING_MODES, build_model, network_plan
-from medseg.train import _compile_setting, _optimizer, compile_for_training, train_step
+from medseg.train import _compile_setting, _memory_format, _optimizer, compile_for_training, train_step
 
 GiB = 2**30
 REPO = Path(__file__).resolve().parents[1]
@@ -298,7 +300,7 @@ def part1(args: argparse.Namespace, device: torch.device, amp: torch.dtype | Non
     extra = model_overrides(args)
     if args.hippocampus_plan:
         extra.append("train.batch_dice=false")  # as medseg plan chooses for this data
-    names = args.configs or all_configs()
+    names = args.configs or [n for n in all_configs() if not n.endswith("-cl")]  # -cl: when asked for
     if args.no_compile:
         names = [n for n in names if run_kind(n) == "off"]
     unknown = [n for n in names if n not in all_configs()]
@@ -395,6 +397,8 @@ def part2(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
         steps = sum(int(r["steps"]) for r in later)
         loop_ms = 1000 * seconds / steps
         name = f"medseg-{cfg.model.checkpointing}-{next(k for k, v in RUN_KINDS.items() if v == kind)}"
+        if _memory_format(cfg, device, kind) == torch.channels_last_3d:
+            name += "-cl"  # the pure step in the layout the training ran in
         extra = [f"model.{k}={getattr(cfg.model, k)}" for k in ("base_width", "max_width", "norm", "deep_supervision")]
         extra.append(f"train.batch_dice={str(cfg.train.batch_dice).lower()}")
         if cfg.model.depth is not None:
