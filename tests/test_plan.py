@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,9 +12,7 @@ from typer.testing import CliRunner
 from medseg import config
 from medseg.cli import app
 from medseg.plan import _batch_dice, _divisible_patch, growth_limits, plan
-from tests.conftest import ROOT
-
-HIPPOCAMPUS = Path("/work/shared/data/hippocampus")
+from tests.conftest import HIPPOCAMPUS, ROOT
 
 runner = CliRunner()
 
