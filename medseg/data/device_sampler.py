@@ -35,6 +35,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from medseg.data.transforms import bg_between, blur_kernel
+
 # Foreground voxels listed per case and class; a bounded random subset keeps memory small for
 # large structures (as `patch_sampling()`'s ClassesToIndicesd).
 MAX_INDICES_PER_CLASS = 20_000
@@ -62,11 +64,9 @@ INVERTED_GAMMA_PROB = 0.1  # gamma of the inverted image, as nnU-Net's second ga
 GAMMA_PROB, GAMMA_RANGE = 0.3, (0.7, 1.5)
 FLIP_PROB = 0.5
 
-# The widest blur kernel: nnU-Net's kernel for sigma 1 has 7 taps (`_blur_size`). Narrower kernels
+# The widest blur kernel: nnU-Net's kernel for sigma 1 has 7 taps (`blur_kernel`). Narrower kernels
 # are padded with zeros, which changes nothing.
 _BLUR_TAIL = 3
-# nnU-Net's kernel size: about this many sigma (batchgeneratorsv2 blur_dimension's truncate).
-_BLUR_TRUNCATE = 6.0
 # MONAI AdjustContrast's epsilon.
 _GAMMA_EPSILON = 1e-7
 _BLUR_TAPS = 2 * _BLUR_TAIL + 1
@@ -275,9 +275,9 @@ class DevicePatchSampler:
                 sigmas.append([_between(v, BLUR_SIGMA) for v in (sx, sy, sz)] if blurred else [0.0] * 3)
                 coarse = low_u < LOW_RESOLUTION_PROB and low_c < LOW_RESOLUTION_CHANNEL_PROB
                 zooms.append(_between(zoom, LOW_RESOLUTION_ZOOM) if coarse else 1.0)
-                inverted_gammas.append(_bg_between(inverted_half, inverted, GAMMA_RANGE)
+                inverted_gammas.append(bg_between(inverted_half, inverted, GAMMA_RANGE)
                                        if inverted_u < INVERTED_GAMMA_PROB else 1.0)
-                gammas.append(_bg_between(gamma_half, gamma, GAMMA_RANGE) if gamma_u < GAMMA_PROB else 1.0)
+                gammas.append(bg_between(gamma_half, gamma, GAMMA_RANGE) if gamma_u < GAMMA_PROB else 1.0)
             draw.blur_sigma.append(sigmas)
             draw.low_resolution.append(zooms)
             draw.inverted_gamma.append(inverted_gammas)
@@ -448,15 +448,6 @@ def _between(u: float, bounds: tuple[float, float]) -> float:
     return bounds[0] + (bounds[1] - bounds[0]) * u
 
 
-def _bg_between(half: float, u: float, bounds: tuple[float, float]) -> float:
-    """batchgeneratorsv2's BGContrast sampling: with probability 0.5 (`half` < 0.5) uniform between
-    the lower bound and 1, otherwise between 1 and the upper bound."""
-    low, high = bounds
-    if half < 0.5 and low < 1:
-        return _between(u, (low, 1.0))
-    return _between(u, (max(low, 1.0), high))
-
-
 def _on_voxels(matrix: Matrix) -> bool:
     """Whether the matrix only permutes and mirrors axes, so every grid point lands on a voxel."""
     return all(v in (-1.0, 0.0, 1.0) for row in matrix for v in row)
@@ -500,27 +491,12 @@ def _matmul(a: Matrix, b: Matrix) -> Matrix:
     return [[sum(a[i][k] * b[k][j] for k in range(3)) for j in range(3)] for i in range(3)]
 
 
-def _blur_size(sigma: float) -> int:
-    """nnU-Net's kernel size (batchgeneratorsv2 _compute_kernel_size, truncate 6): sigma * 6 + 0.5
-    rounded to the nearest odd number."""
-    n = sigma * _BLUR_TRUNCATE + 0.5
-    rounded = round(n)
-    if rounded % 2 == 1:
-        return rounded
-    return rounded + 1 if n - rounded >= 0 else rounded - 1
-
-
 def _blur_kernel(sigma: float) -> list[float]:
-    """nnU-Net's kernel (batchgeneratorsv2 _build_kernel): the Gaussian sampled at the integer
-    offsets of `_blur_size(sigma)` taps about 0, normalised to sum 1, zero-padded to
-    2 * _BLUR_TAIL + 1 taps; sigma 0 gives the identity kernel."""
-    taps = range(-_BLUR_TAIL, _BLUR_TAIL + 1)
-    if sigma <= 0:
-        return [1.0 if x == 0 else 0.0 for x in taps]
-    tail = (_blur_size(sigma) - 1) // 2
-    pdf = [math.exp(-0.5 * (x / sigma) ** 2) if abs(x) <= tail else 0.0 for x in taps]
-    total = sum(pdf)
-    return [v / total for v in pdf]
+    """nnU-Net's kernel (`medseg.data.transforms.blur_kernel`) zero-padded to 2 * _BLUR_TAIL + 1
+    taps; sigma 0 gives the identity kernel."""
+    kernel = blur_kernel(sigma).tolist() if sigma > 0 else [1.0]
+    padding = [0.0] * (_BLUR_TAIL - (len(kernel) - 1) // 2)
+    return padding + kernel + padding
 
 
 def _blur(image: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 from monai import transforms as T
+from monai.config import KeysCollection
 from monai.utils import MAX_SEED
 from scipy import ndimage
-from monai.config import KeysCollection
 
 from medseg.data.io import readers
 
@@ -179,11 +179,17 @@ class RandGammad(T.RandAdjustContrast):
         T.RandomizableTransform.randomize(self, None)
         if not self._do_transform:
             return
-        low, high = self.gamma
-        if self.R.rand() < 0.5 and low < 1:
-            self.gamma_value = float(self.R.uniform(low, 1.0))
-        else:
-            self.gamma_value = float(self.R.uniform(max(low, 1.0), high))
+        self.gamma_value = bg_between(float(self.R.rand()), float(self.R.rand()), self.gamma)
+
+
+def bg_between(half: float, u: float, bounds: tuple[float, float]) -> float:
+    """batchgeneratorsv2's BGContrast sampling from two uniform numbers in [0, 1): with probability
+    0.5 (`half` < 0.5) between the lower bound and 1, otherwise between 1 and the upper bound."""
+    low, high = bounds
+    if half < 0.5 and low < 1:
+        return low + (1.0 - low) * u
+    low = max(low, 1.0)
+    return low + (high - low) * u
 
 
 def load(keys: tuple[str, ...] = ("image", "label"), series_uid: str | None = None) -> list:

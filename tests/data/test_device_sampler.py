@@ -392,7 +392,7 @@ def test_blur_matches_the_pipelines_nnunet_blur():
 def test_blur_kernel_is_nnunets():
     # batchgeneratorsv2: about 6 sigma rounded to an odd size, the sampled Gaussian normalised.
     for sigma, taps in ((0.5, 3), (0.6, 5), (0.75, 5), (0.9, 5), (1.0, 7)):
-        assert device_sampler._blur_size(sigma) == taps
+        assert _kernel_size(sigma) == taps
         kernel = medseg_transforms.blur_kernel(sigma)
         assert len(kernel) == taps and abs(kernel.sum() - 1) < 1e-12
         x = torch.arange(taps, dtype=torch.float64) - (taps - 1) / 2
@@ -402,7 +402,7 @@ def test_blur_kernel_is_nnunets():
         tail = device_sampler._BLUR_TAIL
         torch.testing.assert_close(padded[tail - (taps - 1) // 2:tail + (taps - 1) // 2 + 1], pdf / pdf.sum())
         assert padded.sum() == pytest.approx(1.0)
-    assert device_sampler._BLUR_TAPS == max(device_sampler._blur_size(s / 100) for s in range(50, 101))
+    assert device_sampler._BLUR_TAPS == max(_kernel_size(s / 100) for s in range(50, 101))
 
 
 def test_blur_reflects_the_border():
@@ -614,3 +614,7 @@ def test_gammas_are_below_one_as_often_as_above():
         above = applied[applied > 1]
         assert abs(float(above.mean()) - 1.25) < 0.03  # uniform on (1, 1.5)
         assert abs(float(applied[applied < 1].mean()) - 0.85) < 0.03  # uniform on (0.7, 1)
+
+
+def _kernel_size(sigma: float) -> int:
+    return len(medseg_transforms.blur_kernel(sigma))
