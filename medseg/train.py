@@ -318,12 +318,21 @@ def _check_finite(most_in_row: torch.Tensor, max_nonfinite: int, description: st
         )
 
 
+# Steps before the time clock of `Schedule` starts: compilation (step 1) and CUDA-graph recording
+# (step 2) are over by then.
+CLOCK_WARMUP_STEPS = 3
+
+
 class Schedule:
     """The learning rate over the run (poly, cosine or constant), set after every step.
 
     Progress is the larger of steps taken / all steps (`epochs * iterations_per_epoch`) and, with
-    `train.max_minutes`, seconds since the run started / seconds allowed: a run limited by time
-    still completes its decay, and ends when either runs out.
+    `train.max_minutes`, the fraction of the training time that is left after the first
+    `CLOCK_WARMUP_STEPS` steps: a run limited by time still completes its decay, and ends when
+    either runs out. The time clock starts after those steps because they hold the one-off start-up
+    (reading and caching, torch.compile's compilation and CUDA-graph capture, half a minute and more
+    on a GPU): counted in, they would spend much of a short run's high learning rate on a handful
+    of steps.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: Config) -> None:
@@ -332,14 +341,16 @@ class Schedule:
         self.total_steps = max(t.epochs * t.iterations_per_epoch, 1)
         self.allowed = t.max_minutes * 60 if t.max_minutes is not None else None
         self.steps, self.seconds = 0, 0.0
+        self.clock_start: float | None = None  # seconds (since the run started) of the steady phase
         self._apply()
 
     @property
     def progress(self) -> float:
         """From 0 at the start to 1 at the end of training."""
         done = self.steps / self.total_steps
-        if self.allowed is not None:
-            done = max(done, self.seconds / self.allowed)
+        if self.allowed is not None and self.clock_start is not None:
+            left = self.allowed - self.clock_start
+            done = max(done, (self.seconds - self.clock_start) / left if left > 0 else 1.0)
         return min(done, 1.0)
 
     @property
@@ -351,13 +362,17 @@ class Schedule:
         """One more optimiser step was taken, `seconds` after the run started."""
         self.steps += 1
         self.seconds = seconds
+        if self.clock_start is None and self.steps >= CLOCK_WARMUP_STEPS:
+            self.clock_start = seconds
         self._apply()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "seconds": self.seconds}
+        return {"steps": self.steps, "seconds": self.seconds, "clock_start": self.clock_start}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps, self.seconds = int(state["steps"]), float(state["seconds"])
+        # Checkpoints written before the warm-up rule counted time from the run's start.
+        self.clock_start = state.get("clock_start", 0.0 if self.steps >= CLOCK_WARMUP_STEPS else None)
         self._apply()
 
     def _apply(self) -> None:

@@ -1,0 +1,114 @@
+"""Training-recipe ablation on one GPU: several `medseg train` runs of one config side by side, each
+with its own overrides, and their final validation Dice in one table.
+
+The runs share the GPU, so their speed says nothing; they train for a fixed number of steps (the
+config's epochs × iterations), so their Dice compare. A variant is NAME or NAME:KEY=VALUE,KEY=VALUE
+(medseg --set overrides); the override `network=nnunet` trains nnU-Net's PlainConvUNet
+(dynamic-network-architectures, the `bench` extra) with the same geometry in medseg's loop.
+
+    python scripts/ablate_recipe.py PLAN.yaml OUT base seed1:train.seed=1 nnunet:network=nnunet \\
+        workers:data.sampler=workers,train.workers=4 --set train.epochs=10
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("variants", nargs="+")
+    parser.add_argument("--set", action="append", default=[], dest="common", help="override for every variant")
+    args = parser.parse_args()
+    runs = {}
+    for spec in args.variants:
+        name, _, overrides = spec.partition(":")
+        sets = [s for s in overrides.split(",") if s]
+        network = "medseg"
+        for s in list(sets):
+            if s.startswith("network="):
+                network = s.split("=", 1)[1]
+                sets.remove(s)
+        command = [sys.executable, __file__, "--one", network, "train", args.config,
+                   "--set", f"output_dir={args.out}", "--set", f"run_name={name}"]
+        for s in args.common + sets:
+            command += ["--set", s]
+        args.out.mkdir(parents=True, exist_ok=True)
+        log = open(args.out / f"{name}.log", "w")
+        runs[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), spec, time.time())
+    print(f"{'variant':<12} {'rc':>3} {'wall s':>7} {'steps':>6} {'Dice':>7}  per class            overrides")
+    for name, (process, spec, started) in runs.items():
+        rc = process.wait()
+        wall = time.time() - started
+        rows = _metrics(args.out / name / "metrics.csv")
+        last = rows[-1] if rows else {}
+        classes = "  ".join(f"{float(v):.4f}" for k, v in last.items() if k.startswith("dice_") and v)
+        dice = float(last["val_dice"]) if last.get("val_dice") else float("nan")
+        steps = last.get("steps", "-")
+        print(f"{name:<12} {rc:>3} {wall:>7.0f} {steps:>6} {dice:>7.4f}  {classes:<20} {spec}", flush=True)
+
+
+def _metrics(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _one(network: str, argv: list[str]) -> None:
+    """Run the medseg CLI, with nnU-Net's network in place of medseg's when asked."""
+    if network == "nnunet":
+        import medseg.train
+        from medseg.models import network_plan
+        from medseg.models.unet import _init_weights
+        from torch import nn
+
+        def build(cfg, in_channels, num_classes, spacing):
+            from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+            plan = network_plan(cfg, spacing)
+            stages = len(plan.widths)
+            net = PlainConvUNet(
+                input_channels=in_channels, n_stages=stages, features_per_stage=list(plan.widths),
+                conv_op=nn.Conv3d, kernel_sizes=[list(k) for k in plan.kernels],
+                strides=[list(s) for s in plan.strides], n_conv_per_stage=[2] * stages, num_classes=num_classes,
+                n_conv_per_stage_decoder=[2] * (stages - 1), conv_bias=True, norm_op=nn.InstanceNorm3d,
+                norm_op_kwargs={"eps": 1e-5, "affine": True}, dropout_op=None, dropout_op_kwargs=None,
+                nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=True)
+            net.apply(_init_weights)  # nnU-Net's InitWeights_He(1e-2)
+            return _Wrapped(net)
+
+        class _Wrapped(nn.Module):
+            # What medseg's loop asks of its network: heads (coarsest first), deep_supervision, and
+            # the full-resolution logits alone outside training.
+            def __init__(self, net):
+                super().__init__()
+                self.net = net
+                self.heads = net.decoder.seg_layers
+                self.deep_supervision = True
+                self.checkpointing = "off"
+
+            def forward(self, x):
+                outputs = self.net(x)
+                return outputs if self.training else outputs[0]
+
+        medseg.train.build_model = build
+    elif network != "medseg":
+        raise SystemExit(f"unknown network {network!r} (medseg | nnunet)")
+    from medseg.cli import app
+
+    app(args=argv, prog_name="medseg")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--one":
+        _one(sys.argv[2], sys.argv[3:])
+    else:
+        main()
