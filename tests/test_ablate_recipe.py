@@ -1,0 +1,25 @@
+"""scripts/ablate_recipe.py: variants of one config trained side by side, their Dice tabulated."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_variants_are_trained_and_tabulated(tmp_path):
+    out = tmp_path / "ablation"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "ablate_recipe.py"), str(ROOT / "configs" / "sample.yaml"), str(out),
+         "plain", "other:train.seed=1,train.lr=0.02", "--set", "train.epochs=1", "--set", "train.iterations_per_epoch=2",
+         "--set", f"data.dataset={ROOT / 'sample_data'}", "--set", "train.workers=0"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
+    assert set(rows) == {"plain", "other"}
+    for name, row in rows.items():
+        assert row[1] == "0" and 0.0 <= float(row[4]) <= 1.0, row
+        assert (out / name / "metrics.csv").is_file()
+    config = (out / "other" / "config.yaml").read_text()
+    assert "seed: 1" in config and "lr: 0.02" in config
