@@ -66,22 +66,13 @@ def _one(network: str, argv: list[str]) -> None:
     """Run the medseg CLI, with nnU-Net's network in place of medseg's when asked."""
     if network == "nnunet":
         import medseg.train
-        from medseg.models import network_plan
         from medseg.models.unet import _init_weights
         from torch import nn
 
-        def build(cfg, in_channels, num_classes, spacing):
-            from dynamic_network_architectures.architectures.unet import PlainConvUNet
+        from bench_train import nnunet_model  # this script's folder is on sys.path
 
-            plan = network_plan(cfg, spacing)
-            stages = len(plan.widths)
-            net = PlainConvUNet(
-                input_channels=in_channels, n_stages=stages, features_per_stage=list(plan.widths),
-                conv_op=nn.Conv3d, kernel_sizes=[list(k) for k in plan.kernels],
-                strides=[list(s) for s in plan.strides], n_conv_per_stage=[2] * stages, num_classes=num_classes,
-                n_conv_per_stage_decoder=[2] * (stages - 1), conv_bias=True, norm_op=nn.InstanceNorm3d,
-                norm_op_kwargs={"eps": 1e-5, "affine": True}, dropout_op=None, dropout_op_kwargs=None,
-                nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=True)
+        def build(cfg, in_channels, num_classes, spacing):
+            net = nnunet_model(cfg, in_channels, num_classes, spacing)
             net.apply(_init_weights)  # nnU-Net's InitWeights_He(1e-2)
             return _Wrapped(net)
 

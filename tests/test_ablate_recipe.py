@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,3 +25,17 @@ def test_variants_are_trained_and_tabulated(tmp_path):
         assert (out / name / "metrics.csv").is_file()
     config = (out / "other" / "config.yaml").read_text()
     assert "seed: 1" in config and "lr: 0.02" in config
+
+
+def test_nnunet_network_variant_trains_in_medseg_loop(tmp_path):
+    pytest.importorskip("dynamic_network_architectures")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "ablate_recipe.py"), str(ROOT / "configs" / "sample.yaml"),
+         str(tmp_path / "ablation"), "nn:network=nnunet", "--set", "train.epochs=1",
+         "--set", "train.iterations_per_epoch=2", "--set", f"data.dataset={ROOT / 'sample_data'}",
+         "--set", "train.workers=0"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    row = result.stdout.splitlines()[1].split()
+    assert row[0] == "nn" and row[1] == "0" and 0.0 <= float(row[4]) <= 1.0, row

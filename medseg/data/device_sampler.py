@@ -77,6 +77,7 @@ _LABEL_CLASSES_PER_PASS = 16
 _POSITION_DRAWS, _AUGMENT_DRAWS, _CHANNEL_DRAWS = 7, 19, 10
 
 Matrix = list[list[float]]
+_IDENTITY: Matrix = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
 
 
 @dataclass
@@ -245,7 +246,6 @@ class DevicePatchSampler:
             case = _pick(u[0], len(self._volumes))
             cases.append(case)
             corners.append(self._corner(self._volumes[case], u[1:_POSITION_DRAWS]))
-        identity: Matrix = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
         if not self.augment:
             return _unaugmented(cases, corners, self.channels)
 
@@ -253,7 +253,7 @@ class DevicePatchSampler:
         for u in draws:
             (rotate, ax, ay, az, scale, factor_u, contrast, noise, noise_std, blur, bright, factor,
              gamma_u, fx, fy, fz, contrast_u, low_u, inverted_u) = u[_POSITION_DRAWS:_POSITION_DRAWS + _AUGMENT_DRAWS]
-            matrix = identity
+            matrix = _IDENTITY
             if rotate < ROTATION_PROB:
                 matrix = _rotation([MAX_ROTATION * (2 * v - 1) for v in (ax, ay, az)])
             if scale < SCALE_PROB:
@@ -431,9 +431,8 @@ class DevicePatchSampler:
 def _unaugmented(cases: list[int], corners: list[list[int]], channels: int) -> _Draw:
     """A draw whose patches are plain slices: identity geometry and intensity."""
     b = len(cases)
-    identity: Matrix = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
     per_channel = [[1.0] * channels for _ in range(b)]
-    return _Draw(cases, corners, matrices=[identity] * b, noise_std=[0.0] * b,
+    return _Draw(cases, corners, matrices=[_IDENTITY] * b, noise_std=[0.0] * b,
                  blur_sigma=[[[0.0] * 3 for _ in range(channels)] for _ in range(b)],
                  brightness=[1.0] * b, contrast=[1.0] * b, low_resolution=per_channel,
                  inverted_gamma=[list(g) for g in per_channel], gamma=[list(g) for g in per_channel])
