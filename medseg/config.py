@@ -113,7 +113,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("sgd", "adamw"),
     "train.lr_schedule": ("poly", "cosine", "constant"),
     "train.amp": ("auto", "fp16", "bf16", "off"),
-    "train.compile": ("auto", "on", "off", "graphs"),
+    "train.compile": ("auto", "on", "off", "graphs", "eager-graphs"),
     "train.channels_last": ("auto", "on", "off"),
 }
 

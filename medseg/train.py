@@ -161,6 +161,8 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     trained, loss_fn = compile_for_training(trained, loss_fn, compile_mode)
+    graph = GraphedStep(trained, loss_fn, optimizer, scaler, amp_dtype, cfg.train.grad_clip) \
+        if compile_mode == "eager-graphs" else None
     best = max((row["val_dice"] for row in history if not math.isnan(row.get("val_dice", math.nan))), default=-1.0)
 
     def snapshot(completed_epoch: int, steps: int) -> dict[str, Any]:
@@ -184,7 +186,7 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
     # With one process, an out-of-memory error in any step is caught and the step retried more
     # cheaply. With several, a change in one process alone would desynchronise them: instead, all
     # try one step first without exchanging gradients and agree on the fallback (see _agree_on_memory).
-    fallback = MemoryFallback(enabled=not context.enabled, compiled=compile_mode != "off")
+    fallback = MemoryFallback(enabled=not context.enabled, compiled=compile_mode in ("on", "graphs"))
     if context.enabled:
         _agree_on_memory(trained, model, batches, loss_fn, scaler, amp_dtype, fallback, device, console, context)
     origin = started - schedule.seconds  # a resumed run goes on counting from where it stopped
@@ -200,7 +202,7 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
                 trained, batches, loss_fn, optimizer, schedule, scaler, amp_dtype, device, cfg.train.grad_clip,
                 steps=steps, stop=stop, max_nonfinite=cfg.train.max_nonfinite_steps, fallback=fallback,
                 description=f"epoch {epoch + 1}/{cfg.train.epochs}", console=console, context=context,
-                clock=clock, memory_format=layout,
+                clock=clock, memory_format=layout, graph=graph,
             )
             train_seconds = time.perf_counter() - epoch_started
             train_loss = distributed.mean(context, train_loss, device)
@@ -252,9 +254,11 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Modul
                     console: Console | None = None,
                     context: distributed.Context = distributed.Context(),
                     clock: Callable[[], float] = time.perf_counter,
-                    memory_format: torch.memory_format = torch.contiguous_format) -> tuple[float, int]:
+                    memory_format: torch.memory_format = torch.contiguous_format,
+                    graph: GraphedStep | None = None) -> tuple[float, int]:
     """Up to `steps` optimiser steps, fewer if `stop()` turns true or the schedule's time is up;
-    returns (mean loss, steps taken). `clock()` gives the seconds the run has been going.
+    returns (mean loss, steps taken). `clock()` gives the seconds the run has been going. With
+    `graph`, steps run as its CUDA graph while it is usable.
 
     Steps with a non-finite loss are skipped; `max_nonfinite` of them in a row end training with
     an error (noticed within 25 steps), before anything is saved, so the last good checkpoint
@@ -280,11 +284,19 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Modul
             label = batch["label"].to(device, non_blocking=True)
             while True:
                 try:
-                    loss, finite = train_step(model, image, label, loss_fn, optimizer, scaler, amp_dtype,
-                                              grad_clip, fallback.micro_batches, context)
+                    if graph is not None and graph.usable(fallback.micro_batches):
+                        loss, finite = graph(image, label)
+                        if graph.failure:
+                            progress.console.print(f"CUDA graph not recorded ({graph.failure}); steps run eagerly")
+                            graph = None
+                    else:
+                        loss, finite = train_step(model, image, label, loss_fn, optimizer, scaler, amp_dtype,
+                                                  grad_clip, fallback.micro_batches, context)
                     break
                 except torch.OutOfMemoryError:
                     pass  # leave the except block first, so the failed step's tensors are freed
+                if graph is not None:
+                    graph.release()  # the fallback changes the network: the recorded step is void
                 optimizer.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -447,7 +459,13 @@ def train_step(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss_
         # fp16: GradScaler skips the step itself when the gradients overflowed, which a non-finite
         # loss makes them; with a fused optimiser it decides on the GPU, without a host sync.
         scaler.step(optimizer)
-    elif finite:  # bf16 and fp32 have no such check: the host decides (a sync)
+    elif _is_fused(optimizer):
+        # bf16 and fp32: the fused optimiser skips the update itself where `found_inf` is set
+        # (the flag GradScaler hands it), so the GPU decides, without a host sync.
+        optimizer.found_inf = (~finite).float()
+        optimizer.step()
+        del optimizer.found_inf
+    elif finite:  # otherwise the host decides (a sync)
         optimizer.step()
     scaler.update()
     # set_to_none frees the gradient memory between steps instead of writing zeros into it.
@@ -466,6 +484,100 @@ def _forward_backward(model: nn.Module, image: torch.Tensor, label: torch.Tensor
         scaler.scale(part_loss).backward()
         loss = loss + part_loss.detach()
     return loss
+
+
+class GraphedStep:
+    """`train_step` recorded once as a CUDA graph and replayed: forward, backward, clipping, the
+    optimiser and the loss scaling launched as one graph (`train.compile=eager-graphs`).
+
+    A small step is bound by kernel launches, not arithmetic: the eager hippocampus step is about
+    a thousand small kernels, each costing more to launch from Python than to run. torch.compile's
+    CUDA graphs (`graphs`) remove that too, but compiling takes half a minute and more on a fresh
+    machine; recording the eager step takes the time of a few steps. The first `warmup` calls run
+    the step eagerly on a side stream (the optimiser creates its state and cuDNN picks its
+    algorithms, as capture requires), the next records the graph, every call replays it on new
+    data. The batch shape must stay the same; `release()` drops the graph for good (the
+    out-of-memory fallback, which changes the network, then runs eager steps).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, grad_clip: float,
+                 warmup: int = 3) -> None:
+        self.model, self.loss_fn, self.optimizer, self.scaler = model, loss_fn, optimizer, scaler
+        self.amp_dtype, self.grad_clip, self.warmup = amp_dtype, grad_clip, warmup
+        self.calls = 0
+        self.active = True
+        self.failure: str | None = None  # why recording failed, if it did
+        self._graph: torch.cuda.CUDAGraph | None = None
+
+    def usable(self, micro_batches: int) -> bool:
+        """Whether this step can run as the graph (not after release, not split into micro-batches)."""
+        return self.active and micro_batches == 1
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step on (image, label); returns (loss, finite) as `train_step`."""
+        self.calls += 1
+        if self._graph is None and self.calls <= self.warmup:
+            side = torch.cuda.Stream(image.device)
+            side.wait_stream(torch.cuda.current_stream(image.device))
+            with torch.cuda.stream(side):
+                result = train_step(self.model, image, label, self.loss_fn, self.optimizer, self.scaler,
+                                    self.amp_dtype, self.grad_clip)
+            torch.cuda.current_stream(image.device).wait_stream(side)
+            return result
+        if self._graph is None:
+            try:
+                self._record(image, label)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as exc:  # something in the step cannot be recorded on this machine
+                self._abandon(exc)
+                return train_step(self.model, image, label, self.loss_fn, self.optimizer, self.scaler,
+                                  self.amp_dtype, self.grad_clip)
+        self._image.copy_(image)
+        self._label.copy_(label)
+        # The recorded optimiser reads its learning rate from this tensor: the schedule's value
+        # is copied in before every replay (a float would have been frozen into the graph).
+        self._lr.fill_(self.optimizer.param_groups[0]["lr"])
+        self._graph.replay()
+        return self._loss, self._finite
+
+    def release(self) -> None:
+        """Drop the graph and its memory; later steps run eagerly."""
+        self.active = False
+        self._graph = None
+        for name in ("_image", "_label", "_loss", "_finite", "_lr"):
+            self.__dict__.pop(name, None)
+
+    def _abandon(self, exc: Exception) -> None:
+        # A failed recording ran none of its kernels, but left gradients pointing at memory it never
+        # wrote and GradScaler halfway through its step (private state, reset to what update() leaves).
+        self.release()
+        self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler._per_optimizer_states.clear()
+
+    def _record(self, image: torch.Tensor, label: torch.Tensor) -> None:
+        groups = self.optimizer.param_groups
+        if len({group["lr"] for group in groups}) != 1:
+            raise MedsegError("CUDA-graph training needs one learning rate for all parameters")
+        self._image, self._label = image.clone(), label.clone()
+        self._lr = torch.tensor(float(groups[0]["lr"]), device=image.device)
+        rates = [group["lr"] for group in groups]
+        for group in groups:
+            group["lr"] = self._lr
+        # Gradients set to None now are created inside the graph, in its private memory pool, so
+        # every replay writes them at the same addresses.
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._loss, self._finite = train_step(self.model, self._image, self._label, self.loss_fn,
+                                                      self.optimizer, self.scaler, self.amp_dtype, self.grad_clip)
+        finally:
+            for group, rate in zip(groups, rates):
+                group["lr"] = rate  # floats again: what the schedule sets and checkpoints save
+        self._graph = graph
 
 
 def validate(model: nn.Module, volumes: Iterable[dict], prep: Preprocessing, cfg: Config,
@@ -581,7 +693,7 @@ def compile_for_training(model: nn.Module, loss_fn: nn.Module, mode: str) -> tup
     (torch.compile's "reduce-overhead" mode) launch each compiled forward and backward as one
     graph: for small patches, where the step is bound by kernel launches rather than arithmetic.
     """
-    if mode == "off":
+    if mode in ("off", "eager-graphs"):  # eager-graphs: recorded by GraphedStep, not compiled
         return model, loss_fn
     from torch import _dynamo
 
@@ -601,9 +713,10 @@ def _compile_setting(cfg: Config, device: torch.device, distributed_run: bool = 
     if setting == "auto":
         setting = "off" if device.type != "cuda" else ("graphs" if _small_step(cfg) else "on")
     # CUDA graphs need CUDA, and replay no collective communication: with several processes
-    # (DistributedDataParallel's gradient all-reduce) or on the CPU they fall back to plain compile.
-    if setting == "graphs" and (device.type != "cuda" or distributed_run):
-        setting = "on"
+    # (DistributedDataParallel's gradient all-reduce) or on the CPU they fall back to plain compile,
+    # and the eager step recorded as a graph to the eager step.
+    if setting in ("graphs", "eager-graphs") and (device.type != "cuda" or distributed_run):
+        setting = "on" if setting == "graphs" else "off"
     return setting
 
 
@@ -726,6 +839,10 @@ def _optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(trainable, lr=t.lr, momentum=t.momentum, nesterov=True,
                                weight_decay=t.weight_decay, **speed)
     return torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay, **speed)
+
+
+def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    return all(group.get("fused") for group in optimizer.param_groups)
 
 
 def _run_dir_name(cfg: Config) -> Path:

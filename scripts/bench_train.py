@@ -52,7 +52,8 @@ from medseg.device import amp_dtype as resolve_amp
 from medseg.device import amp_name
 from medseg.losses import DiceCELoss
 from medseg.models import CHECKPOINTING_MODES, build_model, network_plan
-from medseg.train import _compile_setting, _memory_format, _optimizer, compile_for_training, train_step
+from medseg.train import (GraphedStep, _compile_setting, _memory_format, _optimizer, compile_for_training,
+                          train_step)
 
 GiB = 2**30
 REPO = Path(__file__).resolve().parents[1]
@@ -60,8 +61,9 @@ HIPPOCAMPUS_PATCH, HIPPOCAMPUS_BATCH = [40, 56, 40], 7
 
 
 # How a configuration runs: eager, torch.compile'd (network and loss, as `medseg train` with
-# train.compile=on) or compiled and replayed as CUDA graphs (train.compile=graphs).
-RUN_KINDS = {"eager": "off", "compiled": "on", "graphs": "graphs"}
+# train.compile=on), compiled and replayed as CUDA graphs (train.compile=graphs), or the eager
+# step recorded whole as one CUDA graph (train.compile=eager-graphs).
+RUN_KINDS = {"eager": "off", "compiled": "on", "graphs": "graphs", "eagergraphs": "eager-graphs"}
 
 
 def all_configs() -> list[str]:
@@ -190,27 +192,41 @@ def measure_step(model: nn.Module, cfg: config.Config, kind: str, device: torch.
     image = torch.randn(batch, in_channels, *patch, device=device).contiguous(memory_format=layout)
     label = torch.randint(0, classes, (batch, 1, *patch), device=device, dtype=torch.uint8)
     trained, loss_fn = compile_for_training(model, loss_fn, kind)  # as medseg.train does
+    graph = GraphedStep(trained, loss_fn, optimizer, scaler, amp, cfg.train.grad_clip) \
+        if kind == "eager-graphs" and device.type == "cuda" else None  # on the CPU: eager
     timer = Timer(device)
     losses: list[torch.Tensor] = []
 
     def step() -> None:
-        loss, _ = train_step(trained, image, label, loss_fn, optimizer, scaler, amp, cfg.train.grad_clip)
-        losses.append(loss)
+        if graph is not None:
+            loss, _ = graph(image, label)
+        else:
+            loss, _ = train_step(trained, image, label, loss_fn, optimizer, scaler, amp, cfg.train.grad_clip)
+        losses.append(loss.clone())
 
+    started = time.perf_counter()
     first_ms = timer.time(step)  # includes compilation when compiled
-    # Compiled: one more warm-up step; CUDA graphs: two more (one run to warm up, one to record).
-    for _ in range(warmup + {"off": 0, "on": 1, "graphs": 3}[kind] - 1):
+    # Compiled: one more warm-up step; CUDA graphs: two more (one run to warm up, one to record);
+    # the eager step recorded as a graph: its warm-up steps and the recording.
+    extra = {"off": 0, "on": 1, "graphs": 3, "eager-graphs": (graph.warmup + 1) if graph else 0}[kind]
+    for _ in range(warmup + extra - 1):
         step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    # Wall time until steady steps: compilation, recording, cuDNN's algorithm search, warm-up steps.
+    startup_s = time.perf_counter() - started
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = [timer.time(step) for _ in range(steps)]
     result: dict[str, Any] = {"status": "ok", "ms": statistics.median(times), "ms_min": min(times),
-                              "first_step_ms": first_ms, "final_loss": float(losses[-1])}
+                              "first_step_ms": first_ms, "startup_s": startup_s, "final_loss": float(losses[-1])}
+    if graph is not None and graph.failure:
+        result["status"] = f"error: CUDA graph not recorded: {graph.failure}"
     if device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
         result["reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
-    del trained, model, optimizer, scaler, image, label, losses
+    del trained, model, optimizer, scaler, image, label, losses, graph
     return result
 
 
@@ -258,7 +274,7 @@ def print_table(results: dict[str, dict[str, Any]], peak_tflops: float) -> list[
 
     nn_ref = ok("nnunet-compiled") or ok("nnunet-eager")
     nn_ref_name = "nnunet-compiled" if ok("nnunet-compiled") else "nnunet-eager"
-    header = (f"{'configuration':<28} {'ms/step':>9} {'first ms':>9} {'peak GiB':>9} {'resv GiB':>9} "
+    header = (f"{'configuration':<28} {'ms/step':>9} {'start s':>8} {'peak GiB':>9} {'resv GiB':>9} "
               f"{'TFLOP/s':>8} {'% mm':>6} {'t/nnU':>6} {'m/nnU':>6} {'t/off':>6} {'m/off':>6}")
     print(header)
     print("-" * len(header))
@@ -278,10 +294,11 @@ def print_table(results: dict[str, dict[str, Any]], peak_tflops: float) -> list[
                 t_off = r["ms"] / off["ms"]
                 m_off = r["peak_gib"] / off["peak_gib"] if "peak_gib" in r and "peak_gib" in off else None
         r.update(time_vs_nnunet=t_nn, memory_vs_nnunet=m_nn, time_vs_off=t_off, memory_vs_off=m_off)
-        print(f"{name:<28} {r['ms']:9.1f} {r['first_step_ms']:9.0f} {fmt(r.get('peak_gib'), '9.2f')} "
+        print(f"{name:<28} {r['ms']:9.1f} {r['startup_s']:8.1f} {fmt(r.get('peak_gib'), '9.2f')} "
               f"{fmt(r.get('reserved_gib'), '9.2f')} {fmt(tflops, '8.2f')} {fmt(pct, '6.1f')} {fmt(t_nn, '6.2f')} "
               f"{fmt(m_nn, '6.2f')} {fmt(t_off, '6.2f')} {fmt(m_off, '6.2f')}")
-    print(f"(t/nnU, m/nnU: time and peak relative to {nn_ref_name}; t/off, m/off: relative to medseg-off "
+    print(f"(start s: wall seconds until steady steps (compilation, graph recording, warm-up steps); "
+          f"t/nnU, m/nnU: time and peak relative to {nn_ref_name}; t/off, m/off: relative to medseg-off "
           f"with the same compile setting; % mm: of the {peak_tflops:.3g} TFLOP/s matmul)")
     summary = []
     medseg_ok = {n: r for n, r in results.items() if n.startswith("medseg-") and r.get("status") == "ok"}

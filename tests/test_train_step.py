@@ -8,7 +8,7 @@ import torch
 from medseg import config
 from medseg.losses import DiceCELoss
 from medseg.models import build_model
-from medseg.train import _compile_setting, _memory_format, _optimizer, train_step
+from medseg.train import GraphedStep, Schedule, _compile_setting, _memory_format, _optimizer, train_step
 
 CUDA = torch.device("cuda")  # only named, never used, in the rule tests
 CPU = torch.device("cpu")
@@ -28,6 +28,10 @@ def test_auto_compile_uses_cuda_graphs_for_small_steps_only():
     assert _compile_setting(_cfg(*small), CPU) == "off"
     assert _compile_setting(_cfg(*small, "train.compile=graphs"), CPU) == "on"
     assert _compile_setting(_cfg(*small, "model.checkpointing=stage"), CUDA) == "off"
+    # The eager step recorded as a CUDA graph: eager wherever graphs cannot run.
+    assert _compile_setting(_cfg(*small, "train.compile=eager-graphs"), CUDA) == "eager-graphs"
+    assert _compile_setting(_cfg(*small, "train.compile=eager-graphs"), CPU) == "off"
+    assert _compile_setting(_cfg(*small, "train.compile=eager-graphs"), CUDA, distributed_run=True) == "off"
 
 
 def test_auto_channels_last_only_where_it_was_measured_faster():
@@ -75,6 +79,63 @@ def test_non_finite_loss_takes_no_step_without_loss_scaling():
     assert not bool(finite)
     for a, b in zip(before, model.parameters()):
         torch.testing.assert_close(b.detach(), a, rtol=0, atol=0)
+
+
+def test_non_finite_loss_takes_no_step_with_a_fused_optimiser_and_no_host_decision():
+    # bf16/fp32 with a fused optimiser: the skip is decided by the optimiser from a device flag.
+    cfg = _cfg("model.base_width=4", "model.max_width=16", "train.patch_size=[16,16,16]")
+    model = build_model(cfg, 1, 3, (1.0, 1.0, 1.0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.99, nesterov=True, fused=True)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    label = torch.zeros((1, 1, 16, 16, 16), dtype=torch.uint8)
+    before = [p.detach().clone() for p in model.parameters()]
+    _, finite = train_step(model, torch.full((1, 1, 16, 16, 16), float("nan")), label, DiceCELoss(),
+                           optimizer, scaler, None, cfg.train.grad_clip)
+    assert not bool(finite) and not hasattr(optimizer, "found_inf")
+    for a, b in zip(before, model.parameters()):
+        torch.testing.assert_close(b.detach(), a, rtol=0, atol=0)
+    _, finite = train_step(model, torch.randn(1, 1, 16, 16, 16), label, DiceCELoss(), optimizer, scaler, None,
+                           cfg.train.grad_clip)
+    assert bool(finite)
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16])
+def test_cuda_graph_step_trains_as_the_eager_step(amp):
+    # The same steps, eagerly and as a recorded-and-replayed CUDA graph: same losses, same weights,
+    # the learning rate of the schedule followed at every replay.
+    cfg = _cfg("model.base_width=4", "model.max_width=16", "train.patch_size=[16,16,16]", "train.batch_size=2",
+               "train.epochs=1", "train.iterations_per_epoch=8")
+    generator = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(2, 1, 16, 16, 16, generator=generator).to(CUDA),
+                torch.randint(0, 3, (2, 1, 16, 16, 16), generator=generator, dtype=torch.uint8).to(CUDA))
+               for _ in range(8)]
+    results = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg, 1, 3, (1.0, 1.0, 1.0)).to(CUDA)
+        optimizer = _optimizer(cfg, model)
+        schedule = Schedule(optimizer, cfg)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+        loss_fn = DiceCELoss()
+        graph = GraphedStep(model, loss_fn, optimizer, scaler, amp, cfg.train.grad_clip, warmup=2) if graphed else None
+        losses = []
+        for image, label in batches:
+            if graph is not None:
+                loss, finite = graph(image, label)
+            else:
+                loss, finite = train_step(model, image, label, loss_fn, optimizer, scaler, amp, cfg.train.grad_clip)
+            losses.append(float(loss))
+            assert bool(finite)
+            schedule.step(0.0)
+        assert graph is None or (graph.failure is None and graph._graph is not None)
+        results.append((losses, [p.detach().clone() for p in model.parameters()]))
+    (eager_losses, eager_weights), (graph_losses, graph_weights) = results
+    assert eager_losses[-1] < eager_losses[0]
+    torch.testing.assert_close(graph_losses, eager_losses, rtol=2e-3, atol=2e-3)
+    for a, b in zip(eager_weights, graph_weights):
+        torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.gpu

@@ -179,19 +179,50 @@ class DevicePatchSampler:
         # Patch voxel offsets from the patch centre, per axis: the grids are built from these.
         self._offsets = [torch.arange(s, dtype=torch.float32, device=self.device) - (s - 1) / 2
                          for s in self.patch_size]
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))  # the volumes are copied
+        # The batch rendered ahead: (generator state before its draw, batch, its end on the side stream).
+        self._ahead: tuple[torch.Tensor, dict[str, torch.Tensor], torch.cuda.Event] | None = None
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """Yield batches forever; all iterators share the sampler's random state."""
         while True:
-            yield self._render(self._draw())
+            yield self._next()
 
     def state_dict(self) -> dict:
         """The random state (a CPU byte tensor): enough to continue the batch sequence exactly."""
+        if self._ahead is not None:  # the batch drawn ahead has not been handed out yet
+            return {"generator": self._ahead[0].clone()}
         return {"generator": self._generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a state from `state_dict()`: the next batch is the one that would have followed."""
+        self._ahead = None
         self._generator.set_state(state["generator"].cpu())
+
+    def _next(self) -> dict[str, torch.Tensor]:
+        if self._stream is None:
+            return self._render(self._draw())
+        # On CUDA each batch is rendered one step ahead on a side stream, so its few dozen small
+        # kernels run on the GPU beside the training step that uses the batch before it, instead of
+        # between two steps. The consumer's stream waits for the batch on the GPU (no host sync).
+        _, batch, rendered = self._ahead if self._ahead is not None else self._render_ahead()
+        self._ahead = self._render_ahead()
+        consumer = torch.cuda.current_stream(self.device)
+        consumer.wait_event(rendered)  # this batch only, not the one just started
+        for tensor in batch.values():
+            # Memory made on the side stream must not be reused before the consumer is done with it.
+            tensor.record_stream(consumer)
+        return batch
+
+    def _render_ahead(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.cuda.Event]:
+        state = self._generator.get_state()
+        with torch.cuda.stream(self._stream):
+            batch = self._render(self._draw())
+            rendered = torch.cuda.Event()
+            rendered.record(self._stream)
+        return state, batch, rendered
 
     # --- construction ---------------------------------------------------------------------------------
 

@@ -618,3 +618,22 @@ def test_gammas_are_below_one_as_often_as_above():
 
 def _kernel_size(sigma: float) -> int:
     return len(medseg_transforms.blur_kernel(sigma))
+
+
+@pytest.mark.gpu
+def test_cuda_batches_rendered_ahead_keep_the_sequence_and_its_state():
+    # On CUDA each batch is rendered one step ahead on a side stream; the batches, and the state a
+    # checkpoint saves between them, are those of a sampler that renders on demand (the CPU's).
+    volumes = [_coded_volume(s, i) for i, s in enumerate(SHAPES)]
+    cuda = torch.device("cuda")
+    sampler = _sampler(volumes, device=cuda, seed=3, augment=False)
+    head = _batches(sampler, 2)
+    state = sampler.state_dict()
+    tail = _batches(sampler, 3)
+    expected = _batches(_sampler(volumes, seed=3, augment=False), 5)
+    for gpu_batch, cpu_batch in zip(head + tail, expected, strict=True):
+        torch.testing.assert_close(gpu_batch["image"].cpu(), cpu_batch["image"], atol=1e-4, rtol=1e-5)
+        assert torch.equal(gpu_batch["label"].cpu(), cpu_batch["label"])
+    restored = _sampler(volumes, device=cuda, seed=3, augment=False)
+    restored.load_state_dict(state)
+    _assert_same(_batches(restored, 3), tail)
