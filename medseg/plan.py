@@ -9,6 +9,7 @@ checkpointing from a GPU memory budget through medseg's own memory estimator.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,7 +19,7 @@ import yaml
 from medseg import config
 from medseg.data.cases import find_dataset
 from medseg.data.checks import CaseSummary, check_dataset
-from medseg.data.io import load_volume
+from medseg.data.io import load_volume, map_cases, usable_cpus
 
 # An axis counts as coarse when its spacing exceeds the finest by this factor (nnU-Net: 3).
 ANISOTROPY = 3.0
@@ -59,10 +60,13 @@ class Plan:
         return "\n".join(header) + "\n" + yaml.safe_dump(self.overrides, sort_keys=False)
 
 
-def plan(dataset_path: Path, budget_bytes: int, workers: int = 4, samples_per_case: int = 10_000) -> Plan:
-    """Fingerprint the dataset (checking every case on the way) and derive a configuration."""
+def plan(dataset_path: Path, budget_bytes: int, workers: int | None = None, samples_per_case: int = 10_000) -> Plan:
+    """Fingerprint the dataset (checking every case on the way) and derive a configuration.
+
+    `workers`: processes reading the files (None: every usable core)."""
     from medseg import memory
 
+    workers = usable_cpus() if workers is None else workers
     dataset = find_dataset(dataset_path)
     summaries = check_dataset(dataset.cases, dataset.labels, len(dataset.modalities) or None, workers=workers)
     spacings = np.array([s.spacing_ras for s in summaries])
@@ -77,7 +81,8 @@ def plan(dataset_path: Path, budget_bytes: int, workers: int = 4, samples_per_ca
     at_spacing = np.median(shapes * spacings / target, axis=0).round().astype(int)
 
     labels = dataset.labels or {v: f"class_{v}" for v in range(max(max(s.label_values) for s in summaries) + 1)}
-    counts, intensity = _voxel_statistics(dataset.cases, len(labels), summaries[0].channels, samples_per_case)
+    counts, intensity = _voxel_statistics(dataset.cases, len(labels), summaries[0].channels, samples_per_case,
+                                          workers)
     normalization = "ct" if any(m.upper() == "CT" for m in dataset.modalities) else "zscore"
 
     base = config.load(None, [f"data.dataset={dataset_path}"])
@@ -154,19 +159,17 @@ def _shape_in_ras(shape: tuple[int, ...], affine: np.ndarray) -> tuple[int, int,
     return tuple(result)  # type: ignore[return-value]
 
 
-def _voxel_statistics(cases: Any, classes: int, channels: int,
-                      samples_per_case: int) -> tuple[np.ndarray, list[dict[str, float]]]:
+def _voxel_statistics(cases: Any, classes: int, channels: int, samples_per_case: int,
+                      workers: int = 1) -> tuple[np.ndarray, list[dict[str, float]]]:
+    # The files are read in parallel; the foreground samples are drawn here, case by case in
+    # order from one generator, so the result does not depend on the number of workers.
     rng = np.random.default_rng(0)
     counts = np.zeros(classes, dtype=np.int64)
     samples: list[list[np.ndarray]] = [[] for _ in range(channels)]
-    for case in cases:
-        label, _ = load_volume(case.label, label=True)
-        image, _ = load_volume(list(case.images) if len(case.images) > 1 else case.images[0])
-        label = np.asarray(label[0]).astype(np.int64)
-        counts += np.bincount(label.ravel(), minlength=classes)[:classes]
-        foreground = label > 0
-        for c in range(min(channels, image.shape[0])):
-            values = image[c][foreground]
+    for case_counts, foreground in map_cases(partial(_case_voxels, classes=classes, channels=channels),
+                                             list(cases), workers):
+        counts += case_counts
+        for c, values in enumerate(foreground):
             if values.size > samples_per_case:
                 values = rng.choice(values, samples_per_case, replace=False)
             samples[c].append(values.astype(np.float64))
@@ -177,6 +180,16 @@ def _voxel_statistics(cases: Any, classes: int, channels: int,
         intensity.append({"p0.5": float(low), "median": float(median), "p99.5": float(high),
                           "mean": float(values.mean()), "std": float(values.std())})
     return counts, intensity
+
+
+def _case_voxels(case: Any, classes: int, channels: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A case's voxel count per class and its foreground intensities per channel (float32)."""
+    label, _ = load_volume(case.label, label=True)
+    image, _ = load_volume(list(case.images) if len(case.images) > 1 else case.images[0])
+    label = np.asarray(label[0]).astype(np.int64)
+    counts = np.bincount(label.ravel(), minlength=classes)[:classes]
+    foreground = label > 0
+    return counts, [image[c][foreground] for c in range(min(channels, image.shape[0]))]
 
 
 def _round(values: Any) -> list[float]:

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from medseg.data.cases import Case
-from medseg.data.io import load_volume, read_header, spacing_in_ras
+from medseg.data.io import load_volume, map_cases, read_header, spacing_in_ras
 from medseg.errors import DataError
 
 __all__ = ["CaseSummary", "DatasetCheckError", "check_case", "check_dataset"]
@@ -150,7 +149,7 @@ def check_dataset(
         cases: the cases, e.g. ``find_dataset(root).cases``.
         labels: declared label values (``DatasetInfo.labels``), or ``None``/empty.
         channels: declared channel count (``len(DatasetInfo.modalities)``), or ``None``.
-        workers: threads reading files concurrently (decompression releases the GIL).
+        workers: processes reading files concurrently (see `medseg.data.io.map_cases`).
 
     Returns:
         One summary per case, in the order of ``cases``.
@@ -167,11 +166,7 @@ def check_dataset(
         except DataError as exc:
             return _one_line(str(exc))
 
-    if workers > 1 and len(cases) > 1:
-        with ThreadPoolExecutor(max_workers=min(workers, len(cases))) as pool:
-            results = list(pool.map(one, cases))
-    else:
-        results = [one(case) for case in cases]
+    results = map_cases(one, cases, workers)
 
     if channels is None:
         counts = Counter(r.channels for r in results if isinstance(r, CaseSummary))

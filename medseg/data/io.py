@@ -15,10 +15,13 @@ keeps the first that does not raise. :class:`SimpleITKReader` is therefore tried
 from __future__ import annotations
 
 import gzip
+import multiprocessing
 import os
+import sys
 import tempfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -40,9 +43,11 @@ __all__ = [
     "Header",
     "SimpleITKReader",
     "load_volume",
+    "map_cases",
     "read_header",
     "readers",
     "spacing_in_ras",
+    "usable_cpus",
     "write_nifti",
 ]
 
@@ -275,8 +280,62 @@ def write_nifti(
     _atomic_write(target, payload)
 
 
+def usable_cpus() -> int:
+    """CPU cores this process may run on, shared among the processes torchrun started on this
+    machine (LOCAL_WORLD_SIZE), at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, cpus // max(local_world, 1))
+
+
+def map_cases(function: Callable[[Any], Any], items: Sequence[Any], workers: int) -> list[Any]:
+    """``[function(item) for item in items]``, in order, spread over up to `workers` processes.
+
+    Reading and preprocessing volumes (nibabel, MONAI) is mostly Python holding the GIL, so
+    threads barely run it faster than one; forked processes scale with the cores. The children
+    inherit `function` through fork (nothing is pickled but the items and results) and run
+    torch on one thread each. Where fork is unsafe or unavailable (not Linux, or inside a
+    daemonic process such as a DataLoader worker), a thread pool stands in, as before.
+    """
+    items = list(items)
+    workers = min(workers, len(items))
+    if workers <= 1:
+        return [function(item) for item in items]
+    if not sys.platform.startswith("linux") or multiprocessing.current_process().daemon:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(function, items))
+    global _FORKED_FUNCTION
+    _FORKED_FUNCTION = function
+    try:
+        with multiprocessing.get_context("fork").Pool(workers, _one_torch_thread) as pool:
+            return pool.map(_call_forked, items, chunksize=max(1, len(items) // (4 * workers)))
+    finally:
+        _FORKED_FUNCTION = None
+
+
 # ---------------------------------------------------------------------------------------------
 # private helpers
+
+
+_FORKED_FUNCTION: Callable[[Any], Any] | None = None
+
+
+def _call_forked(item: Any) -> Any:
+    assert _FORKED_FUNCTION is not None
+    return _FORKED_FUNCTION(item)
+
+
+def _one_torch_thread() -> None:
+    # One intra-op thread per child: the children already use the cores, and on small volumes
+    # OpenMP's start-up per operator costs more than the work (2 processes of 2 threads each took
+    # 23 s for the hippocampus cache on 2 cores, of one thread each 4.5 s). Reductions (the
+    # z-score's mean and std) then sum in one fixed order, whatever the machine's core count.
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 def _as_paths(data: Sequence[PathLike] | PathLike) -> list[str]:
