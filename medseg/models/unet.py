@@ -8,25 +8,18 @@ supervision.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-# Cheapest first in time. (In memory "selective" now predicts below "stage" for the default network
-# at 128³ and 256³ batch 2 fp16, 0.44 and 0.48 of "off"'s peak; "stage" remains the mode that keeps
-# the least between stages.)
+# Cheapest first in time, most expensive first in memory.
 CHECKPOINTING_MODES = ("off", "selective", "stage")
 # With "stage" checkpointing, the stages of this many of the finest levels run one sample at a time
 # (the full- and half-resolution stages hold most of the memory of the backward pass).
 PER_SAMPLE_LEVELS = 2
-# With "selective" checkpointing, the decoder stages of this many of the finest levels run one sample
-# at a time (their backward is where the peak is).
-SELECTIVE_PER_SAMPLE_LEVELS = 1
 
 
 @dataclass(frozen=True)
@@ -163,13 +156,11 @@ class UNet3D(nn.Module):
         off:       keep every activation (fastest, most memory).
         selective: keep only the outputs of the 3x3x3 convolutions; normalisation, activation,
                    concatenation and the cheap 2x2x2 transposed convolutions are recomputed in
-                   backward, for one convolution's input at a time (the expensive convolutions are
-                   never rerun), and the finest decoder stage one sample at a time. Predicted at
-                   128³ batch 2 fp16: 0.44 of "off"'s peak (was 0.69 recomputing whole stages).
+                   backward, one stage at a time (the expensive convolutions are never rerun).
         stage:     keep only each stage's input (and the skip tensors, which are stage outputs anyway);
-                   each encoder and decoder stage's inner activations (conv outputs, norm
-                   statistics, activations) are recomputed in backward, one stage at a time, and at
-                   the two finest levels one sample at a time.
+               each encoder and decoder stage's inner activations (conv outputs, norm statistics,
+               activations) are recomputed in backward, one stage at a time, and at the two finest
+               levels one sample at a time.
         """
         if mode not in CHECKPOINTING_MODES:
             raise ValueError(f"checkpointing must be one of {CHECKPOINTING_MODES}, got {mode!r}")
@@ -181,15 +172,13 @@ class UNet3D(nn.Module):
         # the next convolution, its output). Inside a checkpointed region nothing is saved until
         # the recomputation, which the estimator finds cheaper out of place (128³ b2 fp16: selective
         # 3.42 -> 3.23 GiB, stage 3.19 -> 2.94 GiB); and PyTorch warns against in-place operations
-        # in selectively checkpointed regions under torch.compile. ("selective" does not use these
-        # modules' activations: `_activate` applies its own, in place where that is safe.)
+        # in selectively checkpointed regions under torch.compile.
         for module in self.modules():
             if isinstance(module, nn.LeakyReLU):
                 module.inplace = mode == "off"
 
     def forward(self, image: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if self.checkpointing == "selective" and torch.is_grad_enabled():
-            # The same network and parameters, computed so that less is kept for backward.
             return self._forward_selective(image)
         skips = []
         features = image
@@ -207,64 +196,27 @@ class UNet3D(nn.Module):
         return outputs[::-1]
 
     def _forward_selective(self, image: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
-        # The same network, cut into one checkpointed region per 3x3x3 convolution: a region takes
-        # the previous convolution's output, applies that block's normalisation and activation and
-        # then its own convolution. Only convolution outputs cross regions (the policy keeps them:
-        # they are what is expensive to recompute); were stage outputs (activations) passed on, they
-        # would be kept beside the convolution outputs they come from, twice the memory. Backward
-        # recomputes the normalisation and activation of one convolution's input at a time and
-        # frees it after that convolution's backward, so the recomputed tensors alive at once are
-        # one convolution's, not a whole stage's (128³ b2 fp16: 3.23 -> 2.67 GiB predicted).
-        deep_supervision = self.training and self.deep_supervision
+        # The same network, computed so that only convolution outputs cross stage boundaries: each
+        # stage takes its inputs *before* their last normalisation and activation and applies them
+        # itself. Without that, every stage output (an activation, also kept as a skip tensor)
+        # would be saved next to the convolution output it was computed from: twice the memory.
         skips = []
-        # Stage 0's first convolution reads the image (a few channels): cheap, so it is recomputed
-        # inside the region of the second rather than kept.
-        features = self._checkpoint(_first_stage, self.encoder[0], image)
-        block = self.encoder[0][1]
-        skips.append((features, block))
-        for stage in self.encoder[1:]:
-            for conv_block in stage:
-                features = self._checkpoint(_block, conv_block[0], block, features)
-                block = conv_block
-            skips.append((features, block))
-        features, block = skips.pop()
+        features, last_block = image, None
+        for stage in self.encoder:
+            features = self._checkpoint(_encoder_stage, stage, last_block, features)
+            skips.append((features, stage[1]))
+            last_block = stage[1]
+        features, last_block = skips.pop()
         outputs = []
-        for level, stage, head in zip(reversed(range(len(self.decoder))), self.decoder, self.heads):
+        for stage, head in zip(self.decoder, self.heads):
             skip, skip_block = skips.pop()
-            last = level == 0
-            if level < SELECTIVE_PER_SAMPLE_LEVELS and image.shape[0] > 1:
-                # Instance norm keeps samples independent, so the finest decoder stage, whose
-                # backward comes first and so holds the peak (every kept convolution output is
-                # still alive), runs one sample at a time: backward recomputes and holds one
-                # sample's temporaries at a time (128³ b2 fp16: 2.67 -> 2.05 GiB predicted; the
-                # next level too changes nothing). Its outputs stay split into samples up to the
-                # logits (3 channels), so no full-resolution concatenation copies them.
-                if isinstance(features, torch.Tensor):
-                    features = [features[i:i + 1] for i in range(image.shape[0])]
-                with _without_autocast_cache(image.device.type):
-                    results = [self._decoder_stage(stage, head, block, below, skip_block, skip[i:i + 1],
-                                                   deep_supervision or last) for i, below in enumerate(features)]
-                features = [result[0] for result in results]
-                logits = torch.cat([result[1] for result in results]) if results[0][1] is not None else None
-            else:
-                features, logits = self._decoder_stage(stage, head, block, features, skip_block, skip,
-                                                       deep_supervision or last)
-            block = stage.convs[1]
-            if logits is not None:
-                outputs.append(logits)
-        if not deep_supervision:
-            return outputs[-1]
+            features = self._checkpoint(_decoder_stage, stage, last_block, features, skip_block, skip)
+            last_block = stage.convs[1]
+            if self.deep_supervision:
+                outputs.append(self._checkpoint(_head, head, last_block, features))
+        if not self.deep_supervision:
+            return self._checkpoint(_head, self.heads[-1], last_block, features)
         return outputs[::-1]
-
-    def _decoder_stage(self, stage: DecoderStage, head: nn.Module, below_block: nn.Module, below: torch.Tensor,
-                       skip_block: nn.Module, skip: torch.Tensor,
-                       with_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One decoder stage and its head, for `_forward_selective`: the output of its second
-        convolution and, if `with_logits`, the head's logits."""
-        features = self._checkpoint(_decoder_first, stage, below_block, below, skip_block, skip)
-        features = self._checkpoint(_block, stage.convs[1][0], stage.convs[0], features)
-        logits = self._checkpoint(_block, head, stage.convs[1], features) if with_logits else None
-        return features, logits
 
     @staticmethod
     def _checkpoint(function, *arguments) -> torch.Tensor:
@@ -283,54 +235,27 @@ class UNet3D(nn.Module):
         return stage(*inputs)
 
 
-def _activate(block: nn.Module, convolved: torch.Tensor) -> torch.Tensor:
+def _activate(block: nn.Module | None, convolved: torch.Tensor) -> torch.Tensor:
     """The normalisation and activation of a ConvBlock, on its convolution's output."""
-    norm, activation = block[1], block[2]
-    if isinstance(norm, nn.InstanceNorm3d) and norm.affine and not norm.track_running_stats:
-        # Instance norm as F.instance_norm computes it (batch norm over the batch folded into the
-        # channels), with the LeakyReLU applied in place to the batch norm's own output: autograd
-        # then saves one tensor, the activation (LeakyReLU's gradient needs only the sign, which
-        # its output has). Out of place it would also keep the normalised tensor; in place on
-        # F.instance_norm's result, which is a view, it would make backward allocate two more
-        # full-size buffers (CopySlices).
-        batch, channels = convolved.shape[:2]
-        folded = convolved.reshape(1, batch * channels, *convolved.shape[2:])
-        normalised = F.batch_norm(folded, None, None, norm.weight.repeat(batch), norm.bias.repeat(batch),
-                                  training=True, momentum=0.0, eps=norm.eps)
-        return F.leaky_relu(normalised, activation.negative_slope, inplace=True).view_as(convolved)
-    return activation(norm(convolved))
+    if block is None:  # the network's input image
+        return convolved
+    return block[2](block[1](convolved))
 
 
-def _first_stage(stage: EncoderStage, image: torch.Tensor) -> torch.Tensor:
-    """Stage 0's two convolutions; the first, on the image's few channels, is cheap to recompute."""
+def _encoder_stage(stage: EncoderStage, previous: nn.Module | None, convolved: torch.Tensor) -> torch.Tensor:
     first, second = stage
-    return second[0](_activate(first, first[0](image)))
+    return second[0](_activate(first, first[0](_activate(previous, convolved))))
 
 
-def _block(convolution: nn.Module, previous: nn.Module, convolved: torch.Tensor) -> torch.Tensor:
-    """`convolution` on the normalised and activated output of the previous block's convolution."""
-    return convolution(_activate(previous, convolved))
-
-
-def _decoder_first(stage: DecoderStage, below_block: nn.Module, below: torch.Tensor,
+def _decoder_stage(stage: DecoderStage, below_block: nn.Module, below: torch.Tensor,
                    skip_block: nn.Module, skip: torch.Tensor) -> torch.Tensor:
-    """A decoder stage's first convolution: upsampling, concatenation with the skip tensor, conv.
-
-    The concatenation stays (a concatenation-free split of the convolution into its up and skip
-    halves would end the region on two convolution outputs and an addition; the policy would have
-    to keep both convolution outputs, or recompute them in backward)."""
     features = torch.cat([stage.up(_activate(below_block, below)), _activate(skip_block, skip)], dim=1)
-    return stage.convs[0][0](features)
+    first, second = stage.convs
+    return second[0](_activate(first, first[0](features)))
 
 
-def _without_autocast_cache(device_type: str):
-    # Selective checkpointing replays a region's operators in backward and insists on the same
-    # sequence. Autocast casts each weight once and caches the copy: the first sample's region
-    # would cast the weights, the second would not, and both do when recomputed in backward.
-    # Without the cache every region casts its own (small) weight copies, forward and backward.
-    if not torch.is_autocast_enabled(device_type):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
+def _head(head: nn.Module, block: nn.Module, convolved: torch.Tensor) -> torch.Tensor:
+    return head(_activate(block, convolved))
 
 
 def _keep_convolutions(ctx, op, *args, **kwargs) -> CheckpointPolicy:
