@@ -495,10 +495,10 @@ class GraphedStep:
     """`train_step` recorded once as a CUDA graph and replayed: forward, backward, clipping, the
     optimiser and the loss scaling launched as one graph (`train.compile=eager-graphs`).
 
-    A small step is bound by kernel launches, not arithmetic: the eager hippocampus step is about
-    a thousand small kernels, each costing more to launch from Python than to run. torch.compile's
-    CUDA graphs (`graphs`) remove that too, but compiling takes half a minute and more on a fresh
-    machine; recording the eager step takes the time of a few steps. The first `warmup` calls run
+    A small step is bound by kernel launches, not arithmetic: on an H200 the hippocampus plan's
+    eager step took 20.9 ms, recorded as a graph 9.5 ms. torch.compile's CUDA graphs (`graphs`,
+    7.5 ms) remove the launches too, but compiling took 31 s on a fresh machine; recording the
+    eager step takes the time of a few steps. The first `warmup` calls run
     the step eagerly on a side stream (the optimiser creates its state and cuDNN picks its
     algorithms, as capture requires), the next records the graph, every call replays it on new
     data. The batch shape must stay the same; `release()` drops the graph for good (the
