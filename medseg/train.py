@@ -526,8 +526,7 @@ class GraphedStep:
             side = torch.cuda.Stream(image.device)
             side.wait_stream(torch.cuda.current_stream(image.device))
             with torch.cuda.stream(side):
-                result = train_step(self.model, image, label, self.loss_fn, self.optimizer, self.scaler,
-                                    self.amp_dtype, self.grad_clip)
+                result = self._eager(image, label)
             torch.cuda.current_stream(image.device).wait_stream(side)
             return result
         if self._graph is None:
@@ -537,8 +536,7 @@ class GraphedStep:
                 raise
             except RuntimeError as exc:  # something in the step cannot be recorded on this machine
                 self._abandon(exc)
-                return train_step(self.model, image, label, self.loss_fn, self.optimizer, self.scaler,
-                                  self.amp_dtype, self.grad_clip)
+                return self._eager(image, label)
         self._image.copy_(image)
         self._label.copy_(label)
         # The recorded optimiser reads its learning rate from this tensor: the schedule's value
@@ -553,6 +551,10 @@ class GraphedStep:
         self._graph = None
         for name in ("_image", "_label", "_loss", "_finite", "_lr"):
             self.__dict__.pop(name, None)
+
+    def _eager(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return train_step(self.model, image, label, self.loss_fn, self.optimizer, self.scaler, self.amp_dtype,
+                          self.grad_clip)
 
     def _abandon(self, exc: Exception) -> None:
         # A failed recording ran none of its kernels, but left gradients pointing at memory it never
@@ -577,8 +579,7 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                self._loss, self._finite = train_step(self.model, self._image, self._label, self.loss_fn,
-                                                      self.optimizer, self.scaler, self.amp_dtype, self.grad_clip)
+                self._loss, self._finite = self._eager(self._image, self._label)
         finally:
             for group, rate in zip(groups, rates):
                 group["lr"] = rate  # floats again: what the schedule sets and checkpoints save
