@@ -2,7 +2,7 @@
 
 `estimate(cfg, in_channels, num_classes, spacing)` predicts the peak that
 `torch.cuda.max_memory_allocated()` reports for one step of `medseg train` in steady state. It runs
-the step itself (`medseg.models.build_model`, `medseg.train._optimizer`, `medseg.train.train_step`
+the step itself (`medseg.models.build_model`, `medseg.step.build_optimizer`, `medseg.step.train_step`
 with `DiceCELoss`) on *fake* tensors: tensors with shapes, dtypes and storages but no data, so
 nothing is computed and a step at patch 192³ costs as little as one at 32³ (about a second).
 A dispatch mode sees every tensor each operator creates; each new storage is counted at the size
@@ -404,7 +404,7 @@ def measure(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[f
     """
     from medseg.losses import DiceCELoss
     from medseg.models import build_model
-    from medseg.train import _optimizer, train_step
+    from medseg.step import build_optimizer, train_step
 
     if not torch.cuda.is_available():
         raise MedsegError("measuring GPU memory needs a CUDA GPU; none is available")
@@ -413,7 +413,7 @@ def measure(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[f
     batch, patch = cfg.train.batch_size, [int(n) for n in cfg.train.patch_size]
     torch.cuda.empty_cache()
     model = build_model(cfg, in_channels, num_classes, tuple(spacing)).to(device)
-    optimizer = _optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     loss_fn = DiceCELoss(batch_dice=cfg.train.batch_dice)
     image = torch.randn((batch, in_channels, *patch), device=device)
@@ -570,7 +570,7 @@ def _simulate_step(cfg: Config, in_channels: int, num_classes: int, spacing: Seq
     configurations only; for the tests), and `around_step()` is a context entered around all of it."""
     from medseg.losses import DiceCELoss
     from medseg.models import build_model
-    from medseg.train import _optimizer, train_step
+    from medseg.step import build_optimizer, train_step
 
     amp_dtype = _amp_dtype(cfg.train.amp)
     batch, patch = cfg.train.batch_size, tuple(int(n) for n in cfg.train.patch_size)
@@ -580,7 +580,7 @@ def _simulate_step(cfg: Config, in_channels: int, num_classes: int, spacing: Seq
         model = build_model(cfg, in_channels, num_classes, tuple(spacing))
         model.train()
         _emulate_cuda_autocast(model)
-        optimizer = _optimizer(cfg, model)
+        optimizer = build_optimizer(cfg, model)
         scaler = torch.amp.GradScaler("cpu", enabled=amp_dtype == torch.float16)
         loss_fn = DiceCELoss(batch_dice=cfg.train.batch_dice)
         # What the training loader delivers: a float32 image batch and float32 labels.

@@ -42,6 +42,7 @@ from medseg.infer import aggregation_device, predict_scores
 from medseg.losses import DiceCELoss, deep_supervision_weights
 from medseg.metrics import dice_per_class
 from medseg.models import CHECKPOINTING_MODES, build_model
+from medseg.step import GraphedStep, _forward_backward, build_optimizer, compile_for_training, train_step
 
 
 # Steps of at most this many voxels (batch x patch) run as CUDA graphs with train.compile=auto.
@@ -130,7 +131,7 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, prep.channels, prep.num_classes, prep.spacing).to(device, memory_format=layout)
     _freeze_unused_heads(model)
-    optimizer = _optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model)
     schedule = Schedule(optimizer, cfg)
     # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 has fp32's range.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -167,7 +168,7 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
         )
     trained, loss_fn = compile_for_training(trained, loss_fn, compile_mode)
     graph = GraphedStep(trained, loss_fn, optimizer, scaler, amp_dtype, cfg.train.grad_clip) \
-        if compile_mode == "eager-graphs" else None
+        if compile_mode in ("graphs", "eager-graphs") else None
     best = max((row["val_dice"] for row in history if not math.isnan(row.get("val_dice", math.nan))), default=-1.0)
 
     def snapshot(completed_epoch: int, steps: int) -> dict[str, Any]:
@@ -292,7 +293,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Modul
                     if graph is not None and graph.usable(fallback.micro_batches):
                         loss, finite = graph(image, label)
                         if graph.failure:
-                            progress.console.print(f"CUDA graph not recorded ({graph.failure}); steps run eagerly")
+                            progress.console.print(f"CUDA graph not recorded ({graph.failure}); steps run without it")
                             graph = None
                     else:
                         loss, finite = train_step(model, image, label, loss_fn, optimizer, scaler, amp_dtype,
@@ -443,149 +444,6 @@ class MemoryFallback:
         )
 
 
-def train_step(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss_fn: nn.Module,
-               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None,
-               grad_clip: float, micro_batches: int = 1,
-               context: distributed.Context = distributed.Context()) -> tuple[torch.Tensor, bool]:
-    """The AMP step, written once: forward under autocast, scaled backward, clip, step, update.
-
-    With `micro_batches` > 1 the batch is split and the gradients accumulated (the out-of-memory
-    fallback): same step, less activation memory. Returns the loss and whether it was finite (a
-    boolean tensor on the loss's device); a non-finite loss takes no optimiser step.
-    """
-    loss = _forward_backward(model, image, label, loss_fn, scaler, amp_dtype, micro_batches)
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    finite = torch.isfinite(loss)
-    if context.enabled:  # all processes skip together
-        finite = torch.tensor(distributed.all_true(context, finite), device=loss.device)
-    if scaler.is_enabled():
-        # fp16: GradScaler skips the step itself when the gradients overflowed, which a non-finite
-        # loss makes them; with a fused optimiser it decides on the GPU, without a host sync.
-        scaler.step(optimizer)
-    elif _is_fused(optimizer):
-        # bf16 and fp32: the fused optimiser skips the update itself where `found_inf` is set
-        # (the flag GradScaler hands it), so the GPU decides, without a host sync.
-        optimizer.found_inf = (~finite).float()
-        optimizer.step()
-        del optimizer.found_inf
-    elif finite:  # otherwise the host decides (a sync)
-        optimizer.step()
-    scaler.update()
-    # set_to_none frees the gradient memory between steps instead of writing zeros into it.
-    optimizer.zero_grad(set_to_none=True)
-    return loss, finite
-
-
-def _forward_backward(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss_fn: nn.Module,
-                      scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, micro_batches: int) -> torch.Tensor:
-    """Forward under autocast and scaled backward, in `micro_batches` parts whose gradients add up
-    to the whole batch's; returns the (detached) loss of the whole batch."""
-    loss = image.new_zeros((), dtype=torch.float32)
-    for part_image, part_label in zip(image.tensor_split(micro_batches), label.tensor_split(micro_batches)):
-        with torch.autocast(image.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            part_loss = loss_fn(model(part_image), part_label) * (part_image.shape[0] / image.shape[0])
-        scaler.scale(part_loss).backward()
-        loss = loss + part_loss.detach()
-    return loss
-
-
-class GraphedStep:
-    """`train_step` recorded once as a CUDA graph and replayed: forward, backward, clipping, the
-    optimiser and the loss scaling launched as one graph (`train.compile=eager-graphs`).
-
-    A small step is bound by kernel launches, not arithmetic: on an H200 the hippocampus plan's
-    eager step took 20.9 ms, recorded as a graph 9.5 ms. torch.compile's CUDA graphs (`graphs`,
-    7.5 ms) remove the launches too, but compiling took 31 s on a fresh machine; recording the
-    eager step takes the time of a few steps. The first `warmup` calls run
-    the step eagerly on a side stream (the optimiser creates its state and cuDNN picks its
-    algorithms, as capture requires), the next records the graph, every call replays it on new
-    data. The batch shape must stay the same; `release()` drops the graph for good (the
-    out-of-memory fallback, which changes the network, then runs eager steps).
-    """
-
-    def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, grad_clip: float,
-                 warmup: int = 3) -> None:
-        self.model, self.loss_fn, self.optimizer, self.scaler = model, loss_fn, optimizer, scaler
-        self.amp_dtype, self.grad_clip, self.warmup = amp_dtype, grad_clip, warmup
-        self.calls = 0
-        self.active = True
-        self.failure: str | None = None  # why recording failed, if it did
-        self._graph: torch.cuda.CUDAGraph | None = None
-
-    def usable(self, micro_batches: int) -> bool:
-        """Whether this step can run as the graph (not after release, not split into micro-batches)."""
-        return self.active and micro_batches == 1
-
-    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One training step on (image, label); returns (loss, finite) as `train_step`."""
-        self.calls += 1
-        if self._graph is None and self.calls <= self.warmup:
-            side = torch.cuda.Stream(image.device)
-            side.wait_stream(torch.cuda.current_stream(image.device))
-            with torch.cuda.stream(side):
-                result = self._eager(image, label)
-            torch.cuda.current_stream(image.device).wait_stream(side)
-            return result
-        if self._graph is None:
-            try:
-                self._record(image, label)
-            except torch.OutOfMemoryError:
-                raise
-            except RuntimeError as exc:  # something in the step cannot be recorded on this machine
-                self._abandon(exc)
-                return self._eager(image, label)
-        self._image.copy_(image)
-        self._label.copy_(label)
-        # The recorded optimiser reads its learning rate from this tensor: the schedule's value
-        # is copied in before every replay (a float would have been frozen into the graph).
-        self._lr.fill_(self.optimizer.param_groups[0]["lr"])
-        self._graph.replay()
-        return self._loss, self._finite
-
-    def release(self) -> None:
-        """Drop the graph and its memory; later steps run eagerly."""
-        self.active = False
-        self._graph = None
-        for name in ("_image", "_label", "_loss", "_finite", "_lr"):
-            self.__dict__.pop(name, None)
-
-    def _eager(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return train_step(self.model, image, label, self.loss_fn, self.optimizer, self.scaler, self.amp_dtype,
-                          self.grad_clip)
-
-    def _abandon(self, exc: Exception) -> None:
-        # A failed recording ran none of its kernels, but left gradients pointing at memory it never
-        # wrote and GradScaler halfway through its step (private state, reset to what update() leaves).
-        self.release()
-        self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler._per_optimizer_states.clear()
-
-    def _record(self, image: torch.Tensor, label: torch.Tensor) -> None:
-        groups = self.optimizer.param_groups
-        if len({group["lr"] for group in groups}) != 1:
-            raise MedsegError("CUDA-graph training needs one learning rate for all parameters")
-        self._image, self._label = image.clone(), label.clone()
-        self._lr = torch.tensor(float(groups[0]["lr"]), device=image.device)
-        rates = [group["lr"] for group in groups]
-        for group in groups:
-            group["lr"] = self._lr
-        # Gradients set to None now are created inside the graph, in its private memory pool, so
-        # every replay writes them at the same addresses.
-        self.optimizer.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                self._loss, self._finite = self._eager(self._image, self._label)
-        finally:
-            for group, rate in zip(groups, rates):
-                group["lr"] = rate  # floats again: what the schedule sets and checkpoints save
-        self._graph = graph
-
-
 def validate(model: nn.Module, volumes: Iterable[dict], prep: Preprocessing, cfg: Config,
              amp_dtype: torch.dtype | None, context: distributed.Context = distributed.Context()) -> list[float]:
     """Mean Dice per foreground class over whole validation volumes (at the network's spacing).
@@ -688,26 +546,6 @@ def _agree_on_memory(trained: nn.Module, network: nn.Module, batches: Iterable[d
             torch.cuda.empty_cache()
         change = fallback.apply_next(network, image.shape)
         console.print(f"out of memory on at least one GPU in the first step: {change} on every GPU")
-
-
-def compile_for_training(model: nn.Module, loss_fn: nn.Module, mode: str) -> tuple[nn.Module, nn.Module]:
-    """The network and the loss as the training step runs them: eager (`off`), compiled with
-    torch.compile (`on`), or compiled and replayed as CUDA graphs (`graphs`).
-
-    The loss is compiled with the network: eager, its softmax, one-hot, sums and their backward
-    for every deep-supervision output are dozens of small kernels per step. CUDA graphs
-    (torch.compile's "reduce-overhead" mode) launch each compiled forward and backward as one
-    graph: for small patches, where the step is bound by kernel launches rather than arithmetic.
-    """
-    if mode in ("off", "eager-graphs"):  # eager-graphs: recorded by GraphedStep, not compiled
-        return model, loss_fn
-    from torch import _dynamo
-
-    # Where torch.compile cannot handle the network or the machine (no compiler, an unsupported
-    # GPU), run that part eagerly instead of failing the run.
-    _dynamo.config.suppress_errors = True
-    options = {"mode": "reduce-overhead"} if mode == "graphs" else {}
-    return torch.compile(model, **options), torch.compile(loss_fn, **options)
 
 
 def _compile_setting(cfg: Config, device: torch.device, distributed_run: bool = False) -> str:
@@ -834,23 +672,6 @@ def _numpy_state() -> list[Any]:
     # Plain types only: checkpoints are loaded with weights_only=True.
     kind, keys, position, has_gauss, cached = np.random.get_state()
     return [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)]
-
-
-def _optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    t = cfg.train
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    # On CUDA the fused implementation: a few kernels for all parameters, and it takes GradScaler's
-    # overflow flag on the GPU, so skipping an overflowed fp16 step needs no host sync. Elsewhere
-    # foreach: one kernel per parameter group instead of one per tensor.
-    speed = {"fused": True} if trainable and all(p.is_cuda for p in trainable) else {"foreach": True}
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(trainable, lr=t.lr, momentum=t.momentum, nesterov=True,
-                               weight_decay=t.weight_decay, **speed)
-    return torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay, **speed)
-
-
-def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
-    return all(group.get("fused") for group in optimizer.param_groups)
 
 
 def _run_dir_name(cfg: Config) -> Path:

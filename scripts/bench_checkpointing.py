@@ -1,7 +1,7 @@
 """Step time and peak GPU memory of medseg's network for each checkpointing mode (and AMP mode).
 
 One training step = forward, Dice+CE loss with deep supervision, backward, SGD step, exactly as
-`medseg train` runs it (`medseg.train.train_step`). Median of N steps after warm-up, timed with
+`medseg train` runs it (`medseg.step.train_step`). Median of N steps after warm-up, timed with
 CUDA events; peak from torch.cuda.max_memory_allocated.
 
     python scripts/bench_checkpointing.py --patch 128 128 128 --batch 2
@@ -17,14 +17,14 @@ import torch
 from medseg import config
 from medseg.losses import DiceCELoss
 from medseg.models import build_model
-from medseg.train import _optimizer, train_step
+from medseg.step import build_optimizer, train_step
 
 
 def measure(patch: list[int], batch: int, classes: int, amp: str, mode: str, steps: int, warmup: int) -> tuple[float, float]:
     cfg = config.load(None, [f"train.patch_size={patch}", f"train.batch_size={batch}", f"model.checkpointing={mode}"])
     device = torch.device("cuda")
     model = build_model(cfg, 1, classes, (1.0, 1.0, 1.0)).to(device)
-    optimizer = _optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[amp]
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     loss_fn = DiceCELoss()

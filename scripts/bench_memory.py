@@ -15,7 +15,7 @@ With --fit, for each budget (GiB) the process's memory is capped at that budget
 checkpointing for the default network (patch 192³ requested; the rule: the most voxels per unit of
 step time, `medseg.memory.STEP_TIME`, within the budget less the margin; --fit-max-patch and
 --fit-max-batch pass its caps), and 50 real training steps of it run on random data through
-`medseg.train.train_step`: chosen configuration, predicted and measured peak, share of the budget
+`medseg.step.train_step`: chosen configuration, predicted and measured peak, share of the budget
 used, time per step, the seconds fit() took on this machine's CPU, and whether it ran out of memory.
 """
 
@@ -112,7 +112,7 @@ def fit_runs(budgets: list[float], steps: int, max_patch: list[int] | None = Non
     from medseg.losses import DiceCELoss
     from medseg.models import build_model
     from medseg.device import amp_dtype as _amp_dtype
-    from medseg.train import _optimizer, train_step
+    from medseg.step import build_optimizer, train_step
 
     device = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory
@@ -145,7 +145,7 @@ def fit_runs(budgets: list[float], steps: int, max_patch: list[int] | None = Non
         try:
             amp_dtype = _amp_dtype(t.amp, device)
             model = build_model(chosen, 1, 3, (1.0, 1.0, 1.0)).to(device)
-            optimizer = _optimizer(chosen, model)
+            optimizer = build_optimizer(chosen, model)
             scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
             loss_fn = DiceCELoss()
             warmup = min(5, steps // 2)

@@ -5,7 +5,7 @@ Part 1 (default) measures, in one run and side by side, one training step of
   the same stages/strides/kernels/widths as medseg's plan for the patch, eager and torch.compile'd;
 - medseg's UNet3D (`medseg.models.build_model`) for every checkpointing mode;
 each eager, compiled (network and loss) or as CUDA graphs, optionally channels-last (`-cl`).
-Everything else is identical: the step is `medseg.train.train_step` (fp16 autocast + GradScaler, SGD
+Everything else is identical: the step is `medseg.step.train_step` (fp16 autocast + GradScaler, SGD
 Nesterov, fused on CUDA, Dice+CE with deep supervision, grad clip 12), on resident random tensors. Median of N
 steps after warm-up, timed with CUDA events; peak from torch.cuda.max_memory_allocated. FLOPs of a
 step (forward + backward, checkpointing off: the useful work) from FlopCounterMode, compared with a
@@ -52,8 +52,8 @@ from medseg.device import amp_dtype as resolve_amp
 from medseg.device import amp_name
 from medseg.losses import DiceCELoss
 from medseg.models import CHECKPOINTING_MODES, build_model, network_plan
-from medseg.train import (GraphedStep, _compile_setting, _memory_format, _optimizer, compile_for_training,
-                          train_step)
+from medseg.step import GraphedStep, build_optimizer, compile_for_training, train_step
+from medseg.train import _compile_setting, _memory_format
 
 GiB = 2**30
 REPO = Path(__file__).resolve().parents[1]
@@ -61,9 +61,11 @@ HIPPOCAMPUS_PATCH, HIPPOCAMPUS_BATCH = [40, 56, 40], 7
 
 
 # How a configuration runs: eager, torch.compile'd (network and loss, as `medseg train` with
-# train.compile=on), compiled and replayed as CUDA graphs (train.compile=graphs), or the eager
-# step recorded whole as one CUDA graph (train.compile=eager-graphs).
-RUN_KINDS = {"eager": "off", "compiled": "on", "graphs": "graphs", "eagergraphs": "eager-graphs"}
+# train.compile=on), the compiled or the eager step recorded whole as one CUDA graph
+# (train.compile=graphs, eager-graphs), or, for comparison, torch.compile's own CUDA graphs of the
+# compiled forward and backward (mode="reduce-overhead"; no train.compile setting).
+RUN_KINDS = {"eager": "off", "compiled": "on", "graphs": "graphs", "eagergraphs": "eager-graphs",
+             "treegraphs": "treegraphs"}
 
 
 def all_configs() -> list[str]:
@@ -181,19 +183,22 @@ def is_oom(exc: BaseException) -> bool:
 def measure_step(model: nn.Module, cfg: config.Config, kind: str, device: torch.device,
                  amp: torch.dtype | None, in_channels: int, classes: int, steps: int, warmup: int,
                  channels_last: bool = False) -> dict[str, Any]:
-    """Median step time and memory of `model` (moved to `device`) with `medseg.train.train_step`,
+    """Median step time and memory of `model` (moved to `device`) with `medseg.step.train_step`,
     run as `kind` (a train.compile setting: off, on, graphs)."""
     patch, batch = list(cfg.train.patch_size), cfg.train.batch_size
     layout = torch.channels_last_3d if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=layout).train()
-    optimizer = _optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     loss_fn = DiceCELoss(batch_dice=cfg.train.batch_dice)
     image = torch.randn(batch, in_channels, *patch, device=device).contiguous(memory_format=layout)
     label = torch.randint(0, classes, (batch, 1, *patch), device=device, dtype=torch.uint8)
-    trained, loss_fn = compile_for_training(model, loss_fn, kind)  # as medseg.train does
+    if kind == "treegraphs":
+        trained, loss_fn = torch.compile(model, mode="reduce-overhead"), torch.compile(loss_fn, mode="reduce-overhead")
+    else:
+        trained, loss_fn = compile_for_training(model, loss_fn, kind)  # as medseg.train does
     graph = GraphedStep(trained, loss_fn, optimizer, scaler, amp, cfg.train.grad_clip) \
-        if kind == "eager-graphs" and device.type == "cuda" else None  # on the CPU: eager
+        if kind in ("graphs", "eager-graphs") and device.type == "cuda" else None  # on the CPU: unrecorded
     timer = Timer(device)
     losses: list[torch.Tensor] = []
 
@@ -206,9 +211,9 @@ def measure_step(model: nn.Module, cfg: config.Config, kind: str, device: torch.
 
     started = time.perf_counter()
     first_ms = timer.time(step)  # includes compilation when compiled
-    # Compiled: one more warm-up step; CUDA graphs: two more (one run to warm up, one to record);
-    # the eager step recorded as a graph: its warm-up steps and the recording.
-    extra = {"off": 0, "on": 1, "graphs": 3, "eager-graphs": (graph.warmup + 1) if graph else 0}[kind]
+    # Compiled: one more warm-up step; torch.compile's CUDA graphs: three more (warm-up runs and
+    # recording); a step recorded whole as a graph: its warm-up steps and the recording.
+    extra = {"off": 0, "on": 1, "treegraphs": 3}.get(kind, (graph.warmup + 1) if graph else 1)
     for _ in range(warmup + extra - 1):
         step()
     if device.type == "cuda":

@@ -8,7 +8,8 @@ import torch
 from medseg import config
 from medseg.losses import DiceCELoss
 from medseg.models import build_model
-from medseg.train import GraphedStep, Schedule, _compile_setting, _memory_format, _optimizer, train_step
+from medseg.step import GraphedStep, build_optimizer, compile_for_training, train_step
+from medseg.train import Schedule, _compile_setting, _memory_format
 
 CUDA = torch.device("cuda")  # only named, never used, in the rule tests
 CPU = torch.device("cpu")
@@ -52,7 +53,7 @@ def _tiny_step(layout: torch.memory_format, device: torch.device, amp: torch.dty
     cfg = _cfg("model.base_width=4", "model.max_width=16", "train.patch_size=[16,16,16]", "train.batch_size=2")
     torch.manual_seed(0)
     model = build_model(cfg, 1, 3, (1.0, 1.0, 1.0)).to(device, memory_format=layout)
-    optimizer = _optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     generator = torch.Generator().manual_seed(1)
     image = torch.randn(2, 1, 16, 16, 16, generator=generator).to(device).contiguous(memory_format=layout)
@@ -75,7 +76,7 @@ def test_non_finite_loss_takes_no_step_without_loss_scaling():
     cfg = _cfg("model.base_width=4", "model.max_width=16", "train.patch_size=[16,16,16]")
     model = build_model(cfg, 1, 3, (1.0, 1.0, 1.0))
     before = [p.detach().clone() for p in model.parameters()]
-    optimizer = _optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     image = torch.full((1, 1, 16, 16, 16), float("nan"))
     label = torch.zeros((1, 1, 16, 16, 16), dtype=torch.uint8)
@@ -105,10 +106,12 @@ def test_non_finite_loss_takes_no_step_with_a_fused_optimiser_and_no_host_decisi
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["eager-graphs", "graphs"])
 @pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16])
-def test_cuda_graph_step_trains_as_the_eager_step(amp):
-    # The same steps, eagerly and as a recorded-and-replayed CUDA graph: same losses, same weights,
-    # the learning rate of the schedule followed at every replay.
+def test_cuda_graph_step_trains_as_the_unrecorded_step(amp, mode):
+    # The same steps, run directly and as a recorded-and-replayed CUDA graph (of the eager or the
+    # compiled step): same losses, same weights, the learning rate of the schedule followed at
+    # every replay.
     cfg = _cfg("model.base_width=4", "model.max_width=16", "train.patch_size=[16,16,16]", "train.batch_size=2",
                "train.epochs=1", "train.iterations_per_epoch=8")
     generator = torch.Generator().manual_seed(3)
@@ -120,17 +123,17 @@ def test_cuda_graph_step_trains_as_the_eager_step(amp):
     for graphed in (False, True):
         torch.manual_seed(0)
         model = build_model(cfg, 1, 3, (1.0, 1.0, 1.0)).to(CUDA)
-        optimizer = _optimizer(cfg, model)
+        optimizer = build_optimizer(cfg, model)
         schedule = Schedule(optimizer, cfg)
         scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-        loss_fn = DiceCELoss()
-        graph = GraphedStep(model, loss_fn, optimizer, scaler, amp, cfg.train.grad_clip, warmup=2) if graphed else None
+        trained, loss_fn = compile_for_training(model, DiceCELoss(), mode)
+        graph = GraphedStep(trained, loss_fn, optimizer, scaler, amp, cfg.train.grad_clip, warmup=2) if graphed else None
         losses = []
         for image, label in batches:
             if graph is not None:
                 loss, finite = graph(image, label)
             else:
-                loss, finite = train_step(model, image, label, loss_fn, optimizer, scaler, amp, cfg.train.grad_clip)
+                loss, finite = train_step(trained, image, label, loss_fn, optimizer, scaler, amp, cfg.train.grad_clip)
             losses.append(float(loss))
             assert bool(finite)
             schedule.step(0.0)

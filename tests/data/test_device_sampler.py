@@ -80,7 +80,7 @@ def test_batch_shapes_and_dtypes(augment):
 
 
 def test_batches_train_through_the_loss_and_train_step():
-    from medseg.train import train_step
+    from medseg.step import train_step
 
     volumes = [_coded_volume(s, i) for i, s in enumerate(SHAPES)]
     batch = next(iter(_sampler(volumes)))
