@@ -48,9 +48,10 @@ from medseg.step import GraphedStep, _forward_backward, build_optimizer, compile
 # Steps of at most this many voxels (batch x patch) run as CUDA graphs with train.compile=auto.
 GRAPH_MAX_VOXELS = 2**20
 # Runs limited to at most this many minutes record the eager step as a CUDA graph instead of
-# compiling it (train.compile=auto): on an H200 at the hippocampus plan, compiled graphs ran 7.5 ms
-# a step after 30.9 s of start-up (fresh caches), the recorded eager step 9.5 ms after 8.8 s, so
-# compiling pays only after about 2 minutes of training.
+# compiling it (train.compile=auto): on an H200 at the hippocampus plan, the compiled step as a
+# graph ran 7.1 ms a step after 38.9 s of start-up (fresh caches), the eager step as a graph 9.5 ms
+# after 0.3 s of recording (and the process's 8.8 s start), so compiling pays only after about 2
+# minutes of training.
 SHORT_RUN_MINUTES = 3.0
 
 
@@ -568,9 +569,9 @@ def _compile_setting(cfg: Config, device: torch.device, distributed_run: bool = 
 
 def _small_step(cfg: Config) -> bool:
     # CUDA graphs pay where kernel launches, not arithmetic, bound the step: on an H200 the
-    # hippocampus plan (40x56x40, batch 7: 0.63M voxels) ran 9.1 ms with graphs against 16.8 ms
-    # compiled; at 128³ batch 2 (4.2M voxels) the compiled step runs at 18 % of the matrix rate and
-    # capturing the graphs took over a minute. Not under a memory budget: the graphs' private
+    # hippocampus plan (40x56x40, batch 7: 0.63M voxels) ran 7.1 ms as a graph against 16.8 ms
+    # compiled alone; at 128³ batch 2 (4.2M voxels) the compiled step runs at 18 % of the matrix
+    # rate and capturing torch.compile's graphs took over a minute. Not under a memory budget: the graphs' private
     # memory pool is outside what the estimator fitted.
     voxels = cfg.train.batch_size * math.prod(cfg.train.patch_size)
     return voxels <= GRAPH_MAX_VOXELS and not cfg.train.memory_budget
