@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
+
+import nibabel as nib
 
 import numpy as np
 import pytest
@@ -89,3 +94,30 @@ def test_plan_command_writes_a_config_train_accepts(tmp_path):
     assert cfg.data.normalization == "zscore"
     missing = runner.invoke(app, ["plan", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "nowhere" in missing.output and "Traceback" not in missing.output
+
+
+def test_plan_command_does_not_import_monai(tmp_path):
+    # Importing MONAI takes ~20 s on the GPU machine (its __init__ imports every submodule); plan
+    # reads through medseg.data.io, which needs none of it.
+    rng = np.random.default_rng(0)
+    dataset = tmp_path / "pairs"
+    dataset.mkdir()
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    for case in range(3):
+        label = np.zeros((16, 16, 8), np.uint8)
+        label[4:12, 5:11, 2:6] = 1
+        image = rng.normal(100.0, 20.0, label.shape).astype(np.float32) + 50.0 * label
+        nib.save(nib.Nifti1Image(image, affine), dataset / f"case{case}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), dataset / f"case{case}_label.nii.gz")
+    out = tmp_path / "planned.yaml"
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "medseg", "plan", str(dataset), "-o", str(out)],
+        capture_output=True, encoding="utf-8", errors="replace", cwd=ROOT, timeout=300,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert out.is_file()
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert "medseg.plan" in imported and "medseg.data.io" in imported  # -X importtime did report
+    assert not [name for name in imported if name.split(".")[0] == "monai"]

@@ -1,15 +1,14 @@
 """Reading and writing volumes with one array layout and one world frame for every format.
 
-NIfTI goes through MONAI's own ``NibabelReader``; NRRD, MetaImage and DICOM series go through
-:class:`SimpleITKReader`, which returns what ``NibabelReader`` would have returned for the same
-physical volume: an array indexed ``(x, y, z[, channel])`` and a 4x4 affine mapping voxel indices
-to RAS world coordinates in mm. ITK works in LPS, so its direction and origin are converted by
-negating the first two rows of the affine, as MONAI's ``ITKReader`` does.
+Every format loads as MONAI's ``NibabelReader`` loads NIfTI: an array indexed ``(x, y, z[, channel])``
+and a 4x4 affine mapping voxel indices to RAS world coordinates in mm. NIfTI is read with nibabel
+exactly as ``NibabelReader`` reads it; NRRD, MetaImage and DICOM series with SimpleITK. ITK works
+in LPS, so its direction and origin are converted by negating the first two rows of the affine, as
+MONAI's ``ITKReader`` does.
 
-Give :func:`readers` to ``LoadImaged(keys, reader=readers())``. When ``reader=`` is given, MONAI
-does *not* pick a reader by suffix: it calls ``read`` on every registered reader, newest first, and
-keeps the first that does not raise. :class:`SimpleITKReader` is therefore tried first and refuses
-(raises) anything that is not one of its formats, so NIfTI falls through to ``NibabelReader``.
+This module imports no MONAI (importing it takes seconds), so ``medseg plan`` and the dataset
+checks start fast. The MONAI readers that training gives ``LoadImaged`` are in
+:mod:`medseg.data.readers`, built on the helpers here, so both read every file alike.
 """
 
 from __future__ import annotations
@@ -24,12 +23,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import nibabel as nib
 import numpy as np
-from monai.data import ImageReader, NibabelReader
-from monai.utils import MetaKeys, SpaceKeys
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from nibabel.wrapstruct import WrapStructError
@@ -41,11 +38,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Header",
-    "SimpleITKReader",
     "load_volume",
     "map_cases",
     "read_header",
-    "readers",
     "spacing_in_ras",
     "usable_cpus",
     "write_nifti",
@@ -91,79 +86,13 @@ class Header:
         object.__setattr__(self, "affine", affine)
 
 
-class SimpleITKReader(ImageReader):
-    """MONAI image reader for NRRD, MetaImage and DICOM series, in NibabelReader's conventions.
-
-    ``get_data`` returns an array indexed ``(x, y, z[, component])`` (the transpose of
-    ``SimpleITK.GetArrayFromImage``) and meta with a RAS ``affine``/``original_affine``,
-    ``spatial_shape``, ``space`` and ``original_channel_dim`` (``nan`` for scalar images, ``-1``
-    for vector pixels, ``0`` when a list of files is stacked into channels).
-
-    Args:
-        series_uid: SeriesInstanceUID to read when a DICOM directory holds several series.
-            Without it such a directory is refused with a DataError.
-    """
-
-    def __init__(self, series_uid: str | None = None) -> None:
-        super().__init__()
-        self.series_uid = series_uid
-
-    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
-        """Return True if every given path is an NRRD/MetaImage file or a (DICOM) directory."""
-        return all(_is_sitk_path(name) for name in _as_paths(filename))
-
-    def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> Any:
-        """Read one image, or a list of images for a list of paths (stacked as channels later).
-
-        Raises:
-            DataError: a path is not one of this reader's formats, or cannot be read.
-        """
-        paths = _as_paths(data)
-        if not paths:
-            raise DataError("no image path given")
-        images = [_sitk_read(path, self.series_uid) for path in paths]
-        return images if len(images) > 1 else images[0]
-
-    def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
-        """Return ``(array, meta)`` for an image or list of images returned by :meth:`read`."""
-        images = list(img) if isinstance(img, (list, tuple)) else [img]
-        arrays: list[np.ndarray] = []
-        metas: list[dict] = []
-        for image in images:
-            array, meta = _sitk_array_and_meta(image)
-            arrays.append(array)
-            metas.append(meta)
-        if len(arrays) == 1:
-            return arrays[0], metas[0]
-        meta = metas[0]
-        for other in metas[1:]:
-            if not np.array_equal(other[MetaKeys.SPATIAL_SHAPE], meta[MetaKeys.SPATIAL_SHAPE]):
-                raise DataError(
-                    f"channel images differ in shape: {tuple(meta[MetaKeys.SPATIAL_SHAPE])} "
-                    f"vs {tuple(other[MetaKeys.SPATIAL_SHAPE])}"
-                )
-            if not np.allclose(other[MetaKeys.AFFINE], meta[MetaKeys.AFFINE], atol=1e-4):
-                raise DataError("channel images differ in affine (voxel-to-world geometry)")
-        if _is_no_channel(meta[MetaKeys.ORIGINAL_CHANNEL_DIM]):
-            meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = 0
-            return np.stack(arrays, axis=0), meta
-        return np.concatenate(arrays, axis=int(meta[MetaKeys.ORIGINAL_CHANNEL_DIM])), meta
-
-
-def readers(series_uid: str | None = None) -> list[ImageReader]:
-    """Readers for ``LoadImaged(keys, reader=readers())``.
-
-    MONAI tries the given readers last-to-first; the SimpleITK reader refuses NIfTI, which then
-    goes to nibabel, exactly as ``LoadImaged`` without ``reader=`` would load it. `series_uid`
-    picks one DICOM series in a directory that holds several.
-    """
-    return [NibabelReader(), SimpleITKReader(series_uid=series_uid)]
-
-
 def load_volume(
     path: Sequence[PathLike] | PathLike, *, label: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Load a volume channel-first with its RAS affine, through the same readers as training.
+    """Load a volume channel-first with its RAS affine, as training's readers load it.
+
+    The array and affine are those that ``LoadImaged(reader=readers())`` of
+    :mod:`medseg.data.readers` gives before any transform, without importing MONAI.
 
     Args:
         path: an image file, a DICOM series directory, or a list of them stacked as channels.
@@ -180,23 +109,28 @@ def load_volume(
         raise DataError("no image path given")
     for p in paths:
         _check_readable(p)
-    reader = _pick_reader(paths)
+    nifti = _is_nifti_list(paths)
     shown = paths[0] if len(paths) == 1 else ", ".join(paths)
     try:
-        array, meta = reader.get_data(reader.read(paths if len(paths) > 1 else paths[0]))
-        array = np.asarray(array)
+        if nifti:
+            volumes = [_nifti_volume(nib.load(p)) for p in paths]
+        else:
+            volumes = [_sitk_volume(_sitk_read(p, None)) for p in paths]
     except DataError:
         raise
     except _READ_ERRORS as exc:
         raise DataError(f"{shown}: {_short_reason(exc)}") from exc
-    channel_dim = meta[MetaKeys.ORIGINAL_CHANNEL_DIM]
-    if _is_no_channel(channel_dim):
-        array = array[None]
-    else:
-        array = np.moveaxis(array, int(channel_dim), 0)
+    try:
+        # MONAI's NibabelReader compares affines with np.allclose's defaults; ours for ITK at 1e-4 mm.
+        array, channel_dim = _stack_channels(volumes, atol=1e-8 if nifti else 1e-4)
+    except DataError as exc:
+        raise DataError(f"{shown}: {exc}") from exc
+    except ValueError as exc:  # e.g. numpy refusing to stack a 3D and a 4D image
+        raise DataError(f"{shown}: {_short_reason(exc)}") from exc
+    array = array[None] if channel_dim is None else np.moveaxis(array, channel_dim, 0)
     if not label:
         array = array.astype(np.float32, copy=False)
-    return np.ascontiguousarray(array), np.asarray(meta[MetaKeys.AFFINE], dtype=np.float64)
+    return np.ascontiguousarray(array), np.array(volumes[0].affine, dtype=np.float64)
 
 
 def read_header(path: PathLike) -> Header:
@@ -353,10 +287,6 @@ def _is_sitk_path(name: PathLike) -> bool:
     return os.path.isdir(name) or _has_suffix(name, SITK_SUFFIXES)
 
 
-def _is_no_channel(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value)) or value == "no_channel"
-
-
 def _unsupported_reason() -> str:
     return "unsupported file type (expected .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd or a DICOM directory)"
 
@@ -368,10 +298,12 @@ def _check_readable(name: str) -> None:
         raise DataError(f"{name}: permission denied")
 
 
-def _pick_reader(paths: list[str]) -> ImageReader:
-    for reader in reversed(readers()):
-        if reader.verify_suffix(paths):
-            return reader
+def _is_nifti_list(paths: list[str]) -> bool:
+    """True for NIfTI files, False for SimpleITK's formats and DICOM directories, else DataError."""
+    if all(_is_sitk_path(p) for p in paths):
+        return False
+    if all(_has_suffix(p, NIFTI_SUFFIXES) for p in paths):
+        return True
     bad = next((p for p in paths if not (_is_sitk_path(p) or _has_suffix(p, NIFTI_SUFFIXES))), None)
     if bad is None:
         raise DataError(f"{', '.join(paths)}: cannot stack NIfTI and non-NIfTI files as channels")
@@ -445,7 +377,96 @@ def _ras_affine(direction: Sequence[float], spacing: Sequence[float], origin: Se
     return affine
 
 
-def _sitk_array_and_meta(image: sitk.Image) -> tuple[np.ndarray, dict]:
+class _Volume(NamedTuple):
+    """A volume as read, before channels are moved first."""
+
+    array: np.ndarray  # indexed (x, y, z[, channel]); NIfTI's extra axes stay as stored
+    affine: np.ndarray  # 4x4 voxel-to-RAS
+    spatial_shape: tuple[int, ...]  # the first 1-3 axes
+
+    @property
+    def channel_dim(self) -> int | None:
+        """Axis of the channels: None for a scalar image, else the last (MONAI's "original_channel_dim")."""
+        return None if self.array.ndim == len(self.spatial_shape) else -1
+
+
+def _stack_channels(volumes: Sequence[_Volume], atol: float) -> tuple[np.ndarray, int | None]:
+    """One array of several files' voxels, as MONAI's readers join a list of files.
+
+    Scalar images are stacked along a new first axis; images with channels are concatenated along
+    their channel axis. Returns the array and its channel axis (None: a single scalar image).
+
+    Raises:
+        DataError: the volumes differ in spatial shape or affine.
+    """
+    first = volumes[0]
+    if len(volumes) == 1:
+        return first.array, first.channel_dim
+    for other in volumes[1:]:
+        if other.spatial_shape != first.spatial_shape:
+            raise DataError(
+                f"channel images differ in shape: {first.spatial_shape} vs {other.spatial_shape}"
+            )
+        if not np.allclose(other.affine, first.affine, atol=atol):
+            raise DataError("channel images differ in affine (voxel-to-world geometry)")
+    arrays = [volume.array for volume in volumes]
+    if first.channel_dim is None:
+        return np.stack(arrays, axis=0), 0
+    return np.concatenate(arrays, axis=first.channel_dim), first.channel_dim
+
+
+def _nifti_volume(image: nib.Nifti1Image) -> _Volume:
+    """Voxels and geometry of a loaded NIfTI image, exactly as MONAI's ``NibabelReader`` returns them.
+
+    The array is ``np.asanyarray(image.dataobj)``: nibabel applies scl_slope/scl_inter (scaled
+    data come out as floats, unscaled data keep their stored dtype) and keeps every stored axis.
+    """
+    affine = _nifti_affine(image)
+    dim = image.header["dim"]
+    rank = max(min(int(dim[0]), 3), 1)
+    spatial_shape = tuple(int(n) for n in dim[1 : rank + 1])
+    return _Volume(np.asanyarray(image.dataobj), affine, spatial_shape)
+
+
+def _nifti_affine(image: nib.Nifti1Image) -> np.ndarray:
+    """The affine MONAI uses for a NIfTI image (its ``correct_nifti_header_if_necessary``).
+
+    Where the voxel sizes in pixdim disagree with the affine nibabel chose, MONAI trusts whichever
+    of sform and qform agrees with pixdim: a disagreeing sform is replaced by the qform, or an
+    unused sform that agrees becomes the qform. Images with 5 or more dimensions are left alone.
+    MONAI then also rewrites pixdim, which moves no voxel and is not needed here.
+    """
+    header = image.header
+    ndim = int(header["dim"][0])
+    if ndim >= 5:
+        return image.affine
+    pixdim = np.asarray(header.get_zooms())[:ndim]
+    if np.allclose(pixdim, _column_norms(image.affine, ndim)):
+        return image.affine
+    sform, qform = image.get_sform(), image.get_qform()
+    sform_agrees = np.allclose(_column_norms(sform, ndim), pixdim)
+    qform_agrees = np.allclose(_column_norms(qform, ndim), pixdim)
+    if header["sform_code"] != 0:
+        if sform_agrees:
+            return image.affine
+        if qform_agrees:
+            image.set_sform(qform)  # updates image.affine
+            return image.affine
+    if header["qform_code"] != 0 and not qform_agrees and sform_agrees:
+        image.set_qform(sform)  # the qform becomes the sform's nearest rotation; updates image.affine
+    return image.affine
+
+
+def _column_norms(affine: np.ndarray, rank: int) -> np.ndarray:
+    """Lengths of the first `rank` columns of ``affine[:rank, :rank]``, zeros read as 1 (as MONAI)."""
+    block = np.asarray(affine, dtype=np.float64)[:rank, :rank]
+    norms = np.sqrt(np.sum(block * block, axis=0))
+    norms[norms == 0] = 1.0
+    return norms
+
+
+def _sitk_volume(image: sitk.Image) -> _Volume:
+    """Voxels indexed ``(x, y, z[, component])`` (the transpose of ``GetArrayFromImage``), RAS affine."""
     import SimpleITK as sitk
 
     array = sitk.GetArrayFromImage(image)
@@ -456,23 +477,15 @@ def _sitk_array_and_meta(image: sitk.Image) -> tuple[np.ndarray, dict]:
     else:
         array = array.T
     rank = max(min(dim, 3), 1)
-    spatial_shape = np.asarray(image.GetSize()[:rank])
+    spatial_shape = tuple(int(n) for n in image.GetSize()[:rank])
     affine = _ras_affine(image.GetDirection(), image.GetSpacing(), image.GetOrigin())
-    meta: dict = {
-        "spacing": np.asarray(image.GetSpacing(), dtype=np.float64),
-        MetaKeys.ORIGINAL_AFFINE: affine,
-        MetaKeys.AFFINE: affine.copy(),
-        MetaKeys.SPATIAL_SHAPE: spatial_shape,
-        MetaKeys.SPACE: SpaceKeys.RAS,
-        MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan") if array.ndim == rank else -1,
-    }
-    return array, meta
+    return _Volume(array, affine, spatial_shape)
 
 
 def _nifti_header(name: str) -> Header:
     image = nib.load(name)
     shape = tuple(int(s) for s in image.header.get_data_shape())
-    affine = np.array(image.affine, dtype=np.float64)
+    affine = np.array(_nifti_affine(image), dtype=np.float64)  # as load_volume and training see it
     rank = min(len(shape), 3)
     spacing = np.linalg.norm(affine[:3, :rank], axis=0)
     channels = int(np.prod(shape[3:])) if len(shape) > 3 else 1

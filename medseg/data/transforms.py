@@ -18,7 +18,7 @@ from monai.config import KeysCollection
 from monai.utils import MAX_SEED
 from scipy import ndimage
 
-from medseg.data.io import readers
+from medseg.data.readers import readers
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,8 @@ from monai.data import NibabelReader
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
 
 from medseg.data import io
-from medseg.data.io import (
-    Header,
-    SimpleITKReader,
-    load_volume,
-    read_header,
-    readers,
-    spacing_in_ras,
-    write_nifti,
-)
+from medseg.data.io import Header, load_volume, read_header, spacing_in_ras, write_nifti
+from medseg.data.readers import SimpleITKReader, readers
 from medseg.errors import DataError
 from tests.dicom import write_series
 

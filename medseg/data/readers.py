@@ -1,0 +1,87 @@
+"""MONAI image readers giving every format NibabelReader's conventions.
+
+Give :func:`readers` to ``LoadImaged(keys, reader=readers())``. NIfTI goes through MONAI's own
+``NibabelReader``; NRRD, MetaImage and DICOM series go through :class:`SimpleITKReader`, which
+returns what ``NibabelReader`` would have returned for the same physical volume: an array indexed
+``(x, y, z[, channel])`` and a 4x4 voxel-to-RAS affine (read by :mod:`medseg.data.io`, which
+:func:`medseg.data.io.load_volume` shares without importing MONAI).
+
+When ``reader=`` is given, MONAI does *not* pick a reader by suffix: it calls ``read`` on every
+registered reader, newest first, and keeps the first that does not raise. :class:`SimpleITKReader`
+is therefore tried first and refuses (raises) anything that is not one of its formats, so NIfTI
+falls through to ``NibabelReader``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from monai.data import ImageReader, NibabelReader
+from monai.utils import MetaKeys, SpaceKeys
+
+from medseg.data.io import PathLike, _as_paths, _is_sitk_path, _sitk_read, _sitk_volume, _stack_channels
+from medseg.errors import DataError
+
+__all__ = ["SimpleITKReader", "readers"]
+
+
+class SimpleITKReader(ImageReader):
+    """MONAI image reader for NRRD, MetaImage and DICOM series, in NibabelReader's conventions.
+
+    ``get_data`` returns an array indexed ``(x, y, z[, component])`` (the transpose of
+    ``SimpleITK.GetArrayFromImage``) and meta with a RAS ``affine``/``original_affine``,
+    ``spatial_shape``, ``space`` and ``original_channel_dim`` (``nan`` for scalar images, ``-1``
+    for vector pixels, ``0`` when a list of files is stacked into channels).
+
+    Args:
+        series_uid: SeriesInstanceUID to read when a DICOM directory holds several series.
+            Without it such a directory is refused with a DataError.
+    """
+
+    def __init__(self, series_uid: str | None = None) -> None:
+        super().__init__()
+        self.series_uid = series_uid
+
+    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
+        """Return True if every given path is an NRRD/MetaImage file or a (DICOM) directory."""
+        return all(_is_sitk_path(name) for name in _as_paths(filename))
+
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> Any:
+        """Read one image, or a list of images for a list of paths (stacked as channels later).
+
+        Raises:
+            DataError: a path is not one of this reader's formats, or cannot be read.
+        """
+        paths = _as_paths(data)
+        if not paths:
+            raise DataError("no image path given")
+        images = [_sitk_read(path, self.series_uid) for path in paths]
+        return images if len(images) > 1 else images[0]
+
+    def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
+        """Return ``(array, meta)`` for an image or list of images returned by :meth:`read`."""
+        images = list(img) if isinstance(img, (list, tuple)) else [img]
+        volumes = [_sitk_volume(image) for image in images]
+        array, channel_dim = _stack_channels(volumes, atol=1e-4)
+        first = volumes[0]
+        meta: dict = {
+            "spacing": np.asarray(images[0].GetSpacing(), dtype=np.float64),
+            MetaKeys.ORIGINAL_AFFINE: first.affine,
+            MetaKeys.AFFINE: first.affine.copy(),
+            MetaKeys.SPATIAL_SHAPE: np.asarray(first.spatial_shape),
+            MetaKeys.SPACE: SpaceKeys.RAS,
+            MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan") if channel_dim is None else channel_dim,
+        }
+        return array, meta
+
+
+def readers(series_uid: str | None = None) -> list[ImageReader]:
+    """Readers for ``LoadImaged(keys, reader=readers())``.
+
+    MONAI tries the given readers last-to-first; the SimpleITK reader refuses NIfTI, which then
+    goes to nibabel, exactly as ``LoadImaged`` without ``reader=`` would load it. `series_uid`
+    picks one DICOM series in a directory that holds several.
+    """
+    return [NibabelReader(), SimpleITKReader(series_uid=series_uid)]
