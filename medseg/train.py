@@ -33,6 +33,7 @@ from medseg.config import Config
 from medseg.data.cases import Case, DatasetInfo, find_dataset, split
 from medseg.data.checks import CaseSummary, check_dataset
 from medseg.data.fingerprint import foreground_intensity_statistics
+from medseg.data.io import usable_cpus
 from medseg.data.loader import training_batches, validation_dataset
 from medseg.data.transforms import Preprocessing
 from medseg.device import amp_dtype as resolve_amp
@@ -99,7 +100,7 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
     # Every file is read and checked once before anything is cached: bad data fails here, with
     # one line naming the file, not an hour into training.
     summaries = check_dataset(dataset.cases, dataset.labels, len(dataset.modalities) or None,
-                              workers=max(cfg.train.workers, 1))
+                              workers=usable_cpus() if cfg.train.workers > 0 else 1)
     train_cases, val_cases = split(dataset.cases, cfg.data.folds, cfg.data.fold, cfg.data.split_seed)
     if state is not None and state.get("split"):
         # A resumed run keeps the cases it started with, whatever the split rule says now.
