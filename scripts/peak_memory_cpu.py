@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patch", type=int, default=48, help="cubic patch edge in voxels")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=["off", "selective", "stage"])
+    parser.add_argument("--kinds", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--json", default=None, help="write the figures here")
     parser.add_argument("--one", nargs=2, metavar=("MODE", "KIND"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:  # the child process
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     results: dict[tuple[str, str], dict[str, float]] = {}
-    for kind in ("eager", "compiled"):
+    for kind in args.kinds:
         for mode in args.modes:
             done = subprocess.run([sys.executable, __file__, "--patch", str(args.patch), "--batch", str(args.batch),
                                    "--one", mode, kind], env=env, capture_output=True, text=True)
@@ -84,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
             ratio = f"{results[mode, kind]['peak_mib'] / base['peak_mib']:.2f}x of off" if base else ""
             print(f"{mode:10s} {kind:8s} {args.patch}^3 batch {args.batch}: peak {results[mode, kind]['peak_mib']:7.1f} MiB"
                   f"  {ratio}", flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump([{"mode": mode, "kind": kind, **figures} for (mode, kind), figures in results.items()], out, indent=2)
 
 
 if __name__ == "__main__":
