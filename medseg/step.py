@@ -67,8 +67,8 @@ class GraphedStep:
     compiled step, `eager-graphs` the eager one).
 
     A small step is bound by kernel launches, not arithmetic: on an H200 the hippocampus plan's
-    eager step took 20.9 ms, recorded as a graph 9.5 ms; compiled and replayed as graphs 7.5 ms,
-    but compiling took 31 s on a fresh machine, where recording the eager step takes the time of
+    eager step took 20.9 ms, recorded as a graph 9.5 ms; compiled and recorded 7.1 ms, but
+    compiling took over 30 s on a fresh machine, where recording the eager step takes the time of
     a few steps. The first `warmup` calls run the step on a side stream (torch.compile compiles,
     the optimiser creates its state and cuDNN picks its algorithms, as capture requires), the
     next records the graph, every call replays it on new data. The batch shape must stay the

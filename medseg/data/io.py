@@ -50,6 +50,8 @@ PathLike = Union[str, os.PathLike]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+# Channel files read through SimpleITK must share their affine to this tolerance (mm).
+SITK_AFFINE_ATOL = 1e-4
 
 # Errors that third-party readers raise for unreadable files; turned into DataError at the boundary.
 _READ_ERRORS = (
@@ -122,7 +124,7 @@ def load_volume(
         raise DataError(f"{shown}: {_short_reason(exc)}") from exc
     try:
         # MONAI's NibabelReader compares affines with np.allclose's defaults; ours for ITK at 1e-4 mm.
-        array, channel_dim = _stack_channels(volumes, atol=1e-8 if nifti else 1e-4)
+        array, channel_dim = _stack_channels(volumes, atol=1e-8 if nifti else SITK_AFFINE_ATOL)
     except DataError as exc:
         raise DataError(f"{shown}: {exc}") from exc
     except ValueError as exc:  # e.g. numpy refusing to stack a 3D and a 4D image

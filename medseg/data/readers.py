@@ -21,7 +21,8 @@ import numpy as np
 from monai.data import ImageReader, NibabelReader
 from monai.utils import MetaKeys, SpaceKeys
 
-from medseg.data.io import PathLike, _as_paths, _is_sitk_path, _sitk_read, _sitk_volume, _stack_channels
+from medseg.data.io import (SITK_AFFINE_ATOL, PathLike, _as_paths, _is_sitk_path, _sitk_read, _sitk_volume,
+                            _stack_channels)
 from medseg.errors import DataError
 
 __all__ = ["SimpleITKReader", "readers"]
@@ -64,7 +65,7 @@ class SimpleITKReader(ImageReader):
         """Return ``(array, meta)`` for an image or list of images returned by :meth:`read`."""
         images = list(img) if isinstance(img, (list, tuple)) else [img]
         volumes = [_sitk_volume(image) for image in images]
-        array, channel_dim = _stack_channels(volumes, atol=1e-4)
+        array, channel_dim = _stack_channels(volumes, atol=SITK_AFFINE_ATOL)
         first = volumes[0]
         meta: dict = {
             "spacing": np.asarray(images[0].GetSpacing(), dtype=np.float64),

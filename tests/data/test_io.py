@@ -18,6 +18,7 @@ from medseg.data.io import Header, load_volume, read_header, spacing_in_ras, wri
 from medseg.data.readers import SimpleITKReader, readers
 from medseg.errors import DataError
 from tests.dicom import write_series
+from tests.geometry import rotation
 
 SHAPE = (12, 10, 8)  # (x, y, z)
 SPACING = (0.7, 0.9, 3.0)
@@ -26,17 +27,9 @@ UID = "1.2.826.0.1.3680043.2.1125.9.4711"
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def _rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    m = np.eye(3)
-    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
-    return m
-
-
 # Oblique, with the voxel axes permuted and flipped against LPS, so reorientation is not a no-op.
 PERMUTE = np.array([[0.0, 0.0, -1.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-DIRECTION = _rotation(2, 20) @ _rotation(1, -15) @ _rotation(0, 10) @ PERMUTE
+DIRECTION = rotation(2, 20) @ rotation(1, -15) @ rotation(0, 10) @ PERMUTE
 
 
 def _volume(scale: int = 1) -> np.ndarray:

@@ -20,27 +20,20 @@ from medseg.data.io import load_volume, read_header
 from medseg.data.readers import readers
 from medseg.errors import DataError
 from tests.dicom import write_series
+from tests.geometry import rotation
 
 SHAPE = (9, 7, 5)  # (x, y, z)
 
 
-def _rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    m = np.eye(3)
-    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
-    return m
-
-
-def _affine(rotation: np.ndarray, spacing: tuple[float, ...], origin: tuple[float, ...]) -> np.ndarray:
+def _affine(matrix: np.ndarray, spacing: tuple[float, ...], origin: tuple[float, ...]) -> np.ndarray:
     affine = np.eye(4)
-    affine[:3, :3] = rotation @ np.diag(spacing)
+    affine[:3, :3] = matrix @ np.diag(spacing)
     affine[:3, 3] = origin
     return affine
 
 
-OBLIQUE = _affine(_rotation(2, 20) @ _rotation(0, -10), (0.8, 0.9, 2.5), (12.5, -30.25, 41.0))
-OTHER = _affine(_rotation(1, 5), (1.1, 1.2, 1.3), (1.0, 2.0, 3.0))
+OBLIQUE = _affine(rotation(2, 20) @ rotation(0, -10), (0.8, 0.9, 2.5), (12.5, -30.25, 41.0))
+OTHER = _affine(rotation(1, 5), (1.1, 1.2, 1.3), (1.0, 2.0, 3.0))
 
 
 def _values(shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
@@ -109,7 +102,7 @@ def _two_dim_unused_sform(tmp_path: Path) -> tuple[Path, bool]:
     array = _values(SHAPE[:2])
     header = _header(array)
     header.set_qform(OBLIQUE, code=1)
-    header.set_sform(_affine(_rotation(2, 30), (0.8, 0.9, 1.0), (4.0, 5.0, 6.0)), code=0)
+    header.set_sform(_affine(rotation(2, 30), (0.8, 0.9, 1.0), (4.0, 5.0, 6.0)), code=0)
     path = _save_with_header(array, header, tmp_path / "slice.nii")
     assert np.allclose(nib.load(path).affine, OBLIQUE, atol=1e-5)
     return path, False
@@ -132,7 +125,7 @@ def _sitk_image(array: np.ndarray) -> sitk.Image:
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
     image.SetSpacing((0.8, 0.9, 2.5))
     image.SetOrigin((12.5, -30.25, 41.0))
-    image.SetDirection((_rotation(2, 20) @ _rotation(0, -10)).ravel().tolist())
+    image.SetDirection((rotation(2, 20) @ rotation(0, -10)).ravel().tolist())
     return image
 
 
