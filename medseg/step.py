@@ -163,7 +163,8 @@ def compile_for_training(model: nn.Module, loss_fn: nn.Module, mode: str) -> tup
     the whole step.
 
     The loss is compiled with the network: eager, its softmax, one-hot, sums and their backward
-    for every deep-supervision output are dozens of small kernels per step.
+    for every deep-supervision output are dozens of small kernels per step. With `stage`
+    checkpointing the network's stages are compiled one by one (UNet3D.compile_stages).
     """
     if mode in ("off", "eager-graphs"):
         return model, loss_fn
@@ -172,6 +173,10 @@ def compile_for_training(model: nn.Module, loss_fn: nn.Module, mode: str) -> tup
     # Where torch.compile cannot handle the network or the machine (no compiler, an unsupported
     # GPU), run that part eagerly instead of failing the run.
     _dynamo.config.suppress_errors = True
+    network = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if getattr(network, "checkpointing", "off") == "stage":
+        network.compile_stages()  # the checkpoints stay eager around the compiled stages
+        return model, torch.compile(loss_fn)
     return torch.compile(model), torch.compile(loss_fn)
 
 

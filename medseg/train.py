@@ -429,7 +429,8 @@ class MemoryFallback:
         """`cheaper` without the check: for a change all processes have agreed on."""
         batch_size, patch = batch_shape[0], list(batch_shape[2:])
         # The next checkpointing mode in order of memory saved (off -> selective -> stage); a
-        # compiled network stops at selective (stage runs eagerly only, see _compile_setting).
+        # network compiled whole stops at selective (stage needs its stages compiled one by one,
+        # UNet3D.compile_stages, when the step is built).
         modes = list(CHECKPOINTING_MODES)
         if self.compiled:
             modes.remove("stage")
@@ -551,10 +552,6 @@ def _agree_on_memory(trained: nn.Module, network: nn.Module, batches: Iterable[d
 
 
 def _compile_setting(cfg: Config, device: torch.device, distributed_run: bool = False) -> str:
-    # "stage" checkpointing always runs eagerly: compiled on an H200 it kept as much memory as no
-    # checkpointing (docs/benchmarks.md), so compiling it would only hide the memory it is for.
-    if cfg.model.checkpointing == "stage":
-        return "off"
     setting = cfg.train.compile
     if setting == "auto":
         setting = "off" if device.type != "cuda" else ("graphs" if _small_step(cfg) else "on")
@@ -563,7 +560,9 @@ def _compile_setting(cfg: Config, device: torch.device, distributed_run: bool = 
     # CUDA graphs need CUDA, and replay no collective communication: with several processes
     # (DistributedDataParallel's gradient all-reduce) or on the CPU they fall back to plain compile,
     # and the eager step recorded as a graph to the eager step.
-    if setting in ("graphs", "eager-graphs") and (device.type != "cuda" or distributed_run):
+    # With "stage" checkpointing, neither: its recomputation runs eagerly between compiled stages.
+    if setting in ("graphs", "eager-graphs") and (device.type != "cuda" or distributed_run
+                                                  or cfg.model.checkpointing == "stage"):
         setting = "on" if setting == "graphs" else "off"
     return setting
 

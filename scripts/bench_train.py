@@ -28,6 +28,7 @@ network, patch and batch. `--make-large DIR` writes a synthetic large-volume MSD
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import json
@@ -41,7 +42,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -52,6 +53,7 @@ from medseg.device import amp_dtype as resolve_amp
 from medseg.device import amp_name
 from medseg.losses import DiceCELoss
 from medseg.models import CHECKPOINTING_MODES, build_model, network_plan
+from medseg.models import unet
 from medseg.step import GraphedStep, build_optimizer, compile_for_training, train_step
 from medseg.train import _compile_setting, _memory_format
 
@@ -80,7 +82,30 @@ def all_configs() -> list[str]:
 
 def run_kind(name: str) -> str:
     """train.compile setting of a configuration name."""
-    return RUN_KINDS[name.removesuffix("-cl").rsplit("-", 1)[1]]
+    return RUN_KINDS[_base(name).removesuffix("-cl").rsplit("-", 1)[1]]
+
+
+def _base(name: str) -> str:
+    """A configuration name without its `@ENCODER:DECODER[w]` suffix: medseg-stage-KIND@2:1 runs
+    `stage` checkpointing over the 2 finest encoder levels and the finest decoder level instead of
+    medseg.models.unet.CHECKPOINTED_LEVELS; a trailing `w` recomputes whole batches instead of one
+    sample at a time (unet.PER_SAMPLE)."""
+    return name.split("@")[0]
+
+
+@contextlib.contextmanager
+def _checkpointed_levels(name: str) -> Iterator[None]:
+    saved, per_sample = dict(unet.CHECKPOINTED_LEVELS), unet.PER_SAMPLE
+    if "@" in name:
+        levels = name.split("@")[1]
+        encoder, decoder = levels.removesuffix("w").split(":")
+        unet.CHECKPOINTED_LEVELS.update(encoder=int(encoder), decoder=int(decoder))
+        unet.PER_SAMPLE = not levels.endswith("w")
+    try:
+        yield
+    finally:
+        unet.CHECKPOINTED_LEVELS.update(saved)
+        unet.PER_SAMPLE = per_sample
 
 
 def model_overrides(args: argparse.Namespace) -> list[str]:
@@ -240,8 +265,9 @@ def run_config(name: str, args: argparse.Namespace, device: torch.device, amp: t
                spacing=(1.0, 1.0, 1.0)) -> dict[str, Any]:
     try:
         model, cfg = build(name, patch, batch, extra, in_channels, classes, spacing)
-        result = measure_step(model, cfg, run_kind(name), device, amp, in_channels, classes, args.steps,
-                              args.warmup, channels_last=name.endswith("-cl"))
+        with _checkpointed_levels(name):
+            result = measure_step(model, cfg, run_kind(name), device, amp, in_channels, classes, args.steps,
+                                  args.warmup, channels_last=_base(name).endswith("-cl"))
         del model
     except Exception as exc:  # noqa: BLE001 - one failing configuration must not end the run
         result = {"status": "OOM" if is_oom(exc) else f"error: {type(exc).__name__}: {str(exc)[:300]}"}
@@ -294,7 +320,7 @@ def print_table(results: dict[str, dict[str, Any]], peak_tflops: float) -> list[
         m_nn = r["peak_gib"] / nn_ref["peak_gib"] if nn_ref and "peak_gib" in r and "peak_gib" in nn_ref else None
         t_off = m_off = None
         if name.startswith("medseg-"):
-            off = ok(f"medseg-off-{name.split('-', 2)[2]}")
+            off = ok(f"medseg-off-{_base(name).split('-', 2)[2]}")
             if off:
                 t_off = r["ms"] / off["ms"]
                 m_off = r["peak_gib"] / off["peak_gib"] if "peak_gib" in r and "peak_gib" in off else None
@@ -325,7 +351,7 @@ def part1(args: argparse.Namespace, device: torch.device, amp: torch.dtype | Non
     names = args.configs or [n for n in all_configs() if not n.endswith("-cl")]  # -cl: when asked for
     if args.no_compile:
         names = [n for n in names if run_kind(n) == "off"]
-    unknown = [n for n in names if n not in all_configs()]
+    unknown = [n for n in names if _base(n) not in all_configs()]
     if unknown:
         raise SystemExit(f"unknown configurations {unknown}; choose from {all_configs()}")
     cfg = make_cfg(patch, batch, "off", extra)

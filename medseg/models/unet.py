@@ -17,9 +17,13 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 # Cheapest first in time, most expensive first in memory.
 CHECKPOINTING_MODES = ("off", "selective", "stage")
-# With "stage" checkpointing, the stages of this many of the finest levels run one sample at a time
-# (the full- and half-resolution stages hold most of the memory of the backward pass).
-PER_SAMPLE_LEVELS = 2
+# "stage" checkpointing covers the encoder and decoder stages of this many of the finest levels,
+# one sample at a time. The full- and half-resolution stages hold most of the activations (and of
+# the backward pass's temporaries); coarser stages keep theirs, so their recomputation is not paid.
+CHECKPOINTED_LEVELS = {"encoder": 2, "decoder": 2}
+# ... and recomputed one sample at a time (instance and group norm keep samples independent), which
+# halves the backward's temporaries of a checkpointed stage.
+PER_SAMPLE = True
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,14 @@ class EncoderStage(nn.Sequential):
             ConvBlock(out_channels, out_channels, kernel, (1, 1, 1), norm),
         )
 
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # nn.Sequential's own forward would do; this one lives in this file, where torch.compile
+        # traces it when a stage is compiled on its own (it does not trace torch.nn's code as the
+        # outermost frame).
+        for block in self:
+            features = block(features)
+        return features
+
 
 class DecoderStage(nn.Module):
     """Upsample the coarser features, concatenate the skip tensor, two conv blocks."""
@@ -157,10 +169,11 @@ class UNet3D(nn.Module):
         selective: keep only the outputs of the 3x3x3 convolutions; normalisation, activation,
                    concatenation and the cheap 2x2x2 transposed convolutions are recomputed in
                    backward, one stage at a time (the expensive convolutions are never rerun).
-        stage:     keep only each stage's input (and the skip tensors, which are stage outputs anyway);
-               each encoder and decoder stage's inner activations (conv outputs, norm statistics,
-               activations) are recomputed in backward, one stage at a time, and at the two finest
-               levels one sample at a time.
+        stage:     at the finest levels (CHECKPOINTED_LEVELS), keep only each stage's inputs (the
+                   skip tensors, which are stage outputs anyway); the stage's inner activations
+                   (conv outputs, norm statistics, activations) are recomputed in backward, one
+                   stage and one sample at a time. Compiled, each stage is its own graph
+                   (compile_stages).
         """
         if mode not in CHECKPOINTING_MODES:
             raise ValueError(f"checkpointing must be one of {CHECKPOINTING_MODES}, got {mode!r}")
@@ -183,12 +196,12 @@ class UNet3D(nn.Module):
         skips = []
         features = image
         for level, stage in enumerate(self.encoder):
-            features = self._run(stage, features, per_sample=level < PER_SAMPLE_LEVELS)
+            features = self._run(stage, features, checkpointed=level < CHECKPOINTED_LEVELS["encoder"])
             skips.append(features)
         outputs = []
         features = skips.pop()
         for level, stage, head in zip(reversed(range(len(self.decoder))), self.decoder, self.heads):
-            features = self._run(stage, features, skips.pop(), per_sample=level < PER_SAMPLE_LEVELS)
+            features = self._run(stage, features, skips.pop(), checkpointed=level < CHECKPOINTED_LEVELS["decoder"])
             if self.training and self.deep_supervision:
                 outputs.append(head(features))
         if not (self.training and self.deep_supervision):
@@ -222,17 +235,30 @@ class UNet3D(nn.Module):
     def _checkpoint(function, *arguments) -> torch.Tensor:
         return checkpoint(function, *arguments, use_reentrant=False, context_fn=_KEEP_CONVOLUTIONS)
 
-    def _run(self, stage: nn.Module, *inputs: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
-        if self.checkpointing == "stage" and torch.is_grad_enabled():
+    def _run(self, stage: nn.Module, *inputs: torch.Tensor, checkpointed: bool) -> torch.Tensor:
+        if self.checkpointing == "stage" and checkpointed and torch.is_grad_enabled():
             # Non-reentrant checkpointing: works with autocast and inputs that need no grad, and
             # recomputes the stage under the same autocast state as in forward.
-            if per_sample and inputs[0].shape[0] > 1:
-                # Instance and group norm keep samples independent: one checkpoint per sample
-                # recomputes (and holds the backward's temporaries of) one sample at a time.
-                return torch.cat([checkpoint(stage, *(x[i:i + 1] for x in inputs), use_reentrant=False)
-                                  for i in range(inputs[0].shape[0])])
-            return checkpoint(stage, *inputs, use_reentrant=False)
+            if not PER_SAMPLE or inputs[0].shape[0] == 1:
+                return checkpoint(stage, *inputs, use_reentrant=False)
+            return torch.cat([checkpoint(stage, *(x[i:i + 1] for x in inputs), use_reentrant=False)
+                              for i in range(inputs[0].shape[0])])
         return stage(*inputs)
+
+    def compile_stages(self) -> None:
+        """torch.compile each stage and head on its own, leaving the checkpointing around them eager.
+
+        For `stage` checkpointing: compiled whole, the network's checkpoints become part of one
+        graph whose backward holds nearly as much memory as no checkpointing; compiled per stage,
+        each checkpoint drops its stage's saved tensors and reruns the compiled stage in backward.
+        """
+        from torch import _dynamo
+
+        # Stages of one class share their forward's code, and torch.compile keeps a limited number
+        # of compiled versions per code object (one per stage and batch size here).
+        _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 8 * len(self.encoder))
+        for stage in (*self.encoder, *self.decoder):
+            stage.compile(dynamic=False)
 
 
 def _activate(block: nn.Module | None, convolved: torch.Tensor) -> torch.Tensor:
