@@ -75,10 +75,11 @@ _ROUND_LARGE = 2 << 20  # larger requests get their own segment, rounded up to 2
 
 # Time of one training step per checkpointing mode, relative to "off", as `fit` weighs them, as
 # medseg train runs them on CUDA: scripts/bench_train.py on an H200 at 128³ batch 2 fp16
-# (docs/benchmarks.md): off compiled 43.5 ms, selective compiled 47.6 ms (1.09); stage runs
-# eagerly, one sample at a time at its two finest levels: 117.9 ms against 42.8 ms off compiled
-# (2.75). Modes missing here (or from medseg.models.CHECKPOINTING_MODES) are never chosen by `fit`.
-STEP_TIME: dict[str, float] = {"off": 1.0, "selective": 1.09, "stage": 2.75}
+# (docs/benchmarks.md): off compiled 43.5 ms, selective compiled 47.6 ms (1.09); stage (its two
+# finest levels, one sample at a time, each stage compiled on its own): 63.2 ms against 40.1 ms
+# off compiled in the same run (1.58). Modes missing here (or from
+# medseg.models.CHECKPOINTING_MODES) are never chosen by `fit`.
+STEP_TIME: dict[str, float] = {"off": 1.0, "selective": 1.09, "stage": 1.58}
 
 _FIT_MAX_SCALE = 4.0  # fit: patches up to this many times the configured size per axis
 _FIT_TIE = 0.05  # fit: candidates within this fraction of the most work count as equal

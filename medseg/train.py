@@ -432,9 +432,9 @@ class MemoryFallback:
         # network compiled whole stops at selective (stage needs its stages compiled one by one,
         # UNet3D.compile_stages, when the step is built).
         modes = list(CHECKPOINTING_MODES)
-        if self.compiled:
-            modes.remove("stage")
         current = getattr(model, "checkpointing", modes[-1])
+        if self.compiled and current != "stage":
+            modes.remove("stage")
         if current != modes[-1]:
             model.set_checkpointing(modes[modes.index(current) + 1])
             return f"activation checkpointing switched to {model.checkpointing}"

@@ -54,3 +54,21 @@ def test_make_large_dataset_reads(tmp_path: Path) -> None:
     assert len(info.cases) == 2
     description = json.loads((root / "dataset.json").read_text())
     assert description["labels"] == {"0": "background", "1": "a", "2": "b"}
+
+
+def test_stage_levels_suffix_sets_and_restores_the_checkpointed_levels() -> None:
+    import importlib.util
+
+    from medseg.models import unet
+
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    default = (dict(unet.CHECKPOINTED_LEVELS), unet.PER_SAMPLE)
+    assert bench.run_kind("medseg-stage-compiled@2:1w") == "on"
+    assert bench._base("medseg-stage-compiled-cl@1:1") == "medseg-stage-compiled-cl"
+    with bench._checkpointed_levels("medseg-stage-compiled@3:1w"):
+        assert unet.CHECKPOINTED_LEVELS == {"encoder": 3, "decoder": 1} and unet.PER_SAMPLE is False
+    assert (dict(unet.CHECKPOINTED_LEVELS), unet.PER_SAMPLE) == default
+    with bench._checkpointed_levels("medseg-stage-compiled"):
+        assert (dict(unet.CHECKPOINTED_LEVELS), unet.PER_SAMPLE) == default

@@ -207,13 +207,16 @@ def shared_estimates(monkeypatch):
 
 
 def test_stage_checkpointing_per_sample_lowers_the_peak(monkeypatch):
-    # One sample at a time at the finest levels: the backward's temporaries there are halved.
+    # The checkpointed (finest) stages recomputed one sample at a time: the backward's temporaries
+    # there are halved.
     from medseg.models import unet
 
+    assert unet.PER_SAMPLE is True
     cfg = tiny("model.checkpointing=stage")
     per_sample = memory._simulate_step(cfg, 1, CLASSES, (1.0, 1.0, 1.0)).total
-    monkeypatch.setattr(unet, "PER_SAMPLE_LEVELS", 0)
+    monkeypatch.setattr(unet, "PER_SAMPLE", False)
     whole_batch = memory._simulate_step(cfg, 1, CLASSES, (1.0, 1.0, 1.0)).total
+    print(f"\nstage checkpointing peak: per sample {per_sample / MiB:.1f} MiB, whole batch {whole_batch / MiB:.1f} MiB")
     assert per_sample < 0.9 * whole_batch
 
 

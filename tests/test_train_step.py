@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -10,6 +17,7 @@ from medseg.losses import DiceCELoss
 from medseg.models import build_model
 from medseg.step import GraphedStep, build_optimizer, compile_for_training, train_step
 from medseg.train import Schedule, _compile_setting, _memory_format
+from tests.conftest import ROOT
 
 CUDA = torch.device("cuda")  # only named, never used, in the rule tests
 CPU = torch.device("cpu")
@@ -28,7 +36,6 @@ def test_auto_compile_uses_cuda_graphs_for_small_steps_only():
     assert _compile_setting(_cfg(*small, "train.memory_budget=8GiB"), CUDA) == "on"
     assert _compile_setting(_cfg(*small), CPU) == "off"
     assert _compile_setting(_cfg(*small, "train.compile=graphs"), CPU) == "on"
-    assert _compile_setting(_cfg(*small, "model.checkpointing=stage"), CUDA) == "off"
     # Short runs of small steps record the eager step instead of compiling (no compile start-up).
     assert _compile_setting(_cfg(*small, "train.max_minutes=2"), CUDA) == "eager-graphs"
     assert _compile_setting(_cfg(*small, "train.max_minutes=10"), CUDA) == "graphs"
@@ -37,6 +44,24 @@ def test_auto_compile_uses_cuda_graphs_for_small_steps_only():
     assert _compile_setting(_cfg(*small, "train.compile=eager-graphs"), CUDA) == "eager-graphs"
     assert _compile_setting(_cfg(*small, "train.compile=eager-graphs"), CPU) == "off"
     assert _compile_setting(_cfg(*small, "train.compile=eager-graphs"), CUDA, distributed_run=True) == "off"
+
+
+def test_stage_checkpointing_compiles_without_cuda_graphs():
+    # Its recomputation runs eagerly between the compiled stages: compiled, never recorded as a graph.
+    small = ["train.patch_size=[40,56,40]", "train.batch_size=7", "model.checkpointing=stage"]
+    assert CUDA.type == "cuda"  # _compile_setting looks only at the device's type: no GPU needed
+    assert _compile_setting(_cfg(*small, "train.compile=graphs"), CUDA) == "on"
+    assert _compile_setting(_cfg(*small), CUDA) == "on"  # auto: graphs for a step this small otherwise
+    assert _compile_setting(_cfg(*small, "train.compile=on"), CUDA) == "on"
+    assert _compile_setting(_cfg("train.patch_size=[128,128,128]", "model.checkpointing=stage"), CUDA) == "on"
+    assert _compile_setting(_cfg(*small, "train.compile=eager-graphs"), CUDA) == "off"
+    assert _compile_setting(_cfg(*small, "train.max_minutes=2"), CUDA) == "off"  # auto: eager-graphs otherwise
+    assert _compile_setting(_cfg(*small, "train.compile=off"), CUDA) == "off"
+    assert _compile_setting(_cfg(*small), CPU) == "off"
+    assert _compile_setting(_cfg(*small, "train.compile=graphs"), CPU) == "on"
+    # Without stage checkpointing the same settings keep their graphs.
+    assert _compile_setting(_cfg(*small[:2], "train.compile=graphs"), CUDA) == "graphs"
+    assert _compile_setting(_cfg(*small[:2], "model.checkpointing=selective"), CUDA) == "graphs"
 
 
 def test_auto_channels_last_only_where_it_was_measured_faster():
@@ -105,6 +130,91 @@ def test_non_finite_loss_takes_no_step_with_a_fused_optimiser_and_no_host_decisi
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
 
 
+# Run in a fresh interpreter in UTF-8 mode (torch.compile's imports read source files in the
+# locale's encoding), which also keeps compile_for_training's global torch._dynamo settings
+# (suppress_errors) and the process group out of the other tests.
+_STAGE_COMPILED_STEP = textwrap.dedent("""
+    import json
+    import sys
+
+    import torch
+    import torch.distributed as dist
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from medseg import config
+    from medseg.losses import DiceCELoss
+    from medseg.models import build_model
+    from medseg.step import build_optimizer, compile_for_training, train_step
+
+    torch.set_num_threads(1)
+    cfg = config.load(None, ["model.base_width=4", "model.max_width=16", "train.patch_size=[16,16,16]",
+                             "train.batch_size=2", "model.checkpointing=stage"])
+    generator = torch.Generator().manual_seed(1)
+    # float64: see tests/models/test_unet.py::_stage_step_against_off (float32 rounding can flip a
+    # LeakyReLU's slope between the two runs)
+    image = torch.randn(2, 1, 16, 16, 16, generator=generator, dtype=torch.float64)
+    label = torch.randint(0, 3, (2, 1, 16, 16, 16), generator=generator, dtype=torch.uint8)
+    dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}/store", rank=0, world_size=1)
+
+    def step(mode, wrap):
+        torch.manual_seed(0)
+        model = build_model(cfg, 1, 3, (1.0, 1.0, 1.0)).double()
+        nodes = {}
+        for name, stage in [*(("encoder.%d" % i, s) for i, s in enumerate(model.encoder)),
+                            *(("decoder.%d" % i, s) for i, s in enumerate(model.decoder))]:
+            nodes[name] = []
+            stage.register_forward_hook(lambda m, a, out, name=name: nodes[name].append(type(out.grad_fn).__name__))
+        before = [p.detach().clone() for p in model.parameters()]
+        wrapped = torch.nn.parallel.DistributedDataParallel(model) if wrap else model
+        trained, loss_fn = compile_for_training(wrapped, DiceCELoss(), mode)
+        loss, finite = train_step(trained, image, label, loss_fn, build_optimizer(cfg, model),
+                                  torch.amp.GradScaler("cpu", enabled=False), None, cfg.train.grad_clip)
+        assert bool(finite)
+        update = [p.detach() - b for p, b in zip(model.parameters(), before)]
+        shape = {"network": "same" if trained is wrapped else type(trained).__name__,
+                 "loss": "compiled" if isinstance(loss_fn, OptimizedModule) else type(loss_fn).__name__}
+        return loss, update, nodes, shape
+
+    eager_loss, eager_update, eager_nodes, _ = step("off", wrap=False)
+    assert {n for nodes in eager_nodes.values() for n in nodes} == {"LeakyReluBackward0"}
+    report = {}
+    for name, wrap in (("plain", False), ("ddp", True)):
+        loss, update, nodes, shape = step("on", wrap)
+        # DiceCELoss computes in float32, and compiled it rounds differently from eager: the
+        # gradients it hands the network differ by float32's rounding (about 1e-7 of the largest
+        # update here).
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
+        scale = max(u.abs().max().item() for u in eager_update)
+        for a, b in zip(eager_update, update, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * scale)
+        report[name] = {"nodes": nodes, **shape}
+    dist.destroy_process_group()
+    print(json.dumps(report))
+""")
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_step_with_stage_checkpointing_compiles_each_stage(tmp_path):
+    # With stage checkpointing compile_for_training leaves the network (and DistributedDataParallel
+    # around it) uncompiled, the checkpoints eager, and compiles each stage on its own and the loss:
+    # every stage's outputs come from a compiled graph, and the step makes the eager step's update.
+    result = subprocess.run([sys.executable, "-c", _STAGE_COMPILED_STEP, str(tmp_path)], capture_output=True,
+                            text=True, encoding="utf-8", errors="replace", timeout=900, cwd=ROOT,
+                            env={**os.environ, "PYTHONUTF8": "1", "PYTHONIOENCODING": "utf-8"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(report) == {"plain", "ddp"}
+    for case in report.values():
+        assert case["network"] == "same" and case["loss"] == "compiled"
+        # 16³: three levels; the two finest (encoder.0-1, decoder.0-1) run one sample at a time.
+        assert case["nodes"] == {
+            "encoder.0": ["CompiledFunctionBackward"] * 2, "encoder.1": ["CompiledFunctionBackward"] * 2,
+            "encoder.2": ["CompiledFunctionBackward"],
+            "decoder.0": ["CompiledFunctionBackward"] * 2, "decoder.1": ["CompiledFunctionBackward"] * 2,
+        }
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["eager-graphs", "graphs"])
 @pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16])
@@ -161,3 +271,20 @@ def test_cuda_step_uses_the_fused_optimiser_and_skips_overflow_on_the_gpu():
     for a, b in zip(before, model.parameters()):
         torch.testing.assert_close(b.detach(), a, rtol=0, atol=0)
     assert scaler.get_scale() < 65536.0  # the overflow lowered the scale
+
+
+def test_memory_fallback_of_compiled_stage_checkpointing_splits_the_batch():
+    # A network with stage checkpointing is compiled stage by stage and has no cheaper mode left: an
+    # out-of-memory error splits the batch. A network compiled whole stops at selective.
+    from medseg.train import MemoryFallback
+
+    cfg = config.load(None, ["model.base_width=4", "model.max_width=16", "train.patch_size=[16,16,16]",
+                             "model.checkpointing=stage"])
+    net = build_model(cfg, 1, 3, (1.0, 1.0, 1.0))
+    shape = torch.Size([2, 1, 16, 16, 16])
+    assert MemoryFallback(compiled=True).cheaper(net, shape) == "batch split into 2 micro-batches of 1"
+    assert net.checkpointing == "stage"
+    whole = MemoryFallback(compiled=True)
+    net.set_checkpointing("off")
+    assert whole.cheaper(net, shape) == "activation checkpointing switched to selective"
+    assert whole.cheaper(net, shape) == "batch split into 2 micro-batches of 1"

@@ -246,7 +246,7 @@ class UNet3D(nn.Module):
         return stage(*inputs)
 
     def compile_stages(self) -> None:
-        """torch.compile each stage and head on its own, leaving the checkpointing around them eager.
+        """torch.compile each encoder and decoder stage on its own, leaving the checkpointing around them eager.
 
         For `stage` checkpointing: compiled whole, the network's checkpoints become part of one
         graph whose backward holds nearly as much memory as no checkpointing; compiled per stage,

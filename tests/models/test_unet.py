@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from functools import partial
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from medseg.errors import ConfigError
 from medseg.models import build_model, network_plan
 from medseg.models.unet import CHECKPOINTING_MODES, UNet3D, plan_network
 from medseg.models import unet
+from tests.conftest import ROOT
 
 # (x, y, z): stride plan ((1,1,1), (2,2,2), (2,2,2), (2,2,1)) -- z stops halving at 4 voxels, so the
 # strides differ between axes and the shape checks below cannot pass by symmetry.
@@ -177,11 +180,13 @@ def _loss(outputs: list[torch.Tensor]) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["stage", "selective"])
 def test_checkpointing_gives_identical_outputs_and_gradients(model, image, mode):
-    off, stage = _twin(model, "off"), _twin(model, mode)
+    # float64: in float32 a one-sample convolution's rounding can flip the sign of a pre-activation
+    # near zero, changing LeakyReLU's slope there and every gradient upstream of it.
+    off, stage = _twin(model, "off").double(), _twin(model, mode).double()
     assert stage.checkpointing == mode and off.checkpointing == "off"
     results = {}
     for name, net in (("off", off), ("stage", stage)):
-        x = image.clone().requires_grad_(True)
+        x = image.double().requires_grad_(True)
         outputs = net(x)
         _loss(outputs).backward()
         results[name] = (outputs, x.grad, {n: p.grad for n, p in net.named_parameters()})
@@ -261,9 +266,17 @@ def _record(net: UNet3D, x: torch.Tensor):
     return saved, boundaries, outputs
 
 
+def _checkpoint_every_stage(monkeypatch, plan) -> None:
+    """Stage checkpointing over the whole network, whole batches at a time (not the default)."""
+    monkeypatch.setattr(unet, "CHECKPOINTED_LEVELS", {"encoder": len(plan.strides), "decoder": len(plan.strides) - 1})
+    monkeypatch.setattr(unet, "PER_SAMPLE", False)
+
+
 def test_stage_checkpointing_saves_far_fewer_bytes(model, image, monkeypatch):
-    # Whole-batch checkpoints (their inputs are what is kept, whether a stage runs per sample or not).
-    monkeypatch.setattr(unet, "PER_SAMPLE_LEVELS", 0)
+    # Every stage checkpointed, whole batches: then what is kept is exactly the stages' inputs and
+    # outputs. (One sample at a time, the stages' outputs would be the per-sample tensors that
+    # torch.cat joins and that nothing saves.)
+    _checkpoint_every_stage(monkeypatch, model.plan)
     off, stage = _twin(model, "off"), _twin(model, "stage")
     saved_off, _, out_off = _record(off, image)
     saved_stage, boundaries, out_stage = _record(stage, image)
@@ -296,6 +309,150 @@ def test_stage_checkpointing_saves_far_fewer_bytes(model, image, monkeypatch):
     # The graph is the real one: backward still works after recording.
     _loss(out_stage).backward()
     _loss(out_off).backward()
+
+
+# The fixture's network has 4 levels: encoder.0-3 (finest first), decoder.0-2 (deepest first, so
+# decoder.2 works at full resolution). The default stage checkpointing covers the two finest levels.
+FINE_STAGES = {"encoder.0", "encoder.1", "decoder.1", "decoder.2"}
+COARSE_STAGES = {"encoder.2", "encoder.3", "decoder.0"}
+
+
+def _stages(net: UNet3D) -> dict[str, torch.nn.Module]:
+    return {**{f"encoder.{i}": s for i, s in enumerate(net.encoder)},
+            **{f"decoder.{i}": s for i, s in enumerate(net.decoder)}}
+
+
+def test_stage_checkpointing_covers_the_two_finest_levels_one_sample_at_a_time(model, image):
+    assert unet.CHECKPOINTED_LEVELS == {"encoder": 2, "decoder": 2} and unet.PER_SAMPLE is True
+    net = _twin(model, "stage")
+    assert set(_stages(net)) == FINE_STAGES | COARSE_STAGES
+    # What every stage's layers output in forward (kept referenced, so no storage is freed and its
+    # address reused while recording), and the batch size of every call of the stage.
+    inner: dict[str, list[tuple[torch.nn.Module, torch.Tensor]]] = {name: [] for name in _stages(net)}
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in _stages(net)}
+    batches: dict[str, list[int]] = {name: [] for name in _stages(net)}
+
+    def record(module, args, out, name):
+        outputs[name].append(out)
+        batches[name].append(args[0].shape[0])
+
+    hooks = []
+    for name, stage in _stages(net).items():
+        hooks.append(stage.register_forward_hook(partial(record, name=name)))
+        for layer in stage.modules():
+            if layer is not stage and not list(layer.children()):
+                hooks.append(layer.register_forward_hook(
+                    lambda module, args, out, name=name: inner[name].append((module, out))))
+    try:
+        with _SavedTensors(net) as saved:
+            result = net(image)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    kept = set(saved.storages)
+
+    def storages(tensors) -> set[int]:
+        return {t.untyped_storage().data_ptr() for t in tensors}
+
+    for name in FINE_STAGES:
+        # Checkpointed, per sample: nothing computed inside the stage is kept for backward.
+        assert batches[name] == [1] * BATCH, name
+        inside = storages(out for _, out in inner[name]) - storages(outputs[name])
+        assert inside and not inside & kept, name
+    for name in COARSE_STAGES:
+        # Not checkpointed: the whole batch at once, and every convolution's output is kept (the
+        # normalisation after it saves it), as without checkpointing.
+        assert batches[name] == [BATCH], name
+        convolved = [out for layer, out in inner[name] if type(layer) is torch.nn.Conv3d]
+        assert len(convolved) == 2 and storages(convolved) <= kept, name
+    _loss(result).backward()  # the recorded graph is the real one
+
+
+def _stage_step_against_off(compile_stages: bool) -> dict:
+    """One DiceCE loss and its gradients from a tiny network with stage checkpointing at its default
+    levels (eager, or each stage compiled on its own), compared with checkpointing off from the same
+    weights and batch. Returns, for every stage, the autograd node of each output it produced in
+    forward, and torch.compile's counts of graphs and graph breaks.
+
+    In float64: a convolution of one sample rounds differently from one of two (and a compiled
+    kernel from an eager one), and in float32 that moves a pre-activation close to zero across it
+    now and then (one voxel of the 131072 of decoder.2's first LeakyReLU with this batch), which
+    changes its slope from 1 to 0.01 and the gradients upstream by up to 5e-4 of the largest one.
+    In float64 both ways agree to ~1e-15 of it, and the check can be tight.
+    """
+    from torch._dynamo.utils import counters
+
+    from medseg.losses import DiceCELoss
+
+    plan = plan_network(PATCH, (1.0, 1.0, 1.0), base_width=4, max_width=16)
+    generator = torch.Generator().manual_seed(3)
+    image = torch.randn(BATCH, IN_CHANNELS, *PATCH, generator=generator, dtype=torch.float64)
+    label = torch.randint(0, NUM_CLASSES, (BATCH, 1, *PATCH), generator=generator)
+    torch.manual_seed(0)
+    off = UNet3D(IN_CHANNELS, NUM_CLASSES, plan).train().double()
+    stage = _twin(off, "stage").double()
+    nodes: dict[str, list[str]] = {name: [] for name in _stages(stage)}
+    for name, module in _stages(stage).items():
+        module.register_forward_hook(lambda m, args, out, name=name: nodes[name].append(type(out.grad_fn).__name__))
+    counters.clear()
+    if compile_stages:
+        stage.compile_stages()
+    losses, grads = {}, {}
+    for name, net in (("off", off), ("stage", stage)):
+        loss = DiceCELoss()(net(image), label)
+        loss.backward()
+        losses[name], grads[name] = loss.detach(), {n: p.grad for n, p in net.named_parameters()}
+    # (DiceCELoss computes in float32 whatever the logits' dtype.)
+    torch.testing.assert_close(losses["stage"], losses["off"], rtol=1e-6, atol=0)
+    # The coarsest head has a deep-supervision weight of 0: no gradient, either way.
+    assert {n for n, g in grads["off"].items() if g is None} == {n for n, g in grads["stage"].items() if g is None} \
+        == {"heads.0.weight", "heads.0.bias"}
+    # (A convolution's bias before instance norm has a true gradient of zero: its computed one is
+    # rounding noise, so the tolerance is scaled by the largest gradient of any parameter.)
+    scale = max(g.abs().max().item() for g in grads["off"].values() if g is not None)
+    for name, expected in grads["off"].items():
+        if expected is not None:
+            assert expected.abs().sum() > 0, name
+            torch.testing.assert_close(grads["stage"][name], expected, rtol=1e-9, atol=1e-10 * scale, msg=name)
+    return {"nodes": nodes, "graphs": counters["stats"]["unique_graphs"], "graph_breaks": dict(counters["graph_break"])}
+
+
+def test_stage_checkpointing_at_its_default_levels_gives_the_loss_and_gradients_of_none():
+    report = _stage_step_against_off(compile_stages=False)
+    # Every stage ran (per sample at the fine levels), eagerly.
+    assert {name: len(n) for name, n in report["nodes"].items()} == {
+        name: BATCH if name in FINE_STAGES else 1 for name in FINE_STAGES | COARSE_STAGES}
+    assert "CompiledFunctionBackward" not in {node for n in report["nodes"].values() for node in n}
+    assert report["graphs"] == 0
+
+
+_COMPILED_STAGES = textwrap.dedent("""
+    import json
+    import torch
+    from tests.models.test_unet import _stage_step_against_off
+
+    torch.set_num_threads(1)
+    print(json.dumps(_stage_step_against_off(compile_stages=True)))
+""")
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_stage_checkpointing_with_compiled_stages_gives_the_loss_and_gradients_of_none():
+    # compile_stages: each stage is its own graph, run under the eager checkpoints (and rerun in
+    # backward). A stage whose forward torch.compile does not trace (nn.Sequential's own forward,
+    # in torch.nn, is not traced as the outermost frame) would run eagerly without any error: every
+    # stage's outputs must come from a compiled graph, each stage one graph without breaks.
+    result = subprocess.run([sys.executable, "-c", _COMPILED_STAGES], capture_output=True, text=True,
+                            encoding="utf-8", errors="replace", timeout=900, cwd=ROOT,
+                            env={**os.environ, "PYTHONUTF8": "1", "PYTHONIOENCODING": "utf-8"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(report["nodes"]) == FINE_STAGES | COARSE_STAGES
+    for name, nodes in report["nodes"].items():
+        assert nodes == ["CompiledFunctionBackward"] * (BATCH if name in FINE_STAGES else 1), name
+    assert report["graph_breaks"] == {}
+    assert report["graphs"] == len(FINE_STAGES | COARSE_STAGES)
 
 
 @pytest.mark.parametrize("checkpointing", ["stage", "selective"])
