@@ -20,6 +20,7 @@ network, patch and batch. `--make-large DIR` writes a synthetic large-volume MSD
     python scripts/bench_train.py --patch 256 256 256 --batch 2 --memory-limit 24 \\
         --configs medseg-stage-eager nnunet-compiled
     python scripts/bench_train.py --hippocampus-plan --configs nnunet-compiled medseg-off-compiled medseg-off-graphs
+    python scripts/bench_train.py --configs medseg-off-compiled medseg-stage-compiled@0:0 medseg-stage-compiled --profile 3
     python scripts/bench_train.py --make-large /tmp/large --large-cases 30
     python scripts/bench_train.py --full .data/hippocampus
     python scripts/bench_train.py --full /tmp/large --patch 128 128 128 --batch 2
@@ -207,7 +208,7 @@ def is_oom(exc: BaseException) -> bool:
 
 def measure_step(model: nn.Module, cfg: config.Config, kind: str, device: torch.device,
                  amp: torch.dtype | None, in_channels: int, classes: int, steps: int, warmup: int,
-                 channels_last: bool = False) -> dict[str, Any]:
+                 channels_last: bool = False, profile: int = 0) -> dict[str, Any]:
     """Median step time and memory of `model` (moved to `device`) with `medseg.step.train_step`,
     run as `kind` (a train.compile setting: off, on, graphs)."""
     patch, batch = list(cfg.train.patch_size), cfg.train.batch_size
@@ -256,8 +257,42 @@ def measure_step(model: nn.Module, cfg: config.Config, kind: str, device: torch.
     if device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
         result["reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
+    if profile:
+        result["profile"] = profile_steps(step, device, profile)
     del trained, model, optimizer, scaler, image, label, losses, graph
     return result
+
+
+def profile_steps(step: Callable[[], None], device: torch.device, steps: int, top: int = 12) -> dict[str, Any]:
+    """Where a step's time goes: torch.profiler over `steps` steps. On CUDA, `busy_ms` is the
+    kernels' summed time per step (against the wall time per step: the rest is the GPU waiting
+    for the host); `top` lists the operators and kernels with the most device time (CPU time on
+    the CPU) per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - started) * 1000 / steps
+    events = prof.key_averages()
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    busy_ms = sum(own(e) for e in events) / 1000 / steps
+    ranked = sorted(events, key=own, reverse=True)[:top]
+    return {"wall_ms": wall_ms, "busy_ms": busy_ms,
+            "top": [{"name": e.key[:80], "ms": own(e) / 1000 / steps, "calls": e.count // steps} for e in ranked]}
+
+
+def print_profile(figures: dict[str, Any], device: torch.device) -> None:
+    where = "device" if device.type == "cuda" else "CPU"
+    print(f"  profiled: {figures['wall_ms']:.1f} ms/step wall, {figures['busy_ms']:.1f} ms/step of {where} time "
+          f"in operators and kernels; most {where} time per step:")
+    for entry in figures["top"]:
+        print(f"    {entry['ms']:8.2f} ms  {entry['calls']:5d}x  {entry['name']}")
 
 
 def run_config(name: str, args: argparse.Namespace, device: torch.device, amp: torch.dtype | None,
@@ -267,7 +302,7 @@ def run_config(name: str, args: argparse.Namespace, device: torch.device, amp: t
         model, cfg = build(name, patch, batch, extra, in_channels, classes, spacing)
         with _checkpointed_levels(name):
             result = measure_step(model, cfg, run_kind(name), device, amp, in_channels, classes, args.steps,
-                                  args.warmup, channels_last=_base(name).endswith("-cl"))
+                                  args.warmup, channels_last=_base(name).endswith("-cl"), profile=args.profile)
         del model
     except Exception as exc:  # noqa: BLE001 - one failing configuration must not end the run
         result = {"status": "OOM" if is_oom(exc) else f"error: {type(exc).__name__}: {str(exc)[:300]}"}
@@ -378,6 +413,8 @@ def part1(args: argparse.Namespace, device: torch.device, amp: torch.dtype | Non
             r["flops"] = flops[family]
             r["tflops"] = flops[family] / (r["ms"] / 1000) / 1e12 if not math.isnan(flops[family]) else None
             print(f"{r['ms']:.1f} ms/step" + (f", peak {r['peak_gib']:.2f} GiB" if "peak_gib" in r else ""), flush=True)
+            if "profile" in r:
+                print_profile(r["profile"], device)
         else:
             print(r["status"], flush=True)
         results[name] = r
@@ -537,6 +574,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=None, help="default 2 (Part 2: the config's)")
     parser.add_argument("--hippocampus-plan", action="store_true", help="--patch 40 56 40 --batch 7")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, profile N steps of each configuration and print where the time goes")
     parser.add_argument("--warmup", type=int, default=5, help="eager warm-up steps; compiled: one more")
     parser.add_argument("--configs", nargs="+", default=None, help=f"subset of {all_configs()}")
     parser.add_argument("--no-compile", action="store_true")

@@ -29,7 +29,7 @@ def run_script(*arguments: str) -> str:
 def test_step_benchmark_on_cpu(tmp_path: Path) -> None:
     report = tmp_path / "bench.json"
     out = run_script("--device", "cpu", "--patch", "16", "16", "16", "--batch", "1", "--steps", "2", "--warmup", "1",
-                     "--no-compile", "--base-width", "4", "--max-width", "16", "--json", str(report))
+                     "--no-compile", "--base-width", "4", "--max-width", "16", "--profile", "1", "--json", str(report))
     expected = ["nnunet-eager", *(f"medseg-{mode}-eager" for mode in CHECKPOINTING_MODES)]
     table = out[out.index("configuration"):]
     for name in expected:
@@ -41,6 +41,9 @@ def test_step_benchmark_on_cpu(tmp_path: Path) -> None:
     for name in expected:
         entry = figures["configs"][name]
         assert entry["status"] == "ok" and entry["ms"] > 0 and entry["flops"] > 0
+        profiled = entry["profile"]  # --profile: where the step's time goes
+        assert 0 < profiled["busy_ms"] and profiled["top"] and profiled["top"][0]["ms"] > 0
+    assert out.count("profiled:") == len(expected) and "aten::convolution" in out
     # Same geometry: the two networks do the same convolution work.
     assert figures["flops"]["nnunet"] == figures["flops"]["medseg"]
 
