@@ -560,7 +560,8 @@ def _compile_setting(cfg: Config, device: torch.device, distributed_run: bool = 
     # CUDA graphs need CUDA, and replay no collective communication: with several processes
     # (DistributedDataParallel's gradient all-reduce) or on the CPU they fall back to plain compile,
     # and the eager step recorded as a graph to the eager step.
-    # With "stage" checkpointing, neither: its recomputation runs eagerly between compiled stages.
+    # With "stage" checkpointing neither is recorded: its checkpoints run eagerly between the
+    # compiled stages.
     if setting in ("graphs", "eager-graphs") and (device.type != "cuda" or distributed_run
                                                   or cfg.model.checkpointing == "stage"):
         setting = "on" if setting == "graphs" else "off"
