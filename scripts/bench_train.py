@@ -18,7 +18,7 @@ network, patch and batch. `--make-large DIR` writes a synthetic large-volume MSD
     python scripts/bench_train.py --patch 128 128 128 --batch 2 --json bench.json
     python scripts/bench_train.py --hippocampus-plan
     python scripts/bench_train.py --patch 256 256 256 --batch 2 --memory-limit 24 \\
-        --configs medseg-stage-eager nnunet-compiled
+        --configs medseg-stage-compiled nnunet-compiled
     python scripts/bench_train.py --hippocampus-plan --configs nnunet-compiled medseg-off-compiled medseg-off-graphs
     python scripts/bench_train.py --configs medseg-off-compiled medseg-stage-compiled@0:0 medseg-stage-compiled --profile 3
     python scripts/bench_train.py --make-large /tmp/large --large-cases 30
@@ -53,8 +53,7 @@ from medseg import config
 from medseg.device import amp_dtype as resolve_amp
 from medseg.device import amp_name
 from medseg.losses import DiceCELoss
-from medseg.models import CHECKPOINTING_MODES, build_model, network_plan
-from medseg.models import unet
+from medseg.models import CHECKPOINTING_MODES, build_model, network_plan, unet
 from medseg.step import GraphedStep, build_optimizer, compile_for_training, train_step
 from medseg.train import _compile_setting, _memory_format
 

@@ -17,9 +17,9 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 # Cheapest first in time, most expensive first in memory.
 CHECKPOINTING_MODES = ("off", "selective", "stage")
-# "stage" checkpointing covers the encoder and decoder stages of this many of the finest levels,
-# one sample at a time. The full- and half-resolution stages hold most of the activations (and of
-# the backward pass's temporaries); coarser stages keep theirs, so their recomputation is not paid.
+# "stage" checkpointing covers the encoder and decoder stages of this many of the finest levels.
+# The full- and half-resolution stages hold most of the activations (and of the backward pass's
+# temporaries); coarser stages keep theirs, so their recomputation is not paid.
 CHECKPOINTED_LEVELS = {"encoder": 2, "decoder": 2}
 # ... and recomputed one sample at a time (instance and group norm keep samples independent), which
 # halves the backward's temporaries of a checkpointed stage.

@@ -257,13 +257,19 @@ def _record(net: UNet3D, x: torch.Tensor):
         )
         for stage in [*net.encoder, *net.decoder]
     ]
+    saved, outputs = _forward_with_hooks(net, x, hooks)
+    return saved, boundaries, outputs
+
+
+def _forward_with_hooks(net: UNet3D, x: torch.Tensor, hooks: list):
+    """One forward recording what autograd saves; the forward hooks are removed afterwards."""
     try:
         with _SavedTensors(net) as saved:
             outputs = net(x)
     finally:
         for hook in hooks:
             hook.remove()
-    return saved, boundaries, outputs
+    return saved, outputs
 
 
 def _checkpoint_every_stage(monkeypatch, plan) -> None:
@@ -343,12 +349,7 @@ def test_stage_checkpointing_covers_the_two_finest_levels_one_sample_at_a_time(m
             if layer is not stage and not list(layer.children()):
                 hooks.append(layer.register_forward_hook(
                     lambda module, args, out, name=name: inner[name].append((module, out))))
-    try:
-        with _SavedTensors(net) as saved:
-            result = net(image)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    saved, result = _forward_with_hooks(net, image, hooks)
     kept = set(saved.storages)
 
     def storages(tensors) -> set[int]:
