@@ -21,6 +21,7 @@ network, patch and batch. `--make-large DIR` writes a synthetic large-volume MSD
         --configs medseg-stage-compiled nnunet-compiled
     python scripts/bench_train.py --hippocampus-plan --configs nnunet-compiled medseg-off-compiled medseg-off-graphs
     python scripts/bench_train.py --configs medseg-off-compiled medseg-stage-compiled@0:0 medseg-stage-compiled --profile 3
+    python scripts/bench_train.py --configs medseg-off-compiled medseg-off-compiled%0.5 medseg-selective-compiled%0.5
     python scripts/bench_train.py --make-large /tmp/large --large-cases 30
     python scripts/bench_train.py --full .data/hippocampus
     python scripts/bench_train.py --full /tmp/large --patch 128 128 128 --batch 2
@@ -86,26 +87,37 @@ def run_kind(name: str) -> str:
 
 
 def _base(name: str) -> str:
-    """A configuration name without its `@ENCODER:DECODER[w]` suffix: medseg-stage-KIND@2:1 runs
+    """A configuration name without its suffixes. `@ENCODER:DECODER[w]`: medseg-stage-KIND@2:1 runs
     `stage` checkpointing over the 2 finest encoder levels and the finest decoder level instead of
     medseg.models.unet.CHECKPOINTED_LEVELS; a trailing `w` recomputes whole batches instead of one
-    sample at a time (unet.PER_SAMPLE)."""
-    return name.split("@")[0]
+    sample at a time (unet.PER_SAMPLE). `%BUDGET`: medseg-off-compiled%0.5 compiles with
+    torch.compile's activation memory budget (torch._functorch.config.activation_memory_budget,
+    the fraction of the saved activations to keep; its partitioner recomputes the rest, cheapest
+    first)."""
+    return name.split("@")[0].split("%")[0]
 
 
 @contextlib.contextmanager
-def _checkpointed_levels(name: str) -> Iterator[None]:
+def _variant(name: str) -> Iterator[None]:
+    """The checkpointed levels and the activation memory budget that a configuration name's
+    suffixes set, restored afterwards."""
+    from torch._functorch import config as functorch_config
+
     saved, per_sample = dict(unet.CHECKPOINTED_LEVELS), unet.PER_SAMPLE
+    budget = functorch_config.activation_memory_budget
     if "@" in name:
-        levels = name.split("@")[1]
+        levels = name.split("@")[1].split("%")[0]
         encoder, decoder = levels.removesuffix("w").split(":")
         unet.CHECKPOINTED_LEVELS.update(encoder=int(encoder), decoder=int(decoder))
         unet.PER_SAMPLE = not levels.endswith("w")
+    if "%" in name:
+        functorch_config.activation_memory_budget = float(name.split("%")[1].split("@")[0])
     try:
         yield
     finally:
         unet.CHECKPOINTED_LEVELS.update(saved)
         unet.PER_SAMPLE = per_sample
+        functorch_config.activation_memory_budget = budget
 
 
 def model_overrides(args: argparse.Namespace) -> list[str]:
@@ -299,7 +311,7 @@ def run_config(name: str, args: argparse.Namespace, device: torch.device, amp: t
                spacing=(1.0, 1.0, 1.0)) -> dict[str, Any]:
     try:
         model, cfg = build(name, patch, batch, extra, in_channels, classes, spacing)
-        with _checkpointed_levels(name):
+        with _variant(name):
             result = measure_step(model, cfg, run_kind(name), device, amp, in_channels, classes, args.steps,
                                   args.warmup, channels_last=_base(name).endswith("-cl"), profile=args.profile)
         del model

@@ -70,8 +70,27 @@ def test_stage_levels_suffix_sets_and_restores_the_checkpointed_levels() -> None
     default = (dict(unet.CHECKPOINTED_LEVELS), unet.PER_SAMPLE)
     assert bench.run_kind("medseg-stage-compiled@2:1w") == "on"
     assert bench._base("medseg-stage-compiled-cl@1:1") == "medseg-stage-compiled-cl"
-    with bench._checkpointed_levels("medseg-stage-compiled@3:1w"):
+    with bench._variant("medseg-stage-compiled@3:1w"):
         assert unet.CHECKPOINTED_LEVELS == {"encoder": 3, "decoder": 1} and unet.PER_SAMPLE is False
     assert (dict(unet.CHECKPOINTED_LEVELS), unet.PER_SAMPLE) == default
-    with bench._checkpointed_levels("medseg-stage-compiled"):
+    with bench._variant("medseg-stage-compiled"):
         assert (dict(unet.CHECKPOINTED_LEVELS), unet.PER_SAMPLE) == default
+
+
+def test_budget_suffix_sets_and_restores_the_activation_memory_budget() -> None:
+    import importlib.util
+
+    from torch._functorch import config as functorch_config
+
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    default = functorch_config.activation_memory_budget
+    assert bench._base("medseg-off-compiled%0.3") == "medseg-off-compiled"
+    assert bench.run_kind("medseg-stage-compiled@1:1%0.5") == "on"
+    with bench._variant("medseg-selective-compiled%0.3"):
+        assert functorch_config.activation_memory_budget == 0.3
+    assert functorch_config.activation_memory_budget == default
+    with bench._variant("medseg-stage-compiled@1:0%0.5"):
+        assert functorch_config.activation_memory_budget == 0.5
+    assert functorch_config.activation_memory_budget == default
