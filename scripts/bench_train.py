@@ -21,7 +21,7 @@ network, patch and batch. `--make-large DIR` writes a synthetic large-volume MSD
         --configs medseg-stage-compiled nnunet-compiled
     python scripts/bench_train.py --hippocampus-plan --configs nnunet-compiled medseg-off-compiled medseg-off-graphs
     python scripts/bench_train.py --configs medseg-off-compiled medseg-stage-compiled@0:0 medseg-stage-compiled --profile 3
-    python scripts/bench_train.py --configs medseg-off-compiled medseg-off-compiled%0.5 medseg-selective-compiled%0.5
+    python scripts/bench_train.py --configs medseg-off-compiled medseg-off-compiled%0.5 medseg-off-compiled%0.3
     python scripts/bench_train.py --make-large /tmp/large --large-cases 30
     python scripts/bench_train.py --full .data/hippocampus
     python scripts/bench_train.py --full /tmp/large --patch 128 128 128 --batch 2

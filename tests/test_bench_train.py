@@ -88,7 +88,7 @@ def test_budget_suffix_sets_and_restores_the_activation_memory_budget() -> None:
     default = functorch_config.activation_memory_budget
     assert bench._base("medseg-off-compiled%0.3") == "medseg-off-compiled"
     assert bench.run_kind("medseg-stage-compiled@1:1%0.5") == "on"
-    with bench._variant("medseg-selective-compiled%0.3"):
+    with bench._variant("medseg-off-compiled%0.3"):
         assert functorch_config.activation_memory_budget == 0.3
     assert functorch_config.activation_memory_budget == default
     with bench._variant("medseg-stage-compiled@1:0%0.5"):
