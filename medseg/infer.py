@@ -75,16 +75,14 @@ class Predictor:
         from medseg.data.io import write_nifti
 
         scores = self.scores(image, overlap, mirror, sw_batch_size)
-        labels = _restore_grid(scores.argmax(0, keepdim=True).to(torch.uint8).cpu(), image, chain, nearest=True)
-        affine = np.asarray(labels.affine, dtype=np.float64)
-        labels = np.asarray(labels.as_tensor()[0], dtype=np.uint8)
+        probabilities = scores if mirror else scores.softmax(0)
+        del scores
+        labels, affine = _restore_labels(probabilities, image, chain)
         if largest_component:
             labels = keep_largest_component(labels, range(1, self.prep.num_classes))
         write_nifti(labels, affine, output)
         if save_probabilities:
-            probabilities = (scores if mirror else scores.softmax(0)).cpu()
-            del scores
-            restored = _restore_grid(probabilities, image, chain, nearest=False).as_tensor()
+            restored = _restore_grid(probabilities.cpu(), image, chain, nearest=False).as_tensor()
             # Outside the cropped box the restored scores are all zero: that region is background.
             restored[0] = 1 - restored[1:].sum(0)
             name = output.name.removesuffix(".nii.gz")
@@ -245,6 +243,27 @@ def _load_case(case: Any, predictor: Predictor) -> tuple[MetaTensor, T.Compose]:
     if image.shape[0] != predictor.prep.channels:
         raise DataError(f"{case.source}: {image.shape[0]} channel(s), the model expects {predictor.prep.channels}")
     return image, chain
+
+
+def _restore_labels(probabilities: torch.Tensor, image: MetaTensor, chain: T.Compose) -> tuple[np.ndarray, np.ndarray]:
+    """The label map on the input's grid and that grid's affine: each class's probability mapped
+    back (interpolated linearly where the grids differ), then the most probable class per voxel,
+    as nnU-Net does. Mapping back the network grid's label map instead (nearest neighbour) would
+    give staircase boundaries wherever the grids differ. One class at a time, so the input's grid
+    holds two volumes, not one per class. Outside the box cropped before the network every class
+    restores to 0, and the tie goes to class 0, the background."""
+    best = labels = affine = None
+    for index in range(probabilities.shape[0]):
+        restored = _restore_grid(probabilities[index:index + 1].float().cpu(), image, chain, nearest=False)
+        values = restored.as_tensor()[0]
+        if best is None:
+            best, labels = values.clone(), torch.zeros(values.shape, dtype=torch.uint8)
+            affine = np.asarray(restored.affine, dtype=np.float64)
+            continue
+        better = values > best
+        best = torch.where(better, values, best)
+        labels[better] = index
+    return labels.numpy(), affine
 
 
 def _restore_grid(values: torch.Tensor, image: MetaTensor, chain: T.Compose, nearest: bool) -> MetaTensor:
