@@ -245,24 +245,26 @@ def _load_case(case: Any, predictor: Predictor) -> tuple[MetaTensor, T.Compose]:
     return image, chain
 
 
-def _restore_labels(probabilities: torch.Tensor, image: MetaTensor, chain: T.Compose) -> tuple[np.ndarray, np.ndarray]:
+def _restore_labels(probabilities: torch.Tensor, image: MetaTensor, chain: T.Compose,
+                    chunk_bytes: int = 1 << 30) -> tuple[np.ndarray, np.ndarray]:
     """The label map on the input's grid and that grid's affine: each class's probability mapped
     back (interpolated linearly where the grids differ), then the most probable class per voxel,
     as nnU-Net does. Mapping back the network grid's label map instead (nearest neighbour) would
-    give staircase boundaries wherever the grids differ. One class at a time, so the input's grid
-    holds two volumes, not one per class. Outside the box cropped before the network every class
-    restores to 0, and the tie goes to class 0, the background."""
-    best = labels = affine = None
-    for index in range(probabilities.shape[0]):
-        restored = _restore_grid(probabilities[index:index + 1].float().cpu(), image, chain, nearest=False)
-        values = restored.as_tensor()[0]
-        if best is None:
-            best, labels = values.clone(), torch.zeros(values.shape, dtype=torch.uint8)
-            affine = np.asarray(restored.affine, dtype=np.float64)
-            continue
-        better = values > best
-        best = torch.where(better, values, best)
-        labels[better] = index
+    give staircase boundaries wherever the grids differ. The classes are mapped back a few at a
+    time, at most `chunk_bytes` of them at once on the input's grid (one resampling call for
+    several classes costs little more than for one). Outside the box cropped before the network
+    every class restores to 0, and the tie goes to class 0, the background."""
+    first = _restore_grid(probabilities[:1].float().cpu(), image, chain, nearest=False)
+    best = first.as_tensor()[0].clone()
+    affine = np.asarray(first.affine, dtype=np.float64)
+    labels = torch.zeros(best.shape, dtype=torch.uint8)
+    step = max(1, chunk_bytes // (4 * best.numel()))
+    for start in range(1, probabilities.shape[0], step):
+        chunk = probabilities[start:start + step].float().cpu()
+        for offset, values in enumerate(_restore_grid(chunk, image, chain, nearest=False).as_tensor()):
+            better = values > best
+            best[better] = values[better]
+            labels[better] = start + offset
     return labels.numpy(), affine
 
 

@@ -471,6 +471,26 @@ def test_labels_are_the_arg_max_of_probabilities_resampled_to_the_input_grid(sca
     assert _dice(labels, scan["truth"]) > 0.99  # measured: 0.998
 
 
+def test_restored_labels_do_not_depend_on_how_many_classes_are_resampled_at_once(scan: dict) -> None:
+    from medseg.data.transforms import Preprocessing, preprocessing
+    from medseg.infer import _restore_grid, _restore_labels
+
+    prep = Preprocessing(spacing=(1.0, 1.0, 1.0), normalization="zscore", channels=1, num_classes=5)
+    chain = preprocessing(prep, with_label=False)
+    image = chain({"image": str(scan["nifti"])})["image"]
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.nn.functional.avg_pool3d(torch.randn(5, *image.shape[1:], generator=generator), 5, 1, 2)
+    probabilities = (logits * 20).softmax(0)
+    one_at_a_time, _ = _restore_labels(probabilities, image, chain, chunk_bytes=1)
+    all_at_once, _ = _restore_labels(probabilities, image, chain)
+    np.testing.assert_array_equal(one_at_a_time, all_at_once)
+    restored = _restore_grid(probabilities, image, chain, nearest=False).as_tensor().numpy()
+    inside = restored.sum(0) > 0.5  # outside the cropped box every class restores to 0: background
+    np.testing.assert_array_equal(all_at_once[inside], restored.argmax(0)[inside])
+    assert (all_at_once[~inside] == 0).all()
+    assert len(np.unique(all_at_once[inside])) == 5
+
+
 def test_cli_probabilities_sum_to_one_everywhere(probabilities: Path) -> None:
     values = np.asarray(nib.load(probabilities / "oblique_probabilities.nii.gz").dataobj, dtype=np.float64)
     # The label map calls the cropped-away border background; its probabilities must say so too.
