@@ -77,14 +77,20 @@ class Predictor:
         scores = self.scores(image, overlap, mirror, sw_batch_size)
         probabilities = scores if mirror else scores.softmax(0)
         del scores
-        labels, affine = _restore_labels(probabilities, image, chain)
+        restored = None
+        if save_probabilities:  # all classes mapped back at once; the labels are their arg-max
+            mapped = _restore_grid(probabilities.cpu(), image, chain, nearest=False)
+            affine = np.asarray(mapped.affine, dtype=np.float64)
+            restored = mapped.as_tensor()
+            # Outside the cropped box the restored scores are all zero: that region is background.
+            restored[0] = 1 - restored[1:].sum(0)
+            labels = restored.argmax(0).to(torch.uint8).numpy()
+        else:
+            labels, affine = _restore_labels(probabilities, image, chain)
         if largest_component:
             labels = keep_largest_component(labels, range(1, self.prep.num_classes))
         write_nifti(labels, affine, output)
-        if save_probabilities:
-            restored = _restore_grid(probabilities.cpu(), image, chain, nearest=False).as_tensor()
-            # Outside the cropped box the restored scores are all zero: that region is background.
-            restored[0] = 1 - restored[1:].sum(0)
+        if restored is not None:
             name = output.name.removesuffix(".nii.gz")
             write_nifti(restored.movedim(0, -1).numpy().astype(np.float32), affine,
                         output.with_name(f"{name}_probabilities.nii.gz"))

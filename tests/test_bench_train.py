@@ -59,14 +59,19 @@ def test_make_large_dataset_reads(tmp_path: Path) -> None:
     assert description["labels"] == {"0": "background", "1": "a", "2": "b"}
 
 
-def test_stage_levels_suffix_sets_and_restores_the_checkpointed_levels() -> None:
+def _bench_module():
     import importlib.util
-
-    from medseg.models import unet
 
     spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_stage_levels_suffix_sets_and_restores_the_checkpointed_levels() -> None:
+    from medseg.models import unet
+
+    bench = _bench_module()
     default = (dict(unet.CHECKPOINTED_LEVELS), unet.PER_SAMPLE)
     assert bench.run_kind("medseg-stage-compiled@2:1w") == "on"
     assert bench._base("medseg-stage-compiled-cl@1:1") == "medseg-stage-compiled-cl"
@@ -78,13 +83,9 @@ def test_stage_levels_suffix_sets_and_restores_the_checkpointed_levels() -> None
 
 
 def test_budget_suffix_sets_and_restores_the_activation_memory_budget() -> None:
-    import importlib.util
-
     from torch._functorch import config as functorch_config
 
-    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_module()
     default = functorch_config.activation_memory_budget
     assert bench._base("medseg-off-compiled%0.3") == "medseg-off-compiled"
     assert bench.run_kind("medseg-stage-compiled@1:1%0.5") == "on"

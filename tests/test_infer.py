@@ -446,17 +446,23 @@ def test_cli_save_probabilities(probabilities: Path, scan: dict) -> None:
     assert values[..., 1][ball].mean() > values[..., 1][head & ~ball].mean() + 0.3
 
 
-def test_labels_are_the_arg_max_of_probabilities_resampled_to_the_input_grid(scan: dict, tmp_path: Path) -> None:
+def _on_a_1mm_grid(scan: dict, classes: int):
+    """The oblique scan preprocessed for a network at 1 mm with `classes` classes, and its chain."""
+    from medseg.data.transforms import Preprocessing, preprocessing
+
+    prep = Preprocessing(spacing=(1.0, 1.0, 1.0), normalization="zscore", channels=1, num_classes=classes)
+    chain = preprocessing(prep, with_label=False)
+    return chain({"image": str(scan["nifti"])})["image"], chain
+
+
+def test_labels_are_the_arg_max_of_probabilities_resampled_to_the_input_grid(scan: dict) -> None:
+    from medseg.infer import _restore_grid, _restore_labels
+
     # Class probabilities of the ball computed exactly on the network's 1 mm grid, mapped back onto
     # the oblique 0.7 x 0.9 x 3 mm scan: resampling the probabilities and then taking the arg-max
     # draws the ball's rim between the network's voxels, where resampling the network grid's label
     # map (nearest neighbour) draws it in 1 mm steps.
-    from medseg.data.transforms import Preprocessing, preprocessing
-    from medseg.infer import _restore_grid, _restore_labels
-
-    prep = Preprocessing(spacing=(1.0, 1.0, 1.0), normalization="zscore", channels=1, num_classes=2)
-    chain = preprocessing(prep, with_label=False)
-    image = chain({"image": str(scan["nifti"])})["image"]
+    image, chain = _on_a_1mm_grid(scan, classes=2)
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in image.shape[1:]], indexing="ij"), -1)
     affine = np.asarray(image.affine, dtype=np.float64)
     outside = np.linalg.norm(grid @ affine[:3, :3].T + affine[:3, 3] - BALL_CENTRE, axis=-1) - BALL_RADIUS
@@ -472,12 +478,9 @@ def test_labels_are_the_arg_max_of_probabilities_resampled_to_the_input_grid(sca
 
 
 def test_restored_labels_do_not_depend_on_how_many_classes_are_resampled_at_once(scan: dict) -> None:
-    from medseg.data.transforms import Preprocessing, preprocessing
     from medseg.infer import _restore_grid, _restore_labels
 
-    prep = Preprocessing(spacing=(1.0, 1.0, 1.0), normalization="zscore", channels=1, num_classes=5)
-    chain = preprocessing(prep, with_label=False)
-    image = chain({"image": str(scan["nifti"])})["image"]
+    image, chain = _on_a_1mm_grid(scan, classes=5)
     generator = torch.Generator().manual_seed(0)
     logits = torch.nn.functional.avg_pool3d(torch.randn(5, *image.shape[1:], generator=generator), 5, 1, 2)
     probabilities = (logits * 20).softmax(0)
