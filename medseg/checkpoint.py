@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -12,24 +10,15 @@ from typing import Any
 import torch
 
 from medseg.errors import CheckpointError
+from medseg.files import atomic_write_with
 
 
 def save(state: dict[str, Any], path: Path) -> None:
-    """Write `state` to `path` atomically: a temporary file in the same folder, fsync, rename.
+    """Write `state` to `path` atomically (`medseg.files.atomic_write_with`).
 
     A crash at any moment leaves either the previous file or the new one, never half of one.
     """
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write_with(Path(path), lambda stream: torch.save(state, stream))
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -1,8 +1,9 @@
-"""Configuration: frozen dataclasses loaded from configs/default.yaml plus overrides.
+"""Configuration: frozen dataclasses loaded from the packaged defaults plus overrides.
 
-`load(path, overrides)` merges, in order, the defaults, an experiment file (overrides only) and
-`section.key=value` strings from the command line. Unknown keys, wrong types and values outside a
-key's choices raise `ConfigError` naming the key.
+`load(path, overrides)` merges, in order, the defaults (`medseg/default.yaml`, shipped inside the
+package, the one place every default value and its meaning is written), an experiment file
+(overrides only) and `section.key=value` strings from the command line. Unknown keys, wrong types
+and values outside a key's choices raise `ConfigError` naming the key.
 """
 
 from __future__ import annotations
@@ -10,85 +11,116 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
 from medseg.errors import ConfigError
+from medseg.files import atomic_write_text
 
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+DEFAULTS = "default.yaml"  # inside the medseg package
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "sample_data"
-    folds: int = 5
-    fold: int = 0
-    split_seed: int = 12345
-    spacing: Optional[list[float]] = None
-    normalization: str = "auto"
-    ct_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
-    crop_foreground: bool = True
-    cache: str = "memory"
-    cache_dir: Optional[str] = None
-    foreground_oversample: float = 0.33
-    sampler: str = "auto"
+    dataset: str
+    folds: int
+    fold: int
+    split_seed: int
+    spacing: Optional[list[float]]
+    normalization: str
+    ct_percentiles: list[float]
+    crop_foreground: bool
+    cache: str
+    cache_dir: Optional[str]
+    foreground_oversample: float
+    sampler: str
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    depth: Optional[int] = None
-    base_width: int = 32
-    max_width: int = 320
-    norm: str = "instance"
-    deep_supervision: bool = True
-    checkpointing: str = "off"
+    arch: str
+    depth: Optional[int]
+    base_width: int
+    max_width: int
+    norm: str
+    deep_supervision: bool
+    checkpointing: str
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 50
-    iterations_per_epoch: int = 250
-    batch_size: int = 2
-    patch_size: list[int] = field(default_factory=lambda: [128, 128, 128])
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.99
-    weight_decay: float = 3e-5
-    lr_schedule: str = "poly"
-    poly_exponent: float = 0.9
-    grad_clip: float = 12.0
-    amp: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    workers: int = 4
-    augment: bool = True
-    batch_dice: bool = True
-    max_nonfinite_steps: int = 20
-    memory_budget: Optional[str] = None
-    max_minutes: Optional[float] = None
-    compile: str = "auto"
-    channels_last: str = "auto"
+    epochs: int
+    iterations_per_epoch: int
+    batch_size: int
+    patch_size: list[int]
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    lr_schedule: str
+    poly_exponent: float
+    grad_clip: float
+    amp: str
+    device: str
+    seed: int
+    workers: int
+    batch_dice: bool
+    max_nonfinite_steps: int
+    memory_budget: Optional[str]
+    max_minutes: Optional[float]
+    compile: str
+    channels_last: str
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    enabled: bool
+    rotation_prob: float
+    max_rotation_deg: float
+    scale_prob: float
+    scale_range: list[float]
+    noise_prob: float
+    max_noise_std: float
+    blur_prob: float
+    blur_channel_prob: float
+    blur_sigma: list[float]
+    brightness_prob: float
+    max_brightness: float
+    contrast_prob: float
+    max_contrast: float
+    low_resolution_prob: float
+    low_resolution_channel_prob: float
+    low_resolution_zoom: list[float]
+    inverted_gamma_prob: float
+    gamma_prob: float
+    gamma_range: list[float]
+    flip_prob: float
 
 
 @dataclass(frozen=True)
 class ValidateConfig:
-    every: int = 1
-    overlap: float = 0.5
-    sw_batch_size: int = 2
-    mirror: bool = False
+    every: int
+    overlap: float
+    sw_batch_size: int
+    mirror: bool
 
 
 @dataclass(frozen=True)
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    validate: ValidateConfig = field(default_factory=ValidateConfig)
-    output_dir: str = "runs"
-    run_name: Optional[str] = None
+    """The resolved configuration. Its default values live in one place, the packaged
+    `medseg/default.yaml` (`defaults()`); the dataclasses give the keys and their types."""
+
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    augment: AugmentConfig
+    validate: ValidateConfig
+    output_dir: str
+    run_name: Optional[str]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON/checkpoint safe)."""
@@ -120,7 +152,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the experiment file at `path`, then `section.key=value` overrides."""
-    merged = _read_yaml(DEFAULT_PATH)
+    merged = default_values()
     if path is not None:
         _merge(merged, _read_yaml(Path(path)), source=str(path))
         _check(merged, source=str(path))
@@ -144,13 +176,31 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
 
 
 def from_dict(values: dict[str, Any]) -> Config:
-    """Build a Config from a nested dict, checking every key and type."""
-    return _build(Config, values, prefix="")
+    """Build a Config from a nested dict, checking every key and type; keys it lacks take their
+    default (a run saved before a key existed loads with that key's default)."""
+    merged = default_values()
+    _merge(merged, values, source="config")
+    return _build(Config, merged, prefix="")
+
+
+def defaults() -> Config:
+    """The default configuration."""
+    return _build(Config, default_values(), prefix="")
+
+
+def default_values() -> dict[str, Any]:
+    """The packaged defaults as a nested dict."""
+    return yaml.safe_load(defaults_text())
+
+
+def defaults_text() -> str:
+    """The packaged defaults file, comments included (every key documented)."""
+    return resources.files("medseg").joinpath(DEFAULTS).read_text(encoding="utf-8")
 
 
 def dump(cfg: Config, path: Path) -> None:
-    """Write the resolved config as YAML."""
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    """Write the resolved config as YAML, atomically."""
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def _check(values: dict[str, Any], source: str) -> None:
@@ -199,7 +249,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in values:
-            continue
+            raise ConfigError(f"config key '{prefix}{f.name}' is missing")
         name = f"{prefix}{f.name}"
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):

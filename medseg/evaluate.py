@@ -35,7 +35,8 @@ import torch
 from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 
 from medseg.data.cases import IMAGE_SUFFIXES, _case_name, _suffix
-from medseg.data.io import _atomic_write, load_volume
+from medseg.data.io import load_volume
+from medseg.files import atomic_write
 from medseg.errors import DataError
 
 __all__ = ["COLUMNS", "METRICS", "Evaluation", "evaluate"]
@@ -82,7 +83,7 @@ class Evaluation:
         writer.writerow(COLUMNS)
         for row in self.rows:
             writer.writerow([_csv_value(row[key]) for key in COLUMNS])
-        _atomic_write(Path(path), buffer.getvalue().encode("utf-8"))
+        atomic_write(Path(path), buffer.getvalue().encode("utf-8"))
 
     def write_json(self, path: str | Path) -> None:
         """Write rows, summary, unmatched cases and notes as JSON (NaN as null), atomically.
@@ -105,7 +106,7 @@ class Evaluation:
             "notes": list(self.notes),
         }
         text = json.dumps(document, indent=2, allow_nan=False) + "\n"
-        _atomic_write(Path(path), text.encode("utf-8"))
+        atomic_write(Path(path), text.encode("utf-8"))
 
 
 def evaluate(

@@ -303,6 +303,22 @@ def fit(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float
     raise MedsegError(_nothing_fits(budget_bytes, margin, search.smallest()))
 
 
+
+def fit_to_data(cfg: Config, prep: Any, summaries: Sequence[Any]) -> tuple[Config, MemoryReport]:
+    """The configuration `medseg train` runs for `train.memory_budget`, and its report.
+
+    `fit` within the budget, the patch grown no further than the training data's extent and the
+    batch no further than nnU-Net's cap (`medseg.data.fingerprint.growth_limits`), for the network
+    `prep` (a `Preprocessing`) describes and the checked training cases `summaries`. `medseg
+    memory --gpu-memory` calls this too, so it prints what `train` then runs.
+    """
+    from medseg.data.fingerprint import growth_limits
+
+    budget = parse_size(cfg.train.memory_budget)
+    max_patch, max_batch = growth_limits(summaries, prep.spacing)
+    return fit(cfg, prep.channels, prep.num_classes, prep.spacing, budget,
+               max_patch=max_patch, max_batch=max(max_batch, cfg.train.batch_size))
+
 def _grown_axes(cfg: Config, patch: Sequence[int], batch: int, mode: str, report: MemoryReport,
                 in_channels: int, num_classes: int, spacing: Sequence[float], limit: int,
                 unit: Sequence[int], max_patch: Sequence[int] | None) -> tuple[Config, MemoryReport]:

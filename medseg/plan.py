@@ -18,16 +18,14 @@ import yaml
 
 from medseg import config
 from medseg.data.cases import find_dataset
-from medseg.data.checks import CaseSummary, check_dataset
+from medseg.data.checks import check_dataset
+from medseg.data.fingerprint import growth_limits, shape_in_ras
 from medseg.data.io import load_volume, map_cases, usable_cpus
 
 # An axis counts as coarse when its spacing exceeds the finest by this factor (nnU-Net: 3).
 ANISOTROPY = 3.0
 # A patch holding less than this share of the median case's voxels trains with batch Dice (nnU-Net's rule).
 BATCH_DICE_SHARE = 0.25
-# One batch covers at most this share of the dataset's voxels, but holds at least MIN_BATCH
-# patches (nnU-Net: max_dataset_covered 0.05, UNet_min_batch_size 2).
-MAX_DATASET_COVERED, MIN_BATCH = 0.05, 2
 
 
 @dataclass
@@ -70,7 +68,7 @@ def plan(dataset_path: Path, budget_bytes: int, workers: int | None = None, samp
     dataset = find_dataset(dataset_path)
     summaries = check_dataset(dataset.cases, dataset.labels, len(dataset.modalities) or None, workers=workers)
     spacings = np.array([s.spacing_ras for s in summaries])
-    shapes = np.array([_shape_in_ras(s.shape, s.affine) for s in summaries])
+    shapes = np.array([shape_in_ras(s.shape, s.affine) for s in summaries])
     median_spacing = np.median(spacings, axis=0)
     target = median_spacing.copy()
     coarse = int(np.argmax(target))
@@ -116,47 +114,6 @@ def _batch_dice(patch: list[int], median_shape: np.ndarray) -> bool:
     voxels, per sample otherwise: nnU-Net's rule (below that quarter it also plans a low-resolution
     stage, and uses batch Dice at full resolution)."""
     return float(np.prod(patch, dtype=float)) < BATCH_DICE_SHARE * float(np.prod(median_shape, dtype=float))
-
-
-def growth_limits(summaries: Sequence[CaseSummary], spacing: Sequence[float]) -> tuple[list[int], int]:
-    """How far a memory fit should grow the patch and the batch for these cases at `spacing`.
-
-    The patch: the median case's extent in voxels at that spacing, rounded up to the network's
-    divisibility (a larger patch would be mostly padding). The batch: nnU-Net's cap, one batch
-    of that patch covers at most 5 % of the dataset's voxels (more would see the same data too
-    often per step), rounded to the nearest batch size, but never fewer than 2. As nnU-Net
-    (get_plans_for_configuration), the dataset's voxels are approximated by the median case's
-    (each case's shape at `spacing` rounded, then the median per axis) times the number of cases.
-    """
-    target = np.asarray(spacing, dtype=float)
-    spacings = np.array([s.spacing_ras for s in summaries])
-    shapes = np.array([_shape_in_ras(s.shape, s.affine) for s in summaries])
-    at_spacing = np.median(shapes * spacings / target, axis=0).round().astype(int)
-    patch = _divisible_patch(at_spacing)
-    median_voxels = float(np.prod(np.median(np.round(shapes * spacings / target), axis=0), dtype=np.float64))
-    covered = MAX_DATASET_COVERED * median_voxels * len(summaries) / float(np.prod(patch, dtype=np.float64))
-    return patch, max(MIN_BATCH, round(covered))
-
-
-def _divisible_patch(shape: np.ndarray, max_downsamplings: int = 5, min_feature_size: int = 4) -> list[int]:
-    # Each axis is halved k times while it stays at least `min_feature_size` voxels (nnU-Net's
-    # rule); the median shape is rounded up to a multiple of 2**k, so the patch covers the median
-    # case (padded where smaller) and the network's strides divide it.
-    patch = []
-    for size in shape:
-        k = int(np.clip(np.floor(np.log2(max(size, 1) / min_feature_size)), 1, max_downsamplings))
-        patch.append(int(np.ceil(size / 2**k) * 2**k))
-    return patch
-
-
-def _shape_in_ras(shape: tuple[int, ...], affine: np.ndarray) -> tuple[int, int, int]:
-    import nibabel as nib
-
-    order = nib.orientations.io_orientation(affine)[:, 0].astype(int)
-    result = [0, 0, 0]
-    for axis, target in enumerate(order):
-        result[target] = shape[axis]
-    return tuple(result)  # type: ignore[return-value]
 
 
 def _voxel_statistics(cases: Any, classes: int, channels: int, samples_per_case: int,

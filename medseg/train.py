@@ -32,7 +32,7 @@ from medseg import checkpoint, config, distributed
 from medseg.config import Config
 from medseg.data.cases import Case, DatasetInfo, find_dataset, split
 from medseg.data.checks import CaseSummary, check_dataset
-from medseg.data.fingerprint import foreground_intensity_statistics
+from medseg.data.fingerprint import plan_preprocessing
 from medseg.data.io import usable_cpus
 from medseg.data.loader import training_batches, validation_dataset
 from medseg.data.transforms import Preprocessing
@@ -40,6 +40,7 @@ from medseg.device import amp_dtype as resolve_amp
 from medseg.device import amp_name, resolve_device
 from medseg.errors import CheckpointError, ConfigError, DataError, MedsegError, TrainingInterrupted
 from medseg.infer import aggregation_device, predict_scores
+from medseg.memory import fit_to_data, parse_size
 from medseg.losses import DiceCELoss, deep_supervision_weights
 from medseg.metrics import dice_per_class
 from medseg.models import CHECKPOINTING_MODES, build_model
@@ -114,7 +115,8 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
         by_name = {s.name: s for s in summaries}
         prep = plan_preprocessing(cfg, dataset, [by_name[c.name] for c in train_cases], train_cases)
         if cfg.train.memory_budget:
-            cfg = _fit_memory(cfg, prep, [by_name[c.name] for c in train_cases], console)
+            cfg, report = fit_to_data(cfg, prep, [by_name[c.name] for c in train_cases])
+            console.print(f"memory budget {parse_size(cfg.train.memory_budget) / 2**30:.1f} GiB: chose {report.summary()}")
         if context.is_main:
             _create(run_dir)
             config.dump(cfg, run_dir / "config.yaml")
@@ -471,32 +473,6 @@ def validate(model: nn.Module, volumes: Iterable[dict], prep: Preprocessing, cfg
         return [float(v) for v in np.nanmean(np.array(scores, dtype=float), axis=0)]
 
 
-def plan_preprocessing(cfg: Config, dataset: DatasetInfo, summaries: list[CaseSummary],
-                       train_cases: list[Case]) -> Preprocessing:
-    """Preprocessing parameters from the config and the checked training cases."""
-    if cfg.data.spacing:
-        spacing = tuple(cfg.data.spacing)
-    else:
-        spacing = tuple(float(v) for v in np.median([s.spacing_ras for s in summaries], axis=0))
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ConfigError(f"'data.spacing' must be three positive numbers, got {list(spacing)}")
-    normalization = cfg.data.normalization
-    if normalization == "auto":
-        normalization = "ct" if any(m.upper() == "CT" for m in dataset.modalities) else "zscore"
-    labels = dataset.labels
-    if not labels:
-        # Without dataset.json the classes are the label values found in the files.
-        highest = max(max(s.label_values, default=0) for s in summaries)
-        if highest < 1:
-            raise DataError(f"{dataset.root}: the label files hold no foreground")
-        labels = {v: ("background" if v == 0 else f"class_{v}") for v in range(highest + 1)}
-    prep = Preprocessing(spacing=spacing, normalization=normalization, channels=summaries[0].channels,
-                         num_classes=max(labels) + 1, crop_foreground=cfg.data.crop_foreground, labels=labels)
-    if normalization == "ct":
-        prep = replace(prep, **foreground_intensity_statistics(train_cases, cfg.data.ct_percentiles))
-    return prep
-
-
 class _StopRequests:
     """While active, SIGINT and SIGTERM ask training to stop after the current step (a second
     SIGINT stops at once). Calling the object tells whether a stop was asked for."""
@@ -610,21 +586,6 @@ def _hold_to_budget(cfg: Config, device: torch.device, console: Console) -> None
     if budget < total:
         torch.cuda.set_per_process_memory_fraction(budget / total, device.index if device.index is not None else torch.cuda.current_device())
         console.print(f"GPU memory held to {budget / GiB:.1f} of {total / GiB:.1f} GiB (train.memory_budget)")
-
-
-def _fit_memory(cfg: Config, prep: Preprocessing, summaries: list[CaseSummary], console: Console) -> Config:
-    """Choose patch, batch and checkpointing for `train.memory_budget` with the memory estimator:
-    the most voxels per unit of step time that fit, growing the patch no further than the data's
-    extent and the batch no further than nnU-Net's cap (see `medseg.plan.growth_limits`)."""
-    from medseg.memory import GiB, fit, parse_size
-    from medseg.plan import growth_limits
-
-    budget = parse_size(cfg.train.memory_budget)
-    max_patch, max_batch = growth_limits(summaries, prep.spacing)
-    chosen, report = fit(cfg, prep.channels, prep.num_classes, prep.spacing, budget,
-                         max_patch=max_patch, max_batch=max(max_batch, cfg.train.batch_size))
-    console.print(f"memory budget {budget / GiB:.1f} GiB: chose {report.summary()}")
-    return chosen
 
 
 def _saved_split(cases: Sequence[Case], saved: dict[str, list[str]],

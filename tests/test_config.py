@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from medseg import config
-from medseg.config import Config, ConfigError, DEFAULT_PATH
+from medseg.config import Config, ConfigError
 from medseg.errors import ConfigError as BaseConfigError
 
 # A leaf line of default.yaml: `  key: value   # (type) meaning`.
@@ -56,7 +56,7 @@ def _documented_leaves() -> dict[str, str]:
     """Parse default.yaml as text: dotted leaf key -> the text of its comment."""
     leaves: dict[str, str] = {}
     section = None
-    for number, line in enumerate(DEFAULT_PATH.read_text().splitlines(), start=1):
+    for number, line in enumerate(config.defaults_text().splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         match = _KEY_LINE.match(line)
@@ -75,22 +75,28 @@ def _documented_leaves() -> dict[str, str]:
 # --- defaults ---------------------------------------------------------------------------------
 
 
-def test_load_without_file_equals_dataclass_defaults():
-    # Guards against drift between configs/default.yaml and the dataclass defaults.
-    assert config.load() == Config()
+def test_a_partial_dict_takes_the_packaged_defaults_for_what_it_lacks():
+    # A run saved before a key existed still loads: the missing key takes its default.
+    cfg = config.from_dict({"train": {"epochs": 3}})
+    assert cfg.train.epochs == 3
+    assert cfg.replace(train={"epochs": config.defaults().train.epochs}) == config.load()
+
+
+def test_the_defaults_come_from_the_package_not_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert config.load().train.lr == yaml.safe_load(config.defaults_text())["train"]["lr"]
 
 
 def test_default_yaml_has_exactly_the_dataclass_keys():
-    # load() == Config() would not notice a key missing from the YAML (the dataclass default fills
-    # it in), so compare the key sets too.
-    from_yaml = set(_flatten(yaml.safe_load(DEFAULT_PATH.read_text())))
+    # The dataclasses hold no defaults: every key must be in the YAML, and no other.
+    from_yaml = set(_flatten(yaml.safe_load(config.defaults_text())))
     assert from_yaml == set(_dataclass_hints(Config))
 
 
 def test_every_default_key_is_documented_with_its_type():
     leaves = _documented_leaves()
     # The text parser must have seen every key YAML sees, or the check below proves nothing.
-    assert set(leaves) == set(_flatten(yaml.safe_load(DEFAULT_PATH.read_text())))
+    assert set(leaves) == set(_flatten(yaml.safe_load(config.defaults_text())))
     hints = _dataclass_hints(Config)
     undocumented = [key for key, comment in leaves.items() if not _DOC_COMMENT.search(comment)]
     assert not undocumented, f"keys without a '# (type) meaning' comment: {undocumented}"
@@ -112,8 +118,8 @@ def test_experiment_file_overrides_only_its_keys(tmp_path):
     assert cfg.train.batch_size == 7
     assert cfg.train.amp == "off"  # YAML 1.1 reads bare `off` as false; it means the string
     assert cfg.model.base_width == 8
-    assert cfg.train.epochs == Config().train.epochs
-    assert cfg.replace(train={"batch_size": 2, "amp": "auto"}, model={"base_width": 32}) == Config()
+    assert cfg.train.epochs == config.defaults().train.epochs
+    assert cfg.replace(train={"batch_size": 2, "amp": "auto"}, model={"base_width": 32}) == config.defaults()
 
 
 def test_set_overrides_after_the_file(tmp_path):
@@ -134,7 +140,7 @@ def test_set_overrides_after_the_file(tmp_path):
         ("model.checkpointing=off", "model", "checkpointing", "off"),
         ("model.checkpointing=stage", "model", "checkpointing", "stage"),
         ("train.lr=0.5", "train", "lr", 0.5),
-        ("train.augment=false", "train", "augment", False),
+        ("augment.enabled=false", "augment", "enabled", False),
     ],
 )
 def test_set_override_values(item, section, key, expected):
@@ -213,7 +219,7 @@ def test_unknown_key_in_set(item, key):
         ("train.batch_size=abc", "train.batch_size"),  # string for int
         ("train.batch_size=true", "train.batch_size"),  # bool for int
         ("train.batch_size=2.5", "train.batch_size"),  # float for int
-        ("train.augment=1", "train.augment"),  # int for bool
+        ("augment.enabled=1", "augment.enabled"),  # int for bool
         ("train.lr=fast", "train.lr"),  # string for float
         ("train.patch_size=64", "train.patch_size"),  # scalar for list
         ("train.patch_size=[64, x, 32]", "train.patch_size[1]"),  # wrong list item
@@ -274,7 +280,7 @@ def test_top_level_not_a_mapping(tmp_path):
 def test_empty_experiment_file_gives_defaults(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("# nothing overridden\n")
-    assert config.load(path) == Config()
+    assert config.load(path) == config.defaults()
 
 
 # --- dump / load --------------------------------------------------------------------------------
@@ -304,6 +310,6 @@ def test_dump_then_load_round_trip(tmp_path, overrides):
     again = config.load(path)
     assert again == cfg
     if overrides:
-        assert again != Config()
+        assert again != config.defaults()
         assert again.model.checkpointing == "stage"
         assert (again.run_name, again.data.dataset, again.output_dir) == ("no", "null", "1e3")

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from medseg import config
 from medseg.cli import app
-from medseg.plan import _batch_dice, _divisible_patch, growth_limits, plan
+from medseg.data.fingerprint import _divisible_patch, growth_limits
+from medseg.plan import _batch_dice, plan
 from tests.conftest import HIPPOCAMPUS, ROOT
 
 runner = CliRunner()

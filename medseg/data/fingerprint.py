@@ -1,13 +1,24 @@
-"""Dataset statistics the preprocessing needs: CT intensity statistics of the foreground."""
+"""Dataset statistics and the preprocessing planned from them: target spacing, normalisation,
+label names, CT intensity statistics of the foreground, and how far a patch may grow."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from medseg.config import Config
-from medseg.data.cases import Case
+from medseg.data.cases import Case, DatasetInfo
+from medseg.data.checks import CaseSummary
+from medseg.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # transforms imports MONAI, which `medseg plan` does without
+    from medseg.data.transforms import Preprocessing
+
+# One batch covers at most this share of the dataset's voxels, but holds at least MIN_BATCH
+# patches (nnU-Net: max_dataset_covered 0.05, UNet_min_batch_size 2).
+MAX_DATASET_COVERED, MIN_BATCH = 0.05, 2
 
 
 def foreground_intensity_statistics(
@@ -64,3 +75,72 @@ def network_inputs(cfg: Config) -> tuple[int, int, tuple[float, float, float]]:
         spacings = [spacing_in_ras(read_header(case.images[0]).affine) for case in dataset.cases]
         spacing = tuple(float(v) for v in np.median(spacings, axis=0))
     return channels, dataset.num_classes, spacing  # type: ignore[return-value]
+
+
+def plan_preprocessing(cfg: Config, dataset: DatasetInfo, summaries: list[CaseSummary],
+                       train_cases: list[Case]) -> Preprocessing:
+    """Preprocessing parameters from the config and the checked training cases."""
+    from medseg.data.transforms import Preprocessing
+
+    if cfg.data.spacing:
+        spacing = tuple(cfg.data.spacing)
+    else:
+        spacing = tuple(float(v) for v in np.median([s.spacing_ras for s in summaries], axis=0))
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ConfigError(f"'data.spacing' must be three positive numbers, got {list(spacing)}")
+    normalization = cfg.data.normalization
+    if normalization == "auto":
+        normalization = "ct" if any(m.upper() == "CT" for m in dataset.modalities) else "zscore"
+    labels = dataset.labels
+    if not labels:
+        # Without dataset.json the classes are the label values found in the files.
+        highest = max(max(s.label_values, default=0) for s in summaries)
+        if highest < 1:
+            raise DataError(f"{dataset.root}: the label files hold no foreground")
+        labels = {v: ("background" if v == 0 else f"class_{v}") for v in range(highest + 1)}
+    prep = Preprocessing(spacing=spacing, normalization=normalization, channels=summaries[0].channels,
+                         num_classes=max(labels) + 1, crop_foreground=cfg.data.crop_foreground, labels=labels)
+    if normalization == "ct":
+        prep = replace(prep, **foreground_intensity_statistics(train_cases, cfg.data.ct_percentiles))
+    return prep
+
+
+def growth_limits(summaries: Sequence[CaseSummary], spacing: Sequence[float]) -> tuple[list[int], int]:
+    """How far a memory fit should grow the patch and the batch for these cases at `spacing`.
+
+    The patch: the median case's extent in voxels at that spacing, rounded up to the network's
+    divisibility (a larger patch would be mostly padding). The batch: nnU-Net's cap, one batch
+    of that patch covers at most 5 % of the dataset's voxels (more would see the same data too
+    often per step), rounded to the nearest batch size, but never fewer than 2. As nnU-Net
+    (get_plans_for_configuration), the dataset's voxels are approximated by the median case's
+    (each case's shape at `spacing` rounded, then the median per axis) times the number of cases.
+    """
+    target = np.asarray(spacing, dtype=float)
+    spacings = np.array([s.spacing_ras for s in summaries])
+    shapes = np.array([shape_in_ras(s.shape, s.affine) for s in summaries])
+    at_spacing = np.median(shapes * spacings / target, axis=0).round().astype(int)
+    patch = _divisible_patch(at_spacing)
+    median_voxels = float(np.prod(np.median(np.round(shapes * spacings / target), axis=0), dtype=np.float64))
+    covered = MAX_DATASET_COVERED * median_voxels * len(summaries) / float(np.prod(patch, dtype=np.float64))
+    return patch, max(MIN_BATCH, round(covered))
+
+
+def _divisible_patch(shape: np.ndarray, max_downsamplings: int = 5, min_feature_size: int = 4) -> list[int]:
+    # Each axis is halved k times while it stays at least `min_feature_size` voxels (nnU-Net's
+    # rule); the median shape is rounded up to a multiple of 2**k, so the patch covers the median
+    # case (padded where smaller) and the network's strides divide it.
+    patch = []
+    for size in shape:
+        k = int(np.clip(np.floor(np.log2(max(size, 1) / min_feature_size)), 1, max_downsamplings))
+        patch.append(int(np.ceil(size / 2**k) * 2**k))
+    return patch
+
+
+def shape_in_ras(shape: tuple[int, ...], affine: np.ndarray) -> tuple[int, int, int]:
+    import nibabel as nib
+
+    order = nib.orientations.io_orientation(affine)[:, 0].astype(int)
+    result = [0, 0, 0]
+    for axis, target in enumerate(order):
+        result[target] = shape[axis]
+    return tuple(result)  # type: ignore[return-value]

@@ -17,7 +17,6 @@ import gzip
 import multiprocessing
 import os
 import sys
-import tempfile
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ from nibabel.spatialimages import HeaderDataError
 from nibabel.wrapstruct import WrapStructError
 
 from medseg.errors import DataError
+from medseg.files import atomic_write
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -213,7 +213,7 @@ def write_nifti(
     payload = image.to_bytes()
     if target.name.lower().endswith(".gz"):
         payload = gzip.compress(payload, compresslevel=1, mtime=0)
-    _atomic_write(target, payload)
+    atomic_write(target, payload)
 
 
 def usable_cpus() -> int:
@@ -567,53 +567,3 @@ def _nifti_data(array: np.ndarray, dtype: np.dtype | type | str | None) -> np.nd
         if array.min() < info.min or array.max() > info.max:
             raise ValueError(f"values {array.min()}..{array.max()} do not fit in {target}")
     return array.astype(target, copy=False)
-
-
-def _atomic_write(target: Path, payload: bytes) -> None:
-    directory = target.parent
-    if not directory.is_dir():
-        raise DataError(f"{target}: directory {directory} does not exist")
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise DataError(f"{target}: cannot write to {directory} ({exc.strerror or exc})") from exc
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o666 & ~_umask())
-        os.replace(tmp_name, target)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise DataError(f"{target}: cannot write ({exc.strerror or exc})") from exc
-        raise
-    _fsync_directory(directory)
-
-
-def _umask() -> int:
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -45,7 +45,7 @@ def training_batches(cases: Sequence[Case], prep: Preprocessing, cfg: Config, ca
         resident = 0 if train.memory_budget else torch.cuda.get_device_properties(device).total_memory // 5
     return _Epochs(DevicePatchSampler(
         volumes, train.patch_size, prep.num_classes, train.batch_size, cfg.data.foreground_oversample,
-        train.augment, device, train.seed, resident_bytes=resident,
+        cfg.augment.enabled, device, train.seed, resident_bytes=resident,
     ), train.iterations_per_epoch)
 
 
@@ -60,7 +60,7 @@ def training_loader(cases: Sequence[Case], prep: Preprocessing, cfg: Config, cac
     transform = T.Compose([
         *preprocessing(prep).transforms,
         *patch_sampling(prep, train.patch_size).transforms,
-        *training_augmentation(prep, train.patch_size, cfg.data.foreground_oversample, train.augment).transforms,
+        *training_augmentation(prep, train.patch_size, cfg.data.foreground_oversample, cfg.augment.enabled).transforms,
     ])
     # Seeds: the augmentation's own random state (used without workers) and the loader's
     # generator (case order, and the base seed MONAI derives each worker's random state from).

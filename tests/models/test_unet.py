@@ -518,7 +518,7 @@ def test_set_checkpointing_rejects_unknown_mode(model):
 def _cfg(**train_and_model) -> Config:
     train = {k: v for k, v in train_and_model.items() if k in ("patch_size",)}
     model = {k: v for k, v in train_and_model.items() if k not in train}
-    return Config().replace(train=train, model={"base_width": 4, "max_width": 16, **model})
+    return config.defaults().replace(train=train, model={"base_width": 4, "max_width": 16, **model})
 
 
 def test_build_model_follows_the_config():
