@@ -16,7 +16,7 @@ import random
 import signal
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -30,9 +30,8 @@ from torch import nn
 
 from medseg import checkpoint, config, distributed
 from medseg.config import Config
-from medseg.data.cases import Case, DatasetInfo, find_dataset, split
-from medseg.data.checks import CaseSummary, check_dataset
-from medseg.data.fingerprint import plan_preprocessing
+from medseg.data.cases import Case
+from medseg.data.fingerprint import plan_preprocessing, training_cases
 from medseg.data.io import usable_cpus
 from medseg.data.loader import training_batches, validation_dataset
 from medseg.data.transforms import Preprocessing
@@ -95,27 +94,23 @@ def _train(cfg: Config, state: dict[str, Any] | None, resume: Path | None, conso
         raise ConfigError(f"'train.batch_size' {cfg.train.batch_size} must be divisible by the "
                           f"{context.world_size} processes it is split over")
 
-    dataset = find_dataset(cfg.data.dataset)
     # Checked before reading the data, so a bad output_dir fails at once; one name for all ranks.
     run_dir = resume if resume is not None else distributed.broadcast(context, _run_dir_name(cfg))
-    # Every file is read and checked once before anything is cached: bad data fails here, with
-    # one line naming the file, not an hour into training.
-    summaries = check_dataset(dataset.cases, dataset.labels, len(dataset.modalities) or None,
-                              workers=usable_cpus() if cfg.train.workers > 0 else 1)
-    train_cases, val_cases = split(dataset.cases, cfg.data.folds, cfg.data.fold, cfg.data.split_seed)
+    cases = training_cases(cfg, workers=usable_cpus() if cfg.train.workers > 0 else 1)
+    dataset, train_cases, val_cases = cases.dataset, cases.train, cases.validation
     if state is not None and state.get("split"):
         # A resumed run keeps the cases it started with, whatever the split rule says now.
         train_cases, val_cases = _saved_split(dataset.cases, state["split"], resume)
     if state is not None:
         prep = Preprocessing.from_dict(state["preprocessing"])
-        if prep.channels != summaries[0].channels:
+        channels = next(iter(cases.summaries.values())).channels
+        if prep.channels != channels:
             raise CheckpointError(f"{resume}: the model takes {prep.channels} channel(s), "
-                                  f"{cfg.data.dataset} has {summaries[0].channels}")
+                                  f"{cfg.data.dataset} has {channels}")
     else:
-        by_name = {s.name: s for s in summaries}
-        prep = plan_preprocessing(cfg, dataset, [by_name[c.name] for c in train_cases], train_cases)
+        prep = plan_preprocessing(cfg, dataset, cases.train_summaries, train_cases)
         if cfg.train.memory_budget:
-            cfg, report = fit_to_data(cfg, prep, [by_name[c.name] for c in train_cases])
+            cfg, report = fit_to_data(cfg, prep, cases.train_summaries)
             console.print(f"memory budget {parse_size(cfg.train.memory_budget) / 2**30:.1f} GiB: chose {report.summary()}")
         if context.is_main:
             _create(run_dir)

@@ -3,14 +3,14 @@ label names, CT intensity statistics of the foreground, and how far a patch may 
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from medseg.config import Config
-from medseg.data.cases import Case, DatasetInfo
-from medseg.data.checks import CaseSummary
+from medseg.data.cases import Case, DatasetInfo, find_dataset, split
+from medseg.data.checks import CaseSummary, check_dataset
 from medseg.errors import ConfigError, DataError
 
 if TYPE_CHECKING:  # transforms imports MONAI, which `medseg plan` does without
@@ -77,32 +77,74 @@ def network_inputs(cfg: Config) -> tuple[int, int, tuple[float, float, float]]:
     return channels, dataset.num_classes, spacing  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class TrainingCases:
+    """A dataset's checked cases and the fold split that `medseg train` trains on."""
+
+    dataset: DatasetInfo
+    summaries: dict[str, CaseSummary]  # by case name, every case of the dataset
+    train: list[Case]
+    validation: list[Case]
+
+    @property
+    def train_summaries(self) -> list[CaseSummary]:
+        """The summaries of the training cases, in their order."""
+        return [self.summaries[case.name] for case in self.train]
+
+
+def training_cases(cfg: Config, workers: int) -> TrainingCases:
+    """Find `cfg`'s dataset, check every case (`workers` processes) and split it into folds.
+
+    Every file is read and checked once before anything is cached: bad data fails here, with one
+    line naming the file, not an hour into training. `train`, `plan` and `memory` all start here.
+    """
+    dataset = find_dataset(cfg.data.dataset)
+    summaries = check_dataset(dataset.cases, dataset.labels, len(dataset.modalities) or None, workers=workers)
+    train, validation = split(dataset.cases, cfg.data.folds, cfg.data.fold, cfg.data.split_seed)
+    return TrainingCases(dataset, {s.name: s for s in summaries}, train, validation)
+
+
 def plan_preprocessing(cfg: Config, dataset: DatasetInfo, summaries: list[CaseSummary],
                        train_cases: list[Case]) -> Preprocessing:
     """Preprocessing parameters from the config and the checked training cases."""
     from medseg.data.transforms import Preprocessing
 
+    labels = label_names(dataset, summaries)
+    normalization = normalization_for(cfg, dataset)
+    prep = Preprocessing(spacing=target_spacing(cfg, summaries), normalization=normalization,
+                         channels=summaries[0].channels, num_classes=max(labels) + 1,
+                         crop_foreground=cfg.data.crop_foreground, labels=labels)
+    if normalization == "ct":
+        prep = replace(prep, **foreground_intensity_statistics(train_cases, cfg.data.ct_percentiles))
+    return prep
+
+
+def target_spacing(cfg: Config, summaries: Sequence[CaseSummary]) -> tuple[float, float, float]:
+    """The spacing (mm, RAS order) the network trains at: `data.spacing`, else the median of the cases."""
     if cfg.data.spacing:
-        spacing = tuple(cfg.data.spacing)
+        spacing = tuple(float(v) for v in cfg.data.spacing)
     else:
         spacing = tuple(float(v) for v in np.median([s.spacing_ras for s in summaries], axis=0))
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ConfigError(f"'data.spacing' must be three positive numbers, got {list(spacing)}")
-    normalization = cfg.data.normalization
-    if normalization == "auto":
-        normalization = "ct" if any(m.upper() == "CT" for m in dataset.modalities) else "zscore"
-    labels = dataset.labels
-    if not labels:
-        # Without dataset.json the classes are the label values found in the files.
-        highest = max(max(s.label_values, default=0) for s in summaries)
-        if highest < 1:
-            raise DataError(f"{dataset.root}: the label files hold no foreground")
-        labels = {v: ("background" if v == 0 else f"class_{v}") for v in range(highest + 1)}
-    prep = Preprocessing(spacing=spacing, normalization=normalization, channels=summaries[0].channels,
-                         num_classes=max(labels) + 1, crop_foreground=cfg.data.crop_foreground, labels=labels)
-    if normalization == "ct":
-        prep = replace(prep, **foreground_intensity_statistics(train_cases, cfg.data.ct_percentiles))
-    return prep
+    return spacing  # type: ignore[return-value]
+
+
+def normalization_for(cfg: Config, dataset: DatasetInfo) -> str:
+    """`data.normalization`, with auto resolved by modality: ct for CT, zscore otherwise."""
+    if cfg.data.normalization != "auto":
+        return cfg.data.normalization
+    return "ct" if any(m.upper() == "CT" for m in dataset.modalities) else "zscore"
+
+
+def label_names(dataset: DatasetInfo, summaries: Sequence[CaseSummary]) -> dict[int, str]:
+    """Label value -> name: dataset.json's, else the values found in the label files (class_N)."""
+    if dataset.labels:
+        return dict(dataset.labels)
+    highest = max(max(s.label_values, default=0) for s in summaries)
+    if highest < 1:
+        raise DataError(f"{dataset.root}: the label files hold no foreground")
+    return {v: ("background" if v == 0 else f"class_{v}") for v in range(highest + 1)}
 
 
 def growth_limits(summaries: Sequence[CaseSummary], spacing: Sequence[float]) -> tuple[list[int], int]:
