@@ -2,12 +2,14 @@
 
 Files are matched by case name: the file name without its image suffix (``case_001.nii.gz`` and
 ``case_001.nrrd`` are the same case), so predictions and references may be stored in different
-formats. Every pair must lie on the same voxel grid (same shape, same voxel-to-world affine).
+formats. Every pair must lie on the same voxel grid: the same shape, and affines the same by
+:func:`medseg.data.grid.grid_difference` (the rule the dataset checks apply to images and labels).
 
 Conventions, per case and per class:
 
-* **Dice** ``2|P∩R| / (|P|+|R|)``. Both empty: NaN, left out of the means (a class absent from a
-  case is neither a success nor a failure). One empty, the other not: 0.
+* **Dice** ``2|P∩R| / (|P|+|R|)`` (:func:`medseg.metrics.dice`, as in validation). Both empty:
+  NaN, left out of the means (a class absent from a case is neither a success nor a failure). One
+  empty, the other not: 0.
 * **HD95** and **MSD** (mean symmetric surface distance), in mm, from MONAI's
   ``compute_hausdorff_distance(percentile=95)`` and
   ``compute_average_surface_distance(symmetric=True)`` with the reference's voxel spacing. A surface
@@ -34,19 +36,17 @@ import numpy as np
 import torch
 from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 
-from medseg.data.cases import IMAGE_SUFFIXES, _case_name, _suffix
+from medseg.data.cases import IMAGE_SUFFIXES, case_name, class_name, image_suffix
+from medseg.data.grid import grid_difference
 from medseg.data.io import load_volume
-from medseg.files import atomic_write
 from medseg.errors import DataError
+from medseg.files import atomic_write
+from medseg.metrics import dice
 
 __all__ = ["COLUMNS", "METRICS", "Evaluation", "evaluate"]
 
 METRICS = ("dice", "hd95_mm", "msd_mm", "volume_pred_ml", "volume_ref_ml")
 COLUMNS = ("case", "class", *METRICS)
-
-# Two grids are the same when their affines agree this closely.
-TRANSLATION_TOLERANCE_MM = 1e-3
-LINEAR_TOLERANCE = 1e-4
 
 _SHOWN_NAMES = 5  # case names listed in an error message
 _CHUNK = 1 << 24  # voxels per chunk when counting label values
@@ -144,7 +144,7 @@ def evaluate(
         per_case.append((case, scores))
 
     values = wanted if wanted is not None else sorted(found)
-    names = {v: (labels[v] if labels is not None else f"class_{v}") for v in values}
+    names = {v: (labels[v] if labels is not None else class_name(v)) for v in values}
     rows: list[dict] = []
     for case, scores in per_case:
         for value in values:
@@ -170,7 +170,7 @@ def _match(predictions: Path, references: Path) -> tuple[list[tuple[str, Path, P
         if not path.exists():
             raise DataError(f"{path}: {role} path does not exist")
     if predictions.is_file() and references.is_file():
-        return [(_case_name(references), predictions, references)], []
+        return [(case_name(references), predictions, references)], []
     predicted = _label_files(predictions)
     referenced = _label_files(references)
     if not referenced:
@@ -189,12 +189,12 @@ def _match(predictions: Path, references: Path) -> tuple[list[tuple[str, Path, P
 def _label_files(path: Path) -> dict[str, Path]:
     """Case name -> file, for one file or the label-map files directly inside a folder."""
     if path.is_file():
-        return {_case_name(path): path}
+        return {case_name(path): path}
     files: dict[str, Path] = {}
     for entry in sorted(path.iterdir()):
-        if not entry.is_file() or not _suffix(entry):
+        if not entry.is_file() or not image_suffix(entry):
             continue
-        case = _case_name(entry)
+        case = case_name(entry)
         if case in files:
             raise DataError(f"{path}: two files for case '{case}' ({files[case].name}, {entry.name})")
         files[case] = entry
@@ -227,13 +227,12 @@ def _score_case(
         pred_mask = prediction == value
         ref_mask = reference == value
         overlap = int(np.count_nonzero(pred_mask & ref_mask))
-        dice = 2.0 * overlap / (n_pred + n_ref)
         if n_pred and n_ref:
             hd95, msd = _surface_distances(pred_mask, ref_mask, spacing)
         else:
             hd95 = msd = math.nan
         scores[value] = {
-            "dice": dice,
+            "dice": dice(overlap, n_pred, n_ref),
             "hd95_mm": hd95,
             "msd_mm": msd,
             "volume_pred_ml": n_pred * voxel_ml,
@@ -278,21 +277,9 @@ def _check_grid(
         raise DataError(
             f"{prediction_file}: shape {_tuple(shape)} vs reference {_tuple(reference_shape)}"
         )
-    shift = float(np.abs(affine[:3, 3] - reference_affine[:3, 3]).max())
-    if shift > TRANSLATION_TOLERANCE_MM:
-        raise DataError(
-            f"{prediction_file}: origin {_tuple(affine[:3, 3], '.4g')} mm vs reference "
-            f"{_tuple(reference_affine[:3, 3], '.4g')} mm"
-        )
-    linear = float(np.abs(affine[:3, :3] - reference_affine[:3, :3]).max())
-    if linear > LINEAR_TOLERANCE:
-        spacing = np.linalg.norm(affine[:3, :3], axis=0)
-        reference_spacing = np.linalg.norm(reference_affine[:3, :3], axis=0)
-        if np.abs(spacing - reference_spacing).max() > LINEAR_TOLERANCE:
-            what = f"spacing {_tuple(spacing, '.4g')} vs reference {_tuple(reference_spacing, '.4g')}"
-        else:
-            what = f"orientation (direction cosines) differs from the reference by up to {linear:.3g}"
-        raise DataError(f"{prediction_file}: {what}")
+    difference = grid_difference(affine, reference_affine, "the reference")
+    if difference:
+        raise DataError(f"{prediction_file}: {difference}")
 
 
 def _value_counts(array: np.ndarray) -> dict[int, int]:

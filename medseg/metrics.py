@@ -1,22 +1,27 @@
-"""Segmentation metrics per class."""
+"""Segmentation metrics per class: the one Dice that validation and `medseg evaluate` both report."""
 
 from __future__ import annotations
 
 import torch
 
 
-def dice_per_class(prediction: torch.Tensor, label: torch.Tensor, num_classes: int) -> list[float]:
-    """Dice of each foreground class (1..num_classes-1) between two integer label maps.
+def dice(overlap: int, predicted: int, reference: int) -> float:
+    """Dice ``2|P∩R| / (|P|+|R|)`` from voxel counts: `overlap` = |P∩R|, `predicted` = |P|, `reference` = |R|.
 
-    A class absent from both gives NaN (excluded from means, as nnU-Net does), not a perfect score.
+    Both empty gives NaN (left out of means, as nnU-Net does): a class absent from a case is
+    neither a success nor a failure. One empty and the other not gives 0.
     """
+    denominator = predicted + reference
+    return float("nan") if denominator == 0 else 2.0 * overlap / denominator
+
+
+def dice_per_class(prediction: torch.Tensor, label: torch.Tensor, num_classes: int) -> list[float]:
+    """Dice (:func:`dice`) of each foreground class 1..num_classes-1 between two integer label maps."""
     prediction = prediction.reshape(-1)
     label = label.reshape(-1).to(prediction.device)
     scores = []
     for cls in range(1, num_classes):
         predicted = prediction == cls
         reference = label == cls
-        denominator = int(predicted.sum()) + int(reference.sum())
-        intersection = int((predicted & reference).sum())
-        scores.append(float("nan") if denominator == 0 else 2.0 * intersection / denominator)
+        scores.append(dice(int((predicted & reference).sum()), int(predicted.sum()), int(reference.sum())))
     return scores

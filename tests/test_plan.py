@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from medseg import config
 from medseg.cli import app
-from medseg.data.fingerprint import _divisible_patch, growth_limits
-from medseg.plan import _batch_dice, plan
+from medseg.data.fingerprint import divisible_patch, growth_limits
+from medseg.plan import plan, uses_batch_dice
 from tests.conftest import HIPPOCAMPUS, ROOT
 
 runner = CliRunner()
@@ -25,9 +25,9 @@ runner = CliRunner()
 
 def test_patch_is_the_median_shape_rounded_to_the_network():
     # nnU-Net plans 40×56×40 for hippocampus, whose median shape is about 35×50×36.
-    assert _divisible_patch([35, 50, 36]) == [40, 56, 40]
-    assert _divisible_patch([128, 128, 128]) == [128, 128, 128]
-    assert all(p % 2 == 0 for p in _divisible_patch([9, 17, 300]))
+    assert divisible_patch([35, 50, 36]) == [40, 56, 40]
+    assert divisible_patch([128, 128, 128]) == [128, 128, 128]
+    assert all(p % 2 == 0 for p in divisible_patch([9, 17, 300]))
 
 
 def _cases(*shapes: tuple[int, int, int]) -> list[SimpleNamespace]:
@@ -79,9 +79,9 @@ def test_plan_of_sample_data():
 
 
 def test_batch_dice_where_a_patch_holds_under_a_quarter_of_the_case():
-    assert _batch_dice([40, 56, 40], [35, 50, 36]) is False
-    assert _batch_dice([128, 128, 128], [512, 512, 300]) is True
-    assert _batch_dice([128, 128, 128], [200, 200, 200]) is False  # 26 % of the case
+    assert uses_batch_dice([40, 56, 40], [35, 50, 36]) is False
+    assert uses_batch_dice([128, 128, 128], [512, 512, 300]) is True
+    assert uses_batch_dice([128, 128, 128], [200, 200, 200]) is False  # 26 % of the case
 
 
 def test_plan_command_writes_a_config_train_accepts(tmp_path):

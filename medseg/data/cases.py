@@ -114,7 +114,7 @@ def _from_dataset_json(root: Path, path: Path) -> DatasetInfo:
                 raise DataError(f"{path}: each 'training' entry needs an 'image'")
             image = _inside(root, entry["image"], path)
             label = _inside(root, entry["label"], path) if entry.get("label") else None
-            name = _case_name(image)
+            name = case_name(image)
             images = _channel_files(image, ending)
             if not images:
                 raise DataError(f"{image}: listed in {path.name} but missing")
@@ -131,17 +131,17 @@ def _from_pairs(root: Path) -> DatasetInfo:
         if (root / images_dir).is_dir() and (root / labels_dir).is_dir():
             return DatasetInfo(root, tuple(_scan(root / images_dir, root / labels_dir, None)))
     # A flat folder: <case>.nii.gz beside <case>_label.nii.gz (or _seg, _mask).
-    files = sorted(p for p in root.iterdir() if _suffix(p))
+    files = sorted(p for p in root.iterdir() if image_suffix(p))
     labels = {}
     for p in files:
-        stem = _case_name(p)
+        stem = case_name(p)
         for marker in LABEL_SUFFIXES:
             if stem.endswith(marker):
                 labels[stem[: -len(marker)]] = p
     cases = [
-        Case(_case_name(p), (p,), labels[_case_name(p)])
+        Case(case_name(p), (p,), labels[case_name(p)])
         for p in files
-        if _case_name(p) in labels
+        if case_name(p) in labels
     ]
     return DatasetInfo(root, tuple(cases))
 
@@ -150,9 +150,9 @@ def _scan(images_dir: Path, labels_dir: Path, ending: str | None) -> list[Case]:
     if not labels_dir.is_dir():
         raise DataError(f"{labels_dir}: folder does not exist")
     cases = []
-    for label in sorted(p for p in labels_dir.iterdir() if _suffix(p)):
-        name = _case_name(label)
-        images = _channel_files(images_dir / (name + (ending or _suffix(label))), ending or _suffix(label))
+    for label in sorted(p for p in labels_dir.iterdir() if image_suffix(p)):
+        name = case_name(label)
+        images = _channel_files(images_dir / (name + (ending or image_suffix(label))), ending or image_suffix(label))
         if not images:
             raise DataError(f"{label}: no image for case '{name}' in {images_dir}")
         cases.append(Case(name, images, label))
@@ -163,7 +163,7 @@ def _channel_files(image: Path, ending: str) -> tuple[Path, ...]:
     """The image itself if it exists, else nnU-Net's per-channel files <case>_0000<ending>, ..."""
     if image.exists():
         return (image,)
-    ending = _suffix(image) or ending
+    ending = image_suffix(image) or ending
     stem = str(image)[: -len(ending)] if ending and str(image).endswith(ending) else str(image)
     channels = []
     while Path(f"{stem}_{len(channels):04d}{ending}").exists():
@@ -198,7 +198,13 @@ def _labels(raw: object, path: Path) -> dict[int, str]:
     return labels
 
 
-def _suffix(path: Path) -> str:
+def class_name(value: int) -> str:
+    """The name of a label value without a dataset.json 'labels' entry: background, class_1, class_2, ..."""
+    return "background" if value == 0 else f"class_{value}"
+
+
+def image_suffix(path: Path) -> str:
+    """The image suffix of `path` (one of IMAGE_SUFFIXES, lower case), or "" for other files."""
     name = path.name.lower()
     for suffix in IMAGE_SUFFIXES:
         if name.endswith(suffix) and not name.startswith("."):
@@ -206,8 +212,9 @@ def _suffix(path: Path) -> str:
     return ""
 
 
-def _case_name(path: Path) -> str:
-    suffix = _suffix(path)
+def case_name(path: Path) -> str:
+    """The case a file belongs to: its name without the image suffix (`case_001.nii.gz` -> `case_001`)."""
+    suffix = image_suffix(path)
     return path.name[: -len(suffix)] if suffix else path.name
 
 
@@ -246,7 +253,7 @@ def find_inputs(paths: list[Path], channels: int) -> list[InferenceInput]:
             raise DataError(f"{path}: input does not exist")
         if path.is_dir():
             found += _inputs_in_folder(path, channels)
-        elif _suffix(path):
+        elif image_suffix(path):
             files.append(path)
         else:
             raise DataError(f"{path}: not a supported image ({', '.join(IMAGE_SUFFIXES)}) or a DICOM folder")
@@ -257,7 +264,7 @@ def find_inputs(paths: list[Path], channels: int) -> list[InferenceInput]:
 def _inputs_in_folder(folder: Path, channels: int) -> list[InferenceInput]:
     found: list[InferenceInput] = []
     series: tuple[str, ...] = ()
-    if any(p.is_file() and not _suffix(p) and p.suffix.lower() not in _NOT_DICOM for p in folder.iterdir()):
+    if any(p.is_file() and not image_suffix(p) and p.suffix.lower() not in _NOT_DICOM for p in folder.iterdir()):
         # Only folders with candidate files are scanned: GDCM prints a warning for folders without.
         import SimpleITK as sitk
 
@@ -265,7 +272,7 @@ def _inputs_in_folder(folder: Path, channels: int) -> list[InferenceInput]:
     for index, uid in enumerate(sorted(series)):
         name = folder.name if len(series) == 1 else f"{folder.name}_series{index}"
         found.append(InferenceInput(name, (folder,), uid if len(series) > 1 else None))
-    found += _group_channels(sorted(p for p in folder.iterdir() if p.is_file() and _suffix(p)), channels)
+    found += _group_channels(sorted(p for p in folder.iterdir() if p.is_file() and image_suffix(p)), channels)
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         found += _inputs_in_folder(sub, channels)
     return found
@@ -274,10 +281,10 @@ def _inputs_in_folder(folder: Path, channels: int) -> list[InferenceInput]:
 def _group_channels(files: list[Path], channels: int) -> list[InferenceInput]:
     groups: dict[str, list[Path]] = {}
     for path in files:
-        match = _CHANNEL.match(_case_name(path))
+        match = _CHANNEL.match(case_name(path))
         if match and (channels > 1 or match["channel"] == "0000"):
             groups.setdefault(str(path.parent / match["case"]), []).append(path)
         else:
-            groups[str(path.parent / _case_name(path))] = [path]
+            groups[str(path.parent / case_name(path))] = [path]
     # A wrong number of channel files is reported when the case is loaded, per input.
     return [InferenceInput(Path(key).name, tuple(sorted(members))) for key, members in groups.items()]

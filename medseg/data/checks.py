@@ -4,8 +4,9 @@
 :func:`medseg.data.io.load_volume`, the same readers as training) and raises
 ``DataError("<file>: <problem>")`` for anything that would make training fail late or silently
 learn garbage: 2D or empty volumes, 4D images where 3D ones are expected, wrong channel counts,
-image/label grids that do not match, label values that are undeclared or not integers, and
-NaN/Inf intensities. :func:`check_dataset` checks every case and reports all problems at once.
+image/label grids that do not match (:func:`medseg.data.grid.grid_difference`), label values
+that are undeclared or not integers, and NaN/Inf intensities. :func:`check_dataset` checks every
+case and reports all problems at once.
 
 The returned :class:`CaseSummary` (shape, spacing, channels, label values) is what planning needs,
 so that a checked dataset does not have to be read again for its fingerprint.
@@ -21,14 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from medseg.data.cases import Case
+from medseg.data.grid import grid_difference
 from medseg.data.io import load_volume, map_cases, read_header, spacing_in_ras
 from medseg.errors import DataError
 
 __all__ = ["CaseSummary", "DatasetCheckError", "check_case", "check_dataset"]
-
-# Image and label grids may differ by this much before they are called different.
-ORIGIN_TOLERANCE_MM = 1e-3
-MATRIX_TOLERANCE = 1e-4  # relative to the largest entry of the image's 3x3 (spacing x direction)
 
 _SHOWN_VALUES = 8  # at most this many offending values are listed in a message
 
@@ -115,7 +113,7 @@ def check_case(case: Case, labels: dict[int, str] | None, channels: int | None =
                 raise DataError(
                     f"{path}: shape {_shape(file_shape)} differs from channel 0 ({first_path}) {_shape(shape)}"
                 )
-            difference = _affine_difference(file_affine, affine, "channel 0")
+            difference = grid_difference(file_affine, affine, "channel 0")
             if difference:
                 raise DataError(f"{path}: {difference}")
         _check_finite(path, array)
@@ -246,7 +244,7 @@ def _check_label(path: Path, image_path: Path, shape: tuple[int, ...], affine: n
     if array.shape[1:] != shape:
         raise DataError(f"{path}: shape {_shape(array.shape[1:])} differs from its image's "
                         f"{_shape(shape)} ({image_path})")
-    difference = _affine_difference(label_affine, affine, "its image")
+    difference = grid_difference(label_affine, affine, "its image")
     if difference:
         raise DataError(f"{path}: {difference} ({image_path})")
     values = _label_values(path, array)
@@ -280,29 +278,6 @@ def _label_values(path: Path, array: np.ndarray) -> tuple[int, ...]:
                              minlength=high + 1)
         return tuple(int(v) for v in np.flatnonzero(counts))
     return tuple(int(v) for v in np.unique(flat))
-
-
-def _affine_difference(affine: np.ndarray, reference: np.ndarray, what: str) -> str | None:
-    """How `affine` differs from `reference` beyond tolerance, in words; None if it does not."""
-    affine = np.asarray(affine, dtype=np.float64)
-    reference = np.asarray(reference, dtype=np.float64)
-    matrix, ref_matrix = affine[:3, :3], reference[:3, :3]
-    scale = float(np.abs(ref_matrix).max()) or 1.0
-    if not np.all(np.isfinite(affine)):
-        return "invalid (non-finite) affine in the header"
-    if np.abs(matrix - ref_matrix).max() > MATRIX_TOLERANCE * scale:
-        spacing, ref_spacing = np.linalg.norm(matrix, axis=0), np.linalg.norm(ref_matrix, axis=0)
-        if np.abs(spacing - ref_spacing).max() > MATRIX_TOLERANCE * scale:
-            return f"voxel spacing {_mm(spacing)} mm differs from {what} ({_mm(ref_spacing)} mm)"
-        directions = matrix / np.where(spacing > 0, spacing, 1.0)
-        ref_directions = ref_matrix / np.where(ref_spacing > 0, ref_spacing, 1.0)
-        cosines = np.clip(np.sum(directions * ref_directions, axis=0), -1.0, 1.0)
-        angle = float(np.degrees(np.arccos(cosines)).max())
-        return f"orientation (direction of the axes) differs from {what} by {angle:.3g}°"
-    shift = float(np.linalg.norm(affine[:3, 3] - reference[:3, 3]))
-    if shift > ORIGIN_TOLERANCE_MM:
-        return f"origin differs from {what} by {shift:.3g} mm"
-    return None
 
 
 def _one_line(text: str) -> str:

@@ -30,6 +30,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from nibabel.wrapstruct import WrapStructError
 
+from medseg.data.grid import grid_difference
 from medseg.errors import DataError
 from medseg.files import atomic_write
 
@@ -38,10 +39,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Header",
+    "Volume",
+    "as_paths",
+    "is_sitk_path",
     "load_volume",
     "map_cases",
     "read_header",
+    "sitk_read",
+    "sitk_volume",
     "spacing_in_ras",
+    "stack_channels",
     "usable_cpus",
     "write_nifti",
 ]
@@ -50,8 +57,6 @@ PathLike = Union[str, os.PathLike]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
-# Channel files read through SimpleITK must share their affine to this tolerance (mm).
-SITK_AFFINE_ATOL = 1e-4
 
 # Errors that third-party readers raise for unreadable files; turned into DataError at the boundary.
 _READ_ERRORS = (
@@ -106,7 +111,7 @@ def load_volume(
     Raises:
         DataError: the file is missing, unreadable or of an unsupported type.
     """
-    paths = _as_paths(path)
+    paths = as_paths(path)
     if not paths:
         raise DataError("no image path given")
     for p in paths:
@@ -117,14 +122,13 @@ def load_volume(
         if nifti:
             volumes = [_nifti_volume(nib.load(p)) for p in paths]
         else:
-            volumes = [_sitk_volume(_sitk_read(p, None)) for p in paths]
+            volumes = [sitk_volume(sitk_read(p, None)) for p in paths]
     except DataError:
         raise
     except _READ_ERRORS as exc:
         raise DataError(f"{shown}: {_short_reason(exc)}") from exc
     try:
-        # MONAI's NibabelReader compares affines with np.allclose's defaults; ours for ITK at 1e-4 mm.
-        array, channel_dim = _stack_channels(volumes, atol=1e-8 if nifti else SITK_AFFINE_ATOL)
+        array, channel_dim = stack_channels(volumes, nifti)
     except DataError as exc:
         raise DataError(f"{shown}: {exc}") from exc
     except ValueError as exc:  # e.g. numpy refusing to stack a 3D and a 4D image
@@ -151,7 +155,7 @@ def read_header(path: PathLike) -> Header:
     try:
         if _has_suffix(name, NIFTI_SUFFIXES):
             return _nifti_header(name)
-        if _is_sitk_path(name):
+        if is_sitk_path(name):
             return _sitk_header(name)
     except DataError:
         raise
@@ -253,6 +257,110 @@ def map_cases(function: Callable[[Any], Any], items: Sequence[Any], workers: int
 
 
 # ---------------------------------------------------------------------------------------------
+# shared with medseg.data.readers (the MONAI reader for SimpleITK's formats)
+
+
+def as_paths(data: Sequence[PathLike] | PathLike) -> list[str]:
+    """One path or a list of them (channel files), as a list of strings."""
+    if isinstance(data, (str, os.PathLike)):
+        return [os.fspath(data)]
+    return [os.fspath(d) for d in data]
+
+
+def is_sitk_path(name: PathLike) -> bool:
+    """True for what SimpleITK reads here: NRRD and MetaImage files, and directories (DICOM series)."""
+    name = os.fspath(name)
+    return os.path.isdir(name) or _has_suffix(name, SITK_SUFFIXES)
+
+
+def sitk_read(name: str, series_uid: str | None) -> sitk.Image:
+    """Read an NRRD/MetaImage file or a DICOM series (`series_uid` picks one of several) with SimpleITK.
+
+    Raises:
+        DataError: the path is missing, not one of these formats, or unreadable.
+    """
+    import SimpleITK as sitk
+
+    _check_readable(name)
+    if os.path.isdir(name):
+        files = _dicom_series_files(name, series_uid)
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(list(files))
+        reader.MetaDataDictionaryArrayUpdateOff()
+    elif _has_suffix(name, SITK_SUFFIXES):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+    else:
+        raise DataError(f"{name}: not a SimpleITKReader format ({', '.join(SITK_SUFFIXES)} or a directory)")
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise DataError(f"{name}: {_short_reason(exc)}") from exc
+
+
+class Volume(NamedTuple):
+    """A volume as read, before channels are moved first."""
+
+    array: np.ndarray  # indexed (x, y, z[, channel]); NIfTI's extra axes stay as stored
+    affine: np.ndarray  # 4x4 voxel-to-RAS
+    spatial_shape: tuple[int, ...]  # the first 1-3 axes
+
+    @property
+    def channel_dim(self) -> int | None:
+        """Axis of the channels: None for a scalar image, else the last (MONAI's "original_channel_dim")."""
+        return None if self.array.ndim == len(self.spatial_shape) else -1
+
+
+def stack_channels(volumes: Sequence[Volume], nifti: bool) -> tuple[np.ndarray, int | None]:
+    """One array of several files' voxels, as MONAI's readers join a list of files.
+
+    Scalar images are stacked along a new first axis; images with channels are concatenated along
+    their channel axis. Returns the array and its channel axis (None: a single scalar image).
+    NIfTI channel files must share their affine as closely as MONAI's ``NibabelReader`` demands
+    (``np.allclose``'s defaults), since training reads them through it; the other formats go
+    through medseg's own reader and share the grid rule of the dataset checks
+    (:func:`medseg.data.grid.grid_difference`).
+
+    Raises:
+        DataError: the volumes differ in spatial shape or affine.
+    """
+    first = volumes[0]
+    if len(volumes) == 1:
+        return first.array, first.channel_dim
+    for other in volumes[1:]:
+        if other.spatial_shape != first.spatial_shape:
+            raise DataError(
+                f"channel images differ in shape: {first.spatial_shape} vs {other.spatial_shape}"
+            )
+        if nifti and not np.allclose(other.affine, first.affine):
+            raise DataError("channel images differ in affine (voxel-to-world geometry)")
+        difference = None if nifti else grid_difference(other.affine, first.affine, "channel 0")
+        if difference:
+            raise DataError(f"channel images differ: {difference}")
+    arrays = [volume.array for volume in volumes]
+    if first.channel_dim is None:
+        return np.stack(arrays, axis=0), 0
+    return np.concatenate(arrays, axis=first.channel_dim), first.channel_dim
+
+
+def sitk_volume(image: sitk.Image) -> Volume:
+    """Voxels indexed ``(x, y, z[, component])`` (the transpose of ``GetArrayFromImage``), RAS affine."""
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(image)
+    dim = image.GetDimension()
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        # (z, y, x, c) -> (x, y, z, c)
+        array = np.transpose(array, (*range(dim - 1, -1, -1), dim))
+    else:
+        array = array.T
+    rank = max(min(dim, 3), 1)
+    spatial_shape = tuple(int(n) for n in image.GetSize()[:rank])
+    affine = _ras_affine(image.GetDirection(), image.GetSpacing(), image.GetOrigin())
+    return Volume(array, affine, spatial_shape)
+
+
+# ---------------------------------------------------------------------------------------------
 # private helpers
 
 
@@ -274,19 +382,8 @@ def _one_torch_thread() -> None:
         torch.set_num_threads(1)
 
 
-def _as_paths(data: Sequence[PathLike] | PathLike) -> list[str]:
-    if isinstance(data, (str, os.PathLike)):
-        return [os.fspath(data)]
-    return [os.fspath(d) for d in data]
-
-
 def _has_suffix(name: str, suffixes: Sequence[str]) -> bool:
     return name.lower().endswith(tuple(suffixes))
-
-
-def _is_sitk_path(name: PathLike) -> bool:
-    name = os.fspath(name)
-    return os.path.isdir(name) or _has_suffix(name, SITK_SUFFIXES)
 
 
 def _unsupported_reason() -> str:
@@ -302,11 +399,11 @@ def _check_readable(name: str) -> None:
 
 def _is_nifti_list(paths: list[str]) -> bool:
     """True for NIfTI files, False for SimpleITK's formats and DICOM directories, else DataError."""
-    if all(_is_sitk_path(p) for p in paths):
+    if all(is_sitk_path(p) for p in paths):
         return False
     if all(_has_suffix(p, NIFTI_SUFFIXES) for p in paths):
         return True
-    bad = next((p for p in paths if not (_is_sitk_path(p) or _has_suffix(p, NIFTI_SUFFIXES))), None)
+    bad = next((p for p in paths if not (is_sitk_path(p) or _has_suffix(p, NIFTI_SUFFIXES))), None)
     if bad is None:
         raise DataError(f"{', '.join(paths)}: cannot stack NIfTI and non-NIfTI files as channels")
     raise DataError(f"{bad}: {_unsupported_reason()}")
@@ -322,26 +419,6 @@ def _short_reason(exc: BaseException) -> str:
     if len(reason) > 200:
         reason = reason[:197] + "..."
     return f"cannot read ({type(exc).__name__}: {reason})" if lines else f"cannot read ({reason})"
-
-
-def _sitk_read(name: str, series_uid: str | None) -> sitk.Image:
-    import SimpleITK as sitk
-
-    _check_readable(name)
-    if os.path.isdir(name):
-        files = _dicom_series_files(name, series_uid)
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(list(files))
-        reader.MetaDataDictionaryArrayUpdateOff()
-    elif _has_suffix(name, SITK_SUFFIXES):
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(name)
-    else:
-        raise DataError(f"{name}: not a SimpleITKReader format ({', '.join(SITK_SUFFIXES)} or a directory)")
-    try:
-        return reader.Execute()
-    except RuntimeError as exc:
-        raise DataError(f"{name}: {_short_reason(exc)}") from exc
 
 
 def _dicom_series_files(directory: str, series_uid: str | None) -> tuple[str, ...]:
@@ -379,45 +456,7 @@ def _ras_affine(direction: Sequence[float], spacing: Sequence[float], origin: Se
     return affine
 
 
-class _Volume(NamedTuple):
-    """A volume as read, before channels are moved first."""
-
-    array: np.ndarray  # indexed (x, y, z[, channel]); NIfTI's extra axes stay as stored
-    affine: np.ndarray  # 4x4 voxel-to-RAS
-    spatial_shape: tuple[int, ...]  # the first 1-3 axes
-
-    @property
-    def channel_dim(self) -> int | None:
-        """Axis of the channels: None for a scalar image, else the last (MONAI's "original_channel_dim")."""
-        return None if self.array.ndim == len(self.spatial_shape) else -1
-
-
-def _stack_channels(volumes: Sequence[_Volume], atol: float) -> tuple[np.ndarray, int | None]:
-    """One array of several files' voxels, as MONAI's readers join a list of files.
-
-    Scalar images are stacked along a new first axis; images with channels are concatenated along
-    their channel axis. Returns the array and its channel axis (None: a single scalar image).
-
-    Raises:
-        DataError: the volumes differ in spatial shape or affine.
-    """
-    first = volumes[0]
-    if len(volumes) == 1:
-        return first.array, first.channel_dim
-    for other in volumes[1:]:
-        if other.spatial_shape != first.spatial_shape:
-            raise DataError(
-                f"channel images differ in shape: {first.spatial_shape} vs {other.spatial_shape}"
-            )
-        if not np.allclose(other.affine, first.affine, atol=atol):
-            raise DataError("channel images differ in affine (voxel-to-world geometry)")
-    arrays = [volume.array for volume in volumes]
-    if first.channel_dim is None:
-        return np.stack(arrays, axis=0), 0
-    return np.concatenate(arrays, axis=first.channel_dim), first.channel_dim
-
-
-def _nifti_volume(image: nib.Nifti1Image) -> _Volume:
+def _nifti_volume(image: nib.Nifti1Image) -> Volume:
     """Voxels and geometry of a loaded NIfTI image, exactly as MONAI's ``NibabelReader`` returns them.
 
     The array is ``np.asanyarray(image.dataobj)``: nibabel applies scl_slope/scl_inter (scaled
@@ -427,7 +466,7 @@ def _nifti_volume(image: nib.Nifti1Image) -> _Volume:
     dim = image.header["dim"]
     rank = max(min(int(dim[0]), 3), 1)
     spatial_shape = tuple(int(n) for n in dim[1 : rank + 1])
-    return _Volume(np.asanyarray(image.dataobj), affine, spatial_shape)
+    return Volume(np.asanyarray(image.dataobj), affine, spatial_shape)
 
 
 def _nifti_affine(image: nib.Nifti1Image) -> np.ndarray:
@@ -465,23 +504,6 @@ def _column_norms(affine: np.ndarray, rank: int) -> np.ndarray:
     norms = np.sqrt(np.sum(block * block, axis=0))
     norms[norms == 0] = 1.0
     return norms
-
-
-def _sitk_volume(image: sitk.Image) -> _Volume:
-    """Voxels indexed ``(x, y, z[, component])`` (the transpose of ``GetArrayFromImage``), RAS affine."""
-    import SimpleITK as sitk
-
-    array = sitk.GetArrayFromImage(image)
-    dim = image.GetDimension()
-    if image.GetNumberOfComponentsPerPixel() > 1:
-        # (z, y, x, c) -> (x, y, z, c)
-        array = np.transpose(array, (*range(dim - 1, -1, -1), dim))
-    else:
-        array = array.T
-    rank = max(min(dim, 3), 1)
-    spatial_shape = tuple(int(n) for n in image.GetSize()[:rank])
-    affine = _ras_affine(image.GetDirection(), image.GetSpacing(), image.GetOrigin())
-    return _Volume(array, affine, spatial_shape)
 
 
 def _nifti_header(name: str) -> Header:

@@ -21,8 +21,7 @@ import numpy as np
 from monai.data import ImageReader, NibabelReader
 from monai.utils import MetaKeys, SpaceKeys
 
-from medseg.data.io import (SITK_AFFINE_ATOL, PathLike, _as_paths, _is_sitk_path, _sitk_read, _sitk_volume,
-                            _stack_channels)
+from medseg.data.io import PathLike, as_paths, is_sitk_path, sitk_read, sitk_volume, stack_channels
 from medseg.errors import DataError
 
 __all__ = ["SimpleITKReader", "readers"]
@@ -47,7 +46,7 @@ class SimpleITKReader(ImageReader):
 
     def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
         """Return True if every given path is an NRRD/MetaImage file or a (DICOM) directory."""
-        return all(_is_sitk_path(name) for name in _as_paths(filename))
+        return all(is_sitk_path(name) for name in as_paths(filename))
 
     def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> Any:
         """Read one image, or a list of images for a list of paths (stacked as channels later).
@@ -55,17 +54,17 @@ class SimpleITKReader(ImageReader):
         Raises:
             DataError: a path is not one of this reader's formats, or cannot be read.
         """
-        paths = _as_paths(data)
+        paths = as_paths(data)
         if not paths:
             raise DataError("no image path given")
-        images = [_sitk_read(path, self.series_uid) for path in paths]
+        images = [sitk_read(path, self.series_uid) for path in paths]
         return images if len(images) > 1 else images[0]
 
     def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
         """Return ``(array, meta)`` for an image or list of images returned by :meth:`read`."""
         images = list(img) if isinstance(img, (list, tuple)) else [img]
-        volumes = [_sitk_volume(image) for image in images]
-        array, channel_dim = _stack_channels(volumes, atol=SITK_AFFINE_ATOL)
+        volumes = [sitk_volume(image) for image in images]
+        array, channel_dim = stack_channels(volumes, nifti=False)
         first = volumes[0]
         meta: dict = {
             "spacing": np.asarray(images[0].GetSpacing(), dtype=np.float64),
