@@ -3,10 +3,11 @@ with its own overrides, and their final validation Dice in one table.
 
 The runs share the GPU, so their speed says nothing; they train for a fixed number of steps (the
 config's epochs × iterations), so their Dice compare. A variant is NAME or NAME:KEY=VALUE,KEY=VALUE
-(medseg --set overrides); the override `network=nnunet` trains nnU-Net's PlainConvUNet
-(dynamic-network-architectures, the `bench` extra) with the same geometry in medseg's loop.
+(medseg --set overrides). The runs can use the architectures of nnunet_plain.py: the override
+`model.arch=nnunet-plain` trains nnU-Net's PlainConvUNet (dynamic-network-architectures, the `bench`
+extra) with the same geometry in medseg's loop.
 
-    python scripts/ablate_recipe.py PLAN.yaml OUT base seed1:train.seed=1 nnunet:network=nnunet \\
+    python scripts/ablate_recipe.py PLAN.yaml OUT base seed1:train.seed=1 nnunet:model.arch=nnunet-plain \\
         workers:data.sampler=workers,train.workers=4 --set train.epochs=10
 """
 
@@ -31,12 +32,7 @@ def main() -> None:
     for spec in args.variants:
         name, _, overrides = spec.partition(":")
         sets = [s for s in overrides.split(",") if s]
-        network = "medseg"
-        for s in list(sets):
-            if s.startswith("network="):
-                network = s.split("=", 1)[1]
-                sets.remove(s)
-        command = [sys.executable, __file__, "--one", network, "train", args.config,
+        command = [sys.executable, __file__, "--one", "train", args.config,
                    "--set", f"output_dir={args.out}", "--set", f"run_name={name}"]
         for s in args.common + sets:
             command += ["--set", s]
@@ -62,44 +58,16 @@ def _metrics(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _one(network: str, argv: list[str]) -> None:
-    """Run the medseg CLI, with nnU-Net's network in place of medseg's when asked."""
-    if network == "nnunet":
-        import medseg.train
-        from medseg.models.unet import _init_weights
-        from torch import nn
-
-        from bench_train import nnunet_model  # this script's folder is on sys.path
-
-        def build(cfg, in_channels, num_classes, spacing):
-            net = nnunet_model(cfg, in_channels, num_classes, spacing)
-            net.apply(_init_weights)  # nnU-Net's InitWeights_He(1e-2)
-            return _Wrapped(net)
-
-        class _Wrapped(nn.Module):
-            # What medseg's loop asks of its network: heads (coarsest first), deep_supervision, and
-            # the full-resolution logits alone outside training.
-            def __init__(self, net):
-                super().__init__()
-                self.net = net
-                self.heads = net.decoder.seg_layers
-                self.deep_supervision = True
-                self.checkpointing = "off"
-
-            def forward(self, x):
-                outputs = self.net(x)
-                return outputs if self.training else outputs[0]
-
-        medseg.train.build_model = build
-    elif network != "medseg":
-        raise SystemExit(f"unknown network {network!r} (medseg | nnunet)")
+def _one(argv: list[str]) -> None:
+    """Run the medseg CLI with the benchmarks' architectures registered."""
+    import nnunet_plain  # noqa: F401 - registers model.arch=nnunet-plain; this script's folder is on sys.path
     from medseg.cli import app
 
     app(args=argv, prog_name="medseg")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--one":
-        _one(sys.argv[2], sys.argv[3:])
+    if len(sys.argv) > 1 and sys.argv[1] == "--one":
+        _one(sys.argv[2:])
     else:
         main()

@@ -2,8 +2,10 @@
 
 Part 1 (default) measures, in one run and side by side, one training step of
 - nnU-Net's PlainConvUNet (dynamic_network_architectures) with nnU-Net's 3d_fullres arguments and
-  the same stages/strides/kernels/widths as medseg's plan for the patch, eager and torch.compile'd;
-- medseg's UNet3D (`medseg.models.build_model`) for every checkpointing mode;
+  the same stages/strides/kernels/widths as medseg's plan for the patch (`model.arch=nnunet-plain`,
+  registered by nnunet_plain.py), eager and torch.compile'd;
+- medseg's UNet3D (`model.arch=unet`) for every checkpointing mode;
+both built by `medseg.models.build_model`;
 each eager, compiled (network and loss) or as CUDA graphs, optionally channels-last (`-cl`).
 Everything else is identical: the step is `medseg.step.train_step` (fp16 autocast + GradScaler, SGD
 Nesterov, fused on CUDA, Dice+CE with deep supervision, grad clip 12), on resident random tensors. Median of N
@@ -44,7 +46,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -54,9 +56,13 @@ from medseg import config
 from medseg.device import amp_dtype as resolve_amp
 from medseg.device import amp_name
 from medseg.losses import DiceCELoss
-from medseg.models import CHECKPOINTING_MODES, build_model, network_plan, unet
+from medseg.models import CHECKPOINTING_MODES, CheckpointedLevels, build_model, network_plan
 from medseg.step import GraphedStep, build_optimizer, compile_for_training, train_step
-from medseg.train import _compile_setting, _memory_format
+from medseg.step import compile_setting, memory_format
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # nnunet_plain, also when loaded as a module
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import nnunet_plain  # noqa: E402 - registers model.arch=nnunet-plain
 
 GiB = 2**30
 REPO = Path(__file__).resolve().parents[1]
@@ -89,35 +95,33 @@ def run_kind(name: str) -> str:
 def _base(name: str) -> str:
     """A configuration name without its suffixes. `@ENCODER:DECODER[w]`: medseg-stage-KIND@2:1 runs
     `stage` checkpointing over the 2 finest encoder levels and the finest decoder level instead of
-    medseg.models.unet.CHECKPOINTED_LEVELS; a trailing `w` recomputes whole batches instead of one
-    sample at a time (unet.PER_SAMPLE). `%BUDGET`: medseg-off-compiled%0.5 compiles with
+    UNet3D's default `checkpointed_levels`; a trailing `w` recomputes whole batches instead of one
+    sample at a time (UNet3D's `per_sample=False`). `%BUDGET`: medseg-off-compiled%0.5 compiles with
     torch.compile's activation memory budget (torch._functorch.config.activation_memory_budget,
     the fraction of the saved activations to keep; its partitioner recomputes the rest, cheapest
     first)."""
     return name.split("@")[0].split("%")[0]
 
 
-@contextlib.contextmanager
-def _variant(name: str) -> Iterator[None]:
-    """The checkpointed levels and the activation memory budget that a configuration name's
-    suffixes set, restored afterwards."""
+def unet_options(name: str) -> dict[str, Any]:
+    """The UNet3D constructor arguments that a configuration name's `@ENCODER:DECODER[w]` suffix
+    sets (see _base); none without one."""
+    if "@" not in name:
+        return {}
+    levels = name.split("@")[1].split("%")[0]
+    encoder, decoder = levels.removesuffix("w").split(":")
+    return {"checkpointed_levels": CheckpointedLevels(encoder=int(encoder), decoder=int(decoder)),
+            "per_sample": not levels.endswith("w")}
+
+
+def activation_budget(name: str) -> contextlib.AbstractContextManager:
+    """torch.compile's activation memory budget as a configuration name's `%BUDGET` suffix sets it,
+    for the duration of the context (see _base)."""
     from torch._functorch import config as functorch_config
 
-    saved, per_sample = dict(unet.CHECKPOINTED_LEVELS), unet.PER_SAMPLE
-    budget = functorch_config.activation_memory_budget
-    if "@" in name:
-        levels = name.split("@")[1].split("%")[0]
-        encoder, decoder = levels.removesuffix("w").split(":")
-        unet.CHECKPOINTED_LEVELS.update(encoder=int(encoder), decoder=int(decoder))
-        unet.PER_SAMPLE = not levels.endswith("w")
-    if "%" in name:
-        functorch_config.activation_memory_budget = float(name.split("%")[1].split("@")[0])
-    try:
-        yield
-    finally:
-        unet.CHECKPOINTED_LEVELS.update(saved)
-        unet.PER_SAMPLE = per_sample
-        functorch_config.activation_memory_budget = budget
+    if "%" not in name:
+        return contextlib.nullcontext()
+    return functorch_config.patch(activation_memory_budget=float(name.split("%")[1].split("@")[0]))
 
 
 def model_overrides(args: argparse.Namespace) -> list[str]:
@@ -136,31 +140,15 @@ def make_cfg(patch: list[int], batch: int, mode: str, extra: list[str]) -> confi
                               f"model.checkpointing={mode}", *extra])
 
 
-def nnunet_model(cfg: config.Config, in_channels: int, classes: int, spacing=(1.0, 1.0, 1.0)) -> nn.Module:
-    """nnU-Net's 3d_fullres PlainConvUNet with medseg's geometry for the same config."""
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
-
-    plan = network_plan(cfg, spacing)
-    stages = len(plan.widths)
-    return PlainConvUNet(
-        input_channels=in_channels, n_stages=stages, features_per_stage=list(plan.widths), conv_op=nn.Conv3d,
-        kernel_sizes=[list(k) for k in plan.kernels], strides=[list(s) for s in plan.strides],
-        n_conv_per_stage=[2] * stages, num_classes=classes, n_conv_per_stage_decoder=[2] * (stages - 1),
-        conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
-        dropout_op=None, dropout_op_kwargs=None, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True},
-        deep_supervision=True,
-    )
-
-
 def build(name: str, patch: list[int], batch: int, extra: list[str], in_channels: int, classes: int,
           spacing=(1.0, 1.0, 1.0)) -> tuple[nn.Module, config.Config]:
     """(model, cfg) of a configuration name (see all_configs)."""
     parts = name.split("-")
     if parts[0] == "nnunet":
-        cfg = make_cfg(patch, batch, "off", extra)
-        return nnunet_model(cfg, in_channels, classes, spacing), cfg
+        cfg = make_cfg(patch, batch, "off", [*extra, f"model.arch={nnunet_plain.ARCH}"])
+        return build_model(cfg, in_channels, classes, spacing), cfg
     cfg = make_cfg(patch, batch, parts[1], extra)
-    return build_model(cfg, in_channels, classes, spacing), cfg
+    return build_model(cfg, in_channels, classes, spacing, **unet_options(name)), cfg
 
 
 def count_flops(name: str, patch: list[int], batch: int, extra: list[str], in_channels: int, classes: int,
@@ -311,7 +299,7 @@ def run_config(name: str, args: argparse.Namespace, device: torch.device, amp: t
                spacing=(1.0, 1.0, 1.0)) -> dict[str, Any]:
     try:
         model, cfg = build(name, patch, batch, extra, in_channels, classes, spacing)
-        with _variant(name):
+        with activation_budget(name):
             result = measure_step(model, cfg, run_kind(name), device, amp, in_channels, classes, args.steps,
                                   args.warmup, channels_last=_base(name).endswith("-cl"), profile=args.profile)
         del model
@@ -467,7 +455,7 @@ def part2(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
             overrides.append("train.compile=off")
         overrides += args.full_set
         cfg = config.load(config_file, overrides)
-        kind = _compile_setting(cfg, device)
+        kind = compile_setting(cfg, device)
         amp = resolve_amp(cfg.train.amp, device)
         patch, batch = list(cfg.train.patch_size), cfg.train.batch_size
         spacing = tuple(cfg.data.spacing) if cfg.data.spacing else (1.0, 1.0, 1.0)
@@ -493,7 +481,7 @@ def part2(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
         steps = sum(int(r["steps"]) for r in later)
         loop_ms = 1000 * seconds / steps
         name = f"medseg-{cfg.model.checkpointing}-{next(k for k, v in RUN_KINDS.items() if v == kind)}"
-        if _memory_format(cfg, device, kind) == torch.channels_last_3d:
+        if memory_format(cfg, device, kind) == torch.channels_last_3d:
             name += "-cl"  # the pure step in the layout the training ran in
         extra = [f"model.{k}={getattr(cfg.model, k)}" for k in ("base_width", "max_width", "norm", "deep_supervision")]
         extra.append(f"train.batch_dice={str(cfg.train.batch_dice).lower()}")

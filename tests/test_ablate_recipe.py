@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from medseg import checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,7 +33,7 @@ def test_nnunet_network_variant_trains_in_medseg_loop(tmp_path):
     pytest.importorskip("dynamic_network_architectures")
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "ablate_recipe.py"), str(ROOT / "configs" / "sample.yaml"),
-         str(tmp_path / "ablation"), "nn:network=nnunet", "--set", "train.epochs=1",
+         str(tmp_path / "ablation"), "nn:model.arch=nnunet-plain", "--set", "train.epochs=1",
          "--set", "train.iterations_per_epoch=2", "--set", f"data.dataset={ROOT / 'sample_data'}",
          "--set", "train.workers=0"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
@@ -39,3 +41,6 @@ def test_nnunet_network_variant_trains_in_medseg_loop(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     row = result.stdout.splitlines()[1].split()
     assert row[0] == "nn" and row[1] == "0" and 0.0 <= float(row[4]) <= 1.0, row
+    state = checkpoint.load(tmp_path / "ablation" / "nn" / "last.pt")
+    assert state["config"]["model"]["arch"] == "nnunet-plain"
+    assert any(name.startswith("network.decoder.seg_layers.") for name in state["model"])

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("dynamic_network_architectures")
-
-from medseg.models import CHECKPOINTING_MODES  # noqa: E402
+from medseg.models import CHECKPOINTING_MODES, CheckpointedLevels
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "bench_train.py"
@@ -27,6 +25,7 @@ def run_script(*arguments: str) -> str:
 
 
 def test_step_benchmark_on_cpu(tmp_path: Path) -> None:
+    pytest.importorskip("dynamic_network_architectures")
     report = tmp_path / "bench.json"
     out = run_script("--device", "cpu", "--patch", "16", "16", "16", "--batch", "1", "--steps", "2", "--warmup", "1",
                      "--no-compile", "--base-width", "4", "--max-width", "16", "--profile", "1", "--json", str(report))
@@ -68,18 +67,19 @@ def _bench_module():
     return bench
 
 
-def test_stage_levels_suffix_sets_and_restores_the_checkpointed_levels() -> None:
-    from medseg.models import unet
-
+def test_stage_levels_suffix_builds_the_unet_with_those_levels() -> None:
     bench = _bench_module()
-    default = (dict(unet.CHECKPOINTED_LEVELS), unet.PER_SAMPLE)
     assert bench.run_kind("medseg-stage-compiled@2:1w") == "on"
     assert bench._base("medseg-stage-compiled-cl@1:1") == "medseg-stage-compiled-cl"
-    with bench._variant("medseg-stage-compiled@3:1w"):
-        assert unet.CHECKPOINTED_LEVELS == {"encoder": 3, "decoder": 1} and unet.PER_SAMPLE is False
-    assert (dict(unet.CHECKPOINTED_LEVELS), unet.PER_SAMPLE) == default
-    with bench._variant("medseg-stage-compiled"):
-        assert (dict(unet.CHECKPOINTED_LEVELS), unet.PER_SAMPLE) == default
+    assert bench.unet_options("medseg-stage-compiled@3:1w%0.5") == {
+        "checkpointed_levels": CheckpointedLevels(encoder=3, decoder=1), "per_sample": False}
+    model, cfg = bench.build("medseg-stage-compiled@3:1w", [16, 16, 16], 1, ["model.base_width=4"], 1, 3)
+    assert (model.checkpointed_levels, model.per_sample, model.checkpointing) == (CheckpointedLevels(3, 1), False, "stage")
+    assert cfg.model.arch == "unet"
+    model, _ = bench.build("medseg-stage-compiled@1:0", [16, 16, 16], 1, ["model.base_width=4"], 1, 3)
+    assert (model.checkpointed_levels, model.per_sample) == (CheckpointedLevels(1, 0), True)
+    default, _ = bench.build("medseg-stage-compiled", [16, 16, 16], 1, ["model.base_width=4"], 1, 3)
+    assert (default.checkpointed_levels, default.per_sample) == (CheckpointedLevels(), True)
 
 
 def test_budget_suffix_sets_and_restores_the_activation_memory_budget() -> None:
@@ -89,9 +89,21 @@ def test_budget_suffix_sets_and_restores_the_activation_memory_budget() -> None:
     default = functorch_config.activation_memory_budget
     assert bench._base("medseg-off-compiled%0.3") == "medseg-off-compiled"
     assert bench.run_kind("medseg-stage-compiled@1:1%0.5") == "on"
-    with bench._variant("medseg-off-compiled%0.3"):
+    with bench.activation_budget("medseg-off-compiled%0.3"):
         assert functorch_config.activation_memory_budget == 0.3
     assert functorch_config.activation_memory_budget == default
-    with bench._variant("medseg-stage-compiled@1:0%0.5"):
+    with bench.activation_budget("medseg-stage-compiled@1:0%0.5"):
         assert functorch_config.activation_memory_budget == 0.5
     assert functorch_config.activation_memory_budget == default
+    with bench.activation_budget("medseg-off-compiled"):
+        assert functorch_config.activation_memory_budget == default
+
+
+def test_nnunet_configurations_build_nnunet_plain_through_the_registry() -> None:
+    pytest.importorskip("dynamic_network_architectures")
+    from medseg.models import SegmentationNetwork
+
+    bench = _bench_module()
+    model, cfg = bench.build("nnunet-eager", [16, 16, 16], 1, ["model.base_width=4", "model.max_width=16"], 1, 3)
+    assert cfg.model.arch == "nnunet-plain" and isinstance(model, SegmentationNetwork)
+    assert type(model.network).__name__ == "PlainConvUNet"

@@ -1,16 +1,27 @@
-"""Model factory: `build_model(cfg, in_channels, num_classes, spacing)`."""
+"""Networks by name: `build_model(cfg, in_channels, num_classes, spacing)` builds `cfg.model.arch`.
+
+`unet` (medseg's 3D U-Net, `UNet3D`) is registered here; another architecture plugs in with
+`@register(name)` on a builder whose network keeps the `SegmentationNetwork` contract.
+"""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from medseg.config import Config
 from medseg.errors import ConfigError
-from medseg.models.unet import CHECKPOINTING_MODES, NetworkPlan, UNet3D, plan_network
+from medseg.models.network import CHECKPOINTING_MODES, SegmentationNetwork
+from medseg.models.registry import ARCHITECTURES, Builder, build_model, register
+from medseg.models.unet import CheckpointedLevels, NetworkPlan, UNet3D, init_weights, plan_network
 
-__all__ = ["CHECKPOINTING_MODES", "NetworkPlan", "UNet3D", "build_model", "network_plan"]
+__all__ = ["ARCHITECTURES", "CHECKPOINTING_MODES", "Builder", "CheckpointedLevels", "NetworkPlan",
+           "SegmentationNetwork", "UNet3D", "build_model", "build_unet", "init_weights", "network_plan",
+           "register"]
 
 
-def network_plan(cfg: Config, spacing: tuple[float, ...] | list[float]) -> NetworkPlan:
-    """The network geometry `cfg` asks for; the patch size must be divisible by its strides."""
+def network_plan(cfg: Config, spacing: Sequence[float]) -> NetworkPlan:
+    """The U-Net geometry `cfg` asks for (stages, strides, kernels, widths, from `train.patch_size`
+    and the `model` keys); the patch size must be divisible by its strides."""
     patch = cfg.train.patch_size
     if len(patch) != 3 or min(patch) < 1:
         raise ConfigError(f"'train.patch_size' must be three positive integers, got {patch}")
@@ -23,9 +34,10 @@ def network_plan(cfg: Config, spacing: tuple[float, ...] | list[float]) -> Netwo
     return plan
 
 
-def build_model(cfg: Config, in_channels: int, num_classes: int,
-                spacing: tuple[float, ...] | list[float]) -> UNet3D:
-    """The 3D U-Net that `cfg` describes, for data at `spacing` (mm, RAS axis order)."""
+@register("unet")
+def build_unet(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float],
+               checkpointed_levels: CheckpointedLevels = CheckpointedLevels(), per_sample: bool = True) -> UNet3D:
+    """medseg's 3D U-Net that `cfg` describes; `checkpointed_levels` and `per_sample` as in UNet3D."""
     try:
         return UNet3D(
             in_channels,
@@ -34,6 +46,8 @@ def build_model(cfg: Config, in_channels: int, num_classes: int,
             norm=cfg.model.norm,
             deep_supervision=cfg.model.deep_supervision,
             checkpointing=cfg.model.checkpointing,
+            checkpointed_levels=checkpointed_levels,
+            per_sample=per_sample,
         )
     except ValueError as exc:
         raise ConfigError(f"'model.checkpointing': {exc}") from None

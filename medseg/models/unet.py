@@ -15,15 +15,21 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-# Cheapest first in time, most expensive first in memory.
-CHECKPOINTING_MODES = ("off", "selective", "stage")
-# "stage" checkpointing covers the encoder and decoder stages of this many of the finest levels.
-# The full- and half-resolution stages hold most of the activations (and of the backward pass's
-# temporaries); coarser stages keep theirs, so their recomputation is not paid.
-CHECKPOINTED_LEVELS = {"encoder": 2, "decoder": 2}
-# ... and recomputed one sample at a time (instance and group norm keep samples independent), which
-# halves the backward's temporaries of a checkpointed stage.
-PER_SAMPLE = True
+from medseg.models.network import CHECKPOINTING_MODES
+
+__all__ = ["CHECKPOINTING_MODES", "CheckpointedLevels", "NetworkPlan", "UNet3D", "init_weights", "plan_network"]
+
+
+@dataclass(frozen=True)
+class CheckpointedLevels:
+    """How many of the finest levels `stage` checkpointing covers, in the encoder and the decoder.
+
+    The full- and half-resolution stages hold most of the activations (and of the backward pass's
+    temporaries); coarser stages keep theirs, so their recomputation is not paid.
+    """
+
+    encoder: int = 2
+    decoder: int = 2
 
 
 @dataclass(frozen=True)
@@ -137,13 +143,25 @@ class DecoderStage(nn.Module):
 
 class UNet3D(nn.Module):
     """3D U-Net. In training mode with deep supervision it returns a list of logits, finest first;
-    otherwise the full-resolution logits alone."""
+    otherwise the full-resolution logits alone. Keeps the `medseg.models.SegmentationNetwork`
+    contract.
+
+    `checkpointed_levels`: the finest levels that `stage` checkpointing covers. `per_sample`: a
+    checkpointed stage is recomputed one sample at a time (instance and group norm keep samples
+    independent), which halves the backward's temporaries of the stage.
+    """
+
+    checkpointing_modes = CHECKPOINTING_MODES
 
     def __init__(self, in_channels: int, num_classes: int, plan: NetworkPlan, norm: str = "instance",
-                 deep_supervision: bool = True, checkpointing: str = "off") -> None:
+                 deep_supervision: bool = True, checkpointing: str = "off",
+                 checkpointed_levels: CheckpointedLevels = CheckpointedLevels(), per_sample: bool = True) -> None:
         super().__init__()
         self.plan = plan
         self.deep_supervision = deep_supervision
+        self.checkpointed_levels = checkpointed_levels
+        self.per_sample = per_sample
+        self._recompile_limit: int | None = None  # set by compile_stages
         widths = plan.widths
         self.encoder = nn.ModuleList()
         channels = in_channels
@@ -160,7 +178,7 @@ class UNet3D(nn.Module):
         )
         self.checkpointing = "off"
         self.set_checkpointing(checkpointing)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def set_checkpointing(self, mode: str) -> None:
         """Choose what is recomputed in backward instead of being kept from forward.
@@ -169,10 +187,10 @@ class UNet3D(nn.Module):
         selective: keep only the outputs of the 3x3x3 convolutions; normalisation, activation,
                    concatenation and the cheap 2x2x2 transposed convolutions are recomputed in
                    backward, one stage at a time (the expensive convolutions are never rerun).
-        stage:     at the finest levels (CHECKPOINTED_LEVELS), keep only each stage's inputs (the
+        stage:     at the finest levels (`checkpointed_levels`), keep only each stage's inputs (the
                    skip tensors, which are stage outputs anyway); the stage's inner activations
                    (conv outputs, norm statistics, activations) are recomputed in backward, one
-                   stage and one sample at a time. Compiled, each stage is its own graph
+                   stage and, with `per_sample`, one sample at a time. Compiled, each stage is its own graph
                    (compile_stages).
         """
         if mode not in CHECKPOINTING_MODES:
@@ -183,9 +201,8 @@ class UNet3D(nn.Module):
         self.checkpointing = mode
         # In place, LeakyReLU saves one tensor where out of place it saves two (its input and, for
         # the next convolution, its output). Inside a checkpointed region nothing is saved until
-        # the recomputation, which the estimator finds cheaper out of place (128³ b2 fp16: selective
-        # 3.42 -> 3.23 GiB, stage 3.19 -> 2.94 GiB); and PyTorch warns against in-place operations
-        # in selectively checkpointed regions under torch.compile.
+        # the recomputation, which the memory estimator finds cheaper out of place; and PyTorch
+        # warns against in-place operations in selectively checkpointed regions under torch.compile.
         for module in self.modules():
             if isinstance(module, nn.LeakyReLU):
                 module.inplace = mode == "off"
@@ -196,12 +213,12 @@ class UNet3D(nn.Module):
         skips = []
         features = image
         for level, stage in enumerate(self.encoder):
-            features = self._run(stage, features, checkpointed=level < CHECKPOINTED_LEVELS["encoder"])
+            features = self._run(stage, features, checkpointed=level < self.checkpointed_levels.encoder)
             skips.append(features)
         outputs = []
         features = skips.pop()
         for level, stage, head in zip(reversed(range(len(self.decoder))), self.decoder, self.heads):
-            features = self._run(stage, features, skips.pop(), checkpointed=level < CHECKPOINTED_LEVELS["decoder"])
+            features = self._run(stage, features, skips.pop(), checkpointed=level < self.checkpointed_levels.decoder)
             if self.training and self.deep_supervision:
                 outputs.append(head(features))
         if not (self.training and self.deep_supervision):
@@ -239,11 +256,21 @@ class UNet3D(nn.Module):
         if self.checkpointing == "stage" and checkpointed and torch.is_grad_enabled():
             # Non-reentrant checkpointing: works with autocast and inputs that need no grad, and
             # recomputes the stage under the same autocast state as in forward.
-            if not PER_SAMPLE or inputs[0].shape[0] == 1:
-                return checkpoint(stage, *inputs, use_reentrant=False)
-            return torch.cat([checkpoint(stage, *(x[i:i + 1] for x in inputs), use_reentrant=False)
+            if not self.per_sample or inputs[0].shape[0] == 1:
+                return checkpoint(self._call_stage, stage, *inputs, use_reentrant=False)
+            return torch.cat([checkpoint(self._call_stage, stage, *(x[i:i + 1] for x in inputs), use_reentrant=False)
                               for i in range(inputs[0].shape[0])])
-        return stage(*inputs)
+        return self._call_stage(stage, *inputs)
+
+    def _call_stage(self, stage: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        # Also the function a checkpoint reruns in backward, so a recomputed compiled stage runs
+        # under the same torch.compile settings as in forward.
+        if self._recompile_limit is None:
+            return stage(*inputs)
+        from torch import _dynamo
+
+        with _dynamo.config.patch(recompile_limit=self._recompile_limit):
+            return stage(*inputs)
 
     def compile_stages(self) -> None:
         """torch.compile each encoder and decoder stage on its own, leaving the checkpointing around them eager.
@@ -255,8 +282,9 @@ class UNet3D(nn.Module):
         from torch import _dynamo
 
         # Stages of one class share their forward's code, and torch.compile keeps a limited number
-        # of compiled versions per code object (one per stage and batch size here).
-        _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 8 * len(self.encoder))
+        # of compiled versions per code object (one per stage and batch size here). The larger
+        # limit holds only while a stage runs (`_call_stage`), not for the rest of the process.
+        self._recompile_limit = max(_dynamo.config.recompile_limit, 8 * len(self.encoder))
         for stage in (*self.encoder, *self.decoder):
             stage.compile(dynamic=False)
 
@@ -311,8 +339,8 @@ def _norm(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown norm {kind!r}")
 
 
-def _init_weights(module: nn.Module) -> None:
-    # He initialisation for LeakyReLU(0.01), as nnU-Net does.
+def init_weights(module: nn.Module) -> None:
+    """He initialisation for LeakyReLU(0.01), as nnU-Net does (`network.apply(init_weights)`)."""
     if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
         nn.init.kaiming_normal_(module.weight, a=0.01)
         if module.bias is not None:

@@ -14,11 +14,11 @@ from functools import partial
 import pytest
 import torch
 
+from medseg import config
 from medseg.config import Config
 from medseg.errors import ConfigError
-from medseg.models import build_model, network_plan
-from medseg.models.unet import CHECKPOINTING_MODES, UNet3D, plan_network
-from medseg.models import unet
+from medseg.models import SegmentationNetwork, build_model, network_plan
+from medseg.models.unet import CHECKPOINTING_MODES, CheckpointedLevels, UNet3D, plan_network
 from tests.conftest import ROOT
 
 # (x, y, z): stride plan ((1,1,1), (2,2,2), (2,2,2), (2,2,1)) -- z stops halving at 4 voxels, so the
@@ -54,9 +54,9 @@ def image():
     return torch.randn(BATCH, IN_CHANNELS, *PATCH, generator=torch.Generator().manual_seed(1))
 
 
-def _twin(model: UNet3D, mode: str) -> UNet3D:
-    """A second network with `model`'s weights and the given checkpointing mode."""
-    twin = UNet3D(IN_CHANNELS, NUM_CLASSES, model.plan, checkpointing=mode)
+def _twin(model: UNet3D, mode: str, **options) -> UNet3D:
+    """A second network with `model`'s weights, the given checkpointing mode and UNet3D `options`."""
+    twin = UNet3D(IN_CHANNELS, NUM_CLASSES, model.plan, checkpointing=mode, **options)
     twin.load_state_dict(model.state_dict())
     return twin.train()
 
@@ -272,18 +272,13 @@ def _forward_with_hooks(net: UNet3D, x: torch.Tensor, hooks: list):
     return saved, outputs
 
 
-def _checkpoint_every_stage(monkeypatch, plan) -> None:
-    """Stage checkpointing over the whole network, whole batches at a time (not the default)."""
-    monkeypatch.setattr(unet, "CHECKPOINTED_LEVELS", {"encoder": len(plan.strides), "decoder": len(plan.strides) - 1})
-    monkeypatch.setattr(unet, "PER_SAMPLE", False)
-
-
-def test_stage_checkpointing_saves_far_fewer_bytes(model, image, monkeypatch):
-    # Every stage checkpointed, whole batches: then what is kept is exactly the stages' inputs and
-    # outputs. (One sample at a time, the stages' outputs would be the per-sample tensors that
-    # torch.cat joins and that nothing saves.)
-    _checkpoint_every_stage(monkeypatch, model.plan)
-    off, stage = _twin(model, "off"), _twin(model, "stage")
+def test_stage_checkpointing_saves_far_fewer_bytes(model, image):
+    # Every stage checkpointed, whole batches (not the default): then what is kept is exactly the
+    # stages' inputs and outputs. (One sample at a time, the stages' outputs would be the
+    # per-sample tensors that torch.cat joins and that nothing saves.)
+    every_level = CheckpointedLevels(encoder=len(model.plan.strides), decoder=len(model.plan.strides) - 1)
+    off = _twin(model, "off")
+    stage = _twin(model, "stage", checkpointed_levels=every_level, per_sample=False)
     saved_off, _, out_off = _record(off, image)
     saved_stage, boundaries, out_stage = _record(stage, image)
     print(f"\nsaved-for-backward bytes: off={saved_off.nbytes} stage={saved_stage.nbytes} "
@@ -329,8 +324,25 @@ def _stages(net: UNet3D) -> dict[str, torch.nn.Module]:
 
 
 def test_stage_checkpointing_covers_the_two_finest_levels_one_sample_at_a_time(model, image):
-    assert unet.CHECKPOINTED_LEVELS == {"encoder": 2, "decoder": 2} and unet.PER_SAMPLE is True
     net = _twin(model, "stage")
+    assert net.checkpointed_levels == CheckpointedLevels(encoder=2, decoder=2) and net.per_sample is True
+    _check_checkpointed_stages(net, image, FINE_STAGES, per_sample=True)
+
+
+# Levels counted from the finest: encoder.0 is level 0 of the encoder, decoder.2 level 0 of the decoder.
+@pytest.mark.parametrize(("levels", "checkpointed"), [
+    (CheckpointedLevels(encoder=1, decoder=3), {"encoder.0", "decoder.0", "decoder.1", "decoder.2"}),
+    (CheckpointedLevels(encoder=4, decoder=0), {"encoder.0", "encoder.1", "encoder.2", "encoder.3"}),
+])
+def test_stage_checkpointing_covers_the_levels_and_batching_it_is_given(model, image, levels, checkpointed):
+    net = _twin(model, "stage", checkpointed_levels=levels, per_sample=False)
+    _check_checkpointed_stages(net, image, checkpointed, per_sample=False)
+
+
+def _check_checkpointed_stages(net: UNet3D, image: torch.Tensor, checkpointed: set[str], per_sample: bool) -> None:
+    """One forward of `net`: exactly the `checkpointed` stages keep nothing they compute inside for
+    backward, each called once per sample (`per_sample`) or once; the other stages keep their
+    convolutions' outputs."""
     assert set(_stages(net)) == FINE_STAGES | COARSE_STAGES
     # What every stage's layers output in forward (kept referenced, so no storage is freed and its
     # address reused while recording), and the batch size of every call of the stage.
@@ -355,12 +367,12 @@ def test_stage_checkpointing_covers_the_two_finest_levels_one_sample_at_a_time(m
     def storages(tensors) -> set[int]:
         return {t.untyped_storage().data_ptr() for t in tensors}
 
-    for name in FINE_STAGES:
-        # Checkpointed, per sample: nothing computed inside the stage is kept for backward.
-        assert batches[name] == [1] * BATCH, name
+    for name in checkpointed:
+        # Checkpointed: nothing computed inside the stage is kept for backward.
+        assert batches[name] == ([1] * BATCH if per_sample else [BATCH]), name
         inside = storages(out for _, out in inner[name]) - storages(outputs[name])
         assert inside and not inside & kept, name
-    for name in COARSE_STAGES:
+    for name in set(_stages(net)) - checkpointed:
         # Not checkpointed: the whole batch at once, and every convolution's output is kept (the
         # normalisation after it saves it), as without checkpointing.
         assert batches[name] == [BATCH], name
@@ -373,7 +385,8 @@ def _stage_step_against_off(compile_stages: bool) -> dict:
     """One DiceCE loss and its gradients from a tiny network with stage checkpointing at its default
     levels (eager, or each stage compiled on its own), compared with checkpointing off from the same
     weights and batch. Returns, for every stage, the autograd node of each output it produced in
-    forward, and torch.compile's counts of graphs and graph breaks.
+    forward, torch.compile's counts of graphs and graph breaks, and its recompile limit before and
+    after the step.
 
     In float64: a convolution of one sample rounds differently from one of two (and a compiled
     kernel from an eager one), and in float32 that moves a pre-activation close to zero across it
@@ -396,6 +409,7 @@ def _stage_step_against_off(compile_stages: bool) -> dict:
     for name, module in _stages(stage).items():
         module.register_forward_hook(lambda m, args, out, name=name: nodes[name].append(type(out.grad_fn).__name__))
     counters.clear()
+    limits = [torch._dynamo.config.recompile_limit]
     if compile_stages:
         stage.compile_stages()
     losses, grads = {}, {}
@@ -415,7 +429,9 @@ def _stage_step_against_off(compile_stages: bool) -> dict:
         if expected is not None:
             assert expected.abs().sum() > 0, name
             torch.testing.assert_close(grads["stage"][name], expected, rtol=1e-9, atol=1e-10 * scale, msg=name)
-    return {"nodes": nodes, "graphs": counters["stats"]["unique_graphs"], "graph_breaks": dict(counters["graph_break"])}
+    limits.append(torch._dynamo.config.recompile_limit)
+    return {"nodes": nodes, "graphs": counters["stats"]["unique_graphs"], "graph_breaks": dict(counters["graph_break"]),
+            "recompile_limits": limits}
 
 
 def test_stage_checkpointing_at_its_default_levels_gives_the_loss_and_gradients_of_none():
@@ -454,6 +470,9 @@ def test_stage_checkpointing_with_compiled_stages_gives_the_loss_and_gradients_o
         assert nodes == ["CompiledFunctionBackward"] * (BATCH if name in FINE_STAGES else 1), name
     assert report["graph_breaks"] == {}
     assert report["graphs"] == len(FINE_STAGES | COARSE_STAGES)
+    # The stages' larger recompile limit holds while they run, not for the rest of the process.
+    before, after = report["recompile_limits"]
+    assert after == before
 
 
 @pytest.mark.parametrize("checkpointing", ["stage", "selective"])
