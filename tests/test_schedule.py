@@ -1,10 +1,12 @@
 """The learning-rate schedule: by steps, and by time with train.max_minutes."""
 
+import math
+
 import pytest
 import torch
 
 from medseg import config
-from medseg.train import CLOCK_WARMUP_STEPS, Schedule
+from medseg.schedule import CLOCK_WARMUP_STEPS, Schedule
 
 
 def _schedule(*overrides: str) -> tuple[Schedule, torch.optim.Optimizer]:
@@ -48,3 +50,35 @@ def test_resumed_schedule_keeps_its_clock():
     # A checkpoint from before the warm-up rule: time counted from the run's start.
     resumed.load_state_dict({"steps": 4, "seconds": 30.0})
     assert resumed.progress == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("steps, factor", [(0, 1.0), (2, 0.5 * (1 + math.cos(math.pi * 0.25))), (4, 0.5),
+                                           (6, 0.5 * (1 + math.cos(math.pi * 0.75))), (8, 0.0)])
+def test_cosine_decay_by_steps(steps, factor):
+    schedule, optimizer = _schedule("train.lr_schedule=cosine", "train.epochs=2", "train.iterations_per_epoch=4")
+    for _ in range(steps):
+        schedule.step(0.0)
+    assert schedule.progress == pytest.approx(steps / 8)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * factor, abs=1e-12)
+
+
+def test_cosine_follows_the_time_limit():
+    schedule, optimizer = _schedule("train.lr_schedule=cosine", "train.epochs=1000", "train.max_minutes=1")
+    for k in range(CLOCK_WARMUP_STEPS):
+        schedule.step(float(k))
+    start = float(CLOCK_WARMUP_STEPS - 1)
+    schedule.step(start + (60.0 - start) / 2)  # half the time after the warm-up: the cosine's midpoint
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
+
+
+def test_constant_schedule_keeps_the_rate_until_the_end():
+    schedule, optimizer = _schedule("train.lr_schedule=constant", "train.epochs=1", "train.iterations_per_epoch=4",
+                                    "train.max_minutes=1")
+    rates = []
+    for seconds in (1.0, 2.0, 3.0, 50.0):
+        schedule.step(seconds)
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates == [0.01] * 4
+    assert schedule.progress == 1.0  # all steps taken: the rate stays, the run ends
+    schedule.step(60.0)
+    assert schedule.time_is_up and optimizer.param_groups[0]["lr"] == 0.01

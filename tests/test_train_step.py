@@ -15,8 +15,10 @@ import torch
 from medseg import config
 from medseg.losses import DiceCELoss
 from medseg.models import build_model
-from medseg.step import GraphedStep, build_optimizer, compile_for_training, train_step
-from medseg.train import Schedule, _compile_setting, _memory_format
+from medseg.oom import MemoryFallback
+from medseg.schedule import Schedule
+from medseg.step import (GraphedStep, build_optimizer, compile_for_training,
+                         compile_setting, forward_backward, memory_format, train_step)
 from tests.conftest import ROOT
 
 CUDA = torch.device("cuda")  # only named, never used, in the rule tests
@@ -29,49 +31,52 @@ def _cfg(*overrides: str) -> config.Config:
 
 def test_auto_compile_uses_cuda_graphs_for_small_steps_only():
     small = ["train.patch_size=[40,56,40]", "train.batch_size=7"]  # 0.63M voxels per step
-    assert _compile_setting(_cfg(*small), CUDA) == "graphs"
-    assert _compile_setting(_cfg("train.patch_size=[128,128,128]", "train.batch_size=2"), CUDA) == "on"
+    assert compile_setting(_cfg(*small), CUDA) == "graphs"
+    assert compile_setting(_cfg("train.patch_size=[128,128,128]", "train.batch_size=2"), CUDA) == "on"
     # Graphs replay no collectives, their memory pool is outside the estimate, and need CUDA.
-    assert _compile_setting(_cfg(*small), CUDA, distributed_run=True) == "on"
-    assert _compile_setting(_cfg(*small, "train.memory_budget=8GiB"), CUDA) == "on"
-    assert _compile_setting(_cfg(*small), CPU) == "off"
-    assert _compile_setting(_cfg(*small, "train.compile=graphs"), CPU) == "on"
+    assert compile_setting(_cfg(*small), CUDA, distributed_run=True) == "on"
+    assert compile_setting(_cfg(*small, "train.memory_budget=8GiB"), CUDA) == "on"
+    assert compile_setting(_cfg(*small), CPU) == "off"
+    assert compile_setting(_cfg(*small, "train.compile=graphs"), CPU) == "on"
     # Short runs of small steps record the eager step instead of compiling (no compile start-up).
-    assert _compile_setting(_cfg(*small, "train.max_minutes=2"), CUDA) == "eager-graphs"
-    assert _compile_setting(_cfg(*small, "train.max_minutes=10"), CUDA) == "graphs"
-    assert _compile_setting(_cfg("train.patch_size=[128,128,128]", "train.max_minutes=2"), CUDA) == "on"
+    assert compile_setting(_cfg(*small, "train.max_minutes=2"), CUDA) == "eager-graphs"
+    assert compile_setting(_cfg(*small, "train.max_minutes=10"), CUDA) == "graphs"
+    assert compile_setting(_cfg("train.patch_size=[128,128,128]", "train.max_minutes=2"), CUDA) == "on"
     # The eager step recorded as a CUDA graph: eager wherever graphs cannot run.
-    assert _compile_setting(_cfg(*small, "train.compile=eager-graphs"), CUDA) == "eager-graphs"
-    assert _compile_setting(_cfg(*small, "train.compile=eager-graphs"), CPU) == "off"
-    assert _compile_setting(_cfg(*small, "train.compile=eager-graphs"), CUDA, distributed_run=True) == "off"
+    assert compile_setting(_cfg(*small, "train.compile=eager-graphs"), CUDA) == "eager-graphs"
+    assert compile_setting(_cfg(*small, "train.compile=eager-graphs"), CPU) == "off"
+    assert compile_setting(_cfg(*small, "train.compile=eager-graphs"), CUDA, distributed_run=True) == "off"
 
 
 def test_stage_checkpointing_compiles_without_cuda_graphs():
     # Its recomputation runs eagerly between the compiled stages: compiled, never recorded as a graph.
     small = ["train.patch_size=[40,56,40]", "train.batch_size=7", "model.checkpointing=stage"]
-    assert CUDA.type == "cuda"  # _compile_setting looks only at the device's type: no GPU needed
-    assert _compile_setting(_cfg(*small, "train.compile=graphs"), CUDA) == "on"
-    assert _compile_setting(_cfg(*small), CUDA) == "on"  # auto: graphs for a step this small otherwise
-    assert _compile_setting(_cfg(*small, "train.compile=on"), CUDA) == "on"
-    assert _compile_setting(_cfg("train.patch_size=[128,128,128]", "model.checkpointing=stage"), CUDA) == "on"
-    assert _compile_setting(_cfg(*small, "train.compile=eager-graphs"), CUDA) == "off"
-    assert _compile_setting(_cfg(*small, "train.max_minutes=2"), CUDA) == "off"  # auto: eager-graphs otherwise
-    assert _compile_setting(_cfg(*small, "train.compile=off"), CUDA) == "off"
-    assert _compile_setting(_cfg(*small), CPU) == "off"
-    assert _compile_setting(_cfg(*small, "train.compile=graphs"), CPU) == "on"
+    # compile_setting looks only at the device's type: it decides for a GPU without one, and never
+    # touches CUDA (which would fail on a machine without it).
+    if not torch.cuda.is_available():
+        assert not torch.cuda.is_initialized()
+    assert compile_setting(_cfg(*small, "train.compile=graphs"), CUDA) == "on"
+    assert compile_setting(_cfg(*small), CUDA) == "on"  # auto: graphs for a step this small otherwise
+    assert compile_setting(_cfg(*small, "train.compile=on"), CUDA) == "on"
+    assert compile_setting(_cfg("train.patch_size=[128,128,128]", "model.checkpointing=stage"), CUDA) == "on"
+    assert compile_setting(_cfg(*small, "train.compile=eager-graphs"), CUDA) == "off"
+    assert compile_setting(_cfg(*small, "train.max_minutes=2"), CUDA) == "off"  # auto: eager-graphs otherwise
+    assert compile_setting(_cfg(*small, "train.compile=off"), CUDA) == "off"
+    assert compile_setting(_cfg(*small), CPU) == "off"
+    assert compile_setting(_cfg(*small, "train.compile=graphs"), CPU) == "on"
     # Without stage checkpointing the same settings keep their graphs.
-    assert _compile_setting(_cfg(*small[:2], "train.compile=graphs"), CUDA) == "graphs"
-    assert _compile_setting(_cfg(*small[:2], "model.checkpointing=selective"), CUDA) == "graphs"
+    assert compile_setting(_cfg(*small[:2], "train.compile=graphs"), CUDA) == "graphs"
+    assert compile_setting(_cfg(*small[:2], "model.checkpointing=selective"), CUDA) == "graphs"
 
 
 def test_auto_channels_last_only_where_it_was_measured_faster():
     big = ["train.patch_size=[128,128,128]", "train.batch_size=2"]
-    assert _memory_format(_cfg(*big), CUDA, "on") == torch.channels_last_3d
-    assert _memory_format(_cfg(*big), CUDA, "graphs") == torch.contiguous_format
-    assert _memory_format(_cfg(*big, "model.checkpointing=selective"), CUDA, "on") == torch.contiguous_format
-    assert _memory_format(_cfg(*big), CPU, "off") == torch.contiguous_format
-    assert _memory_format(_cfg(*big, "train.channels_last=on"), CPU, "off") == torch.channels_last_3d
-    assert _memory_format(_cfg(*big, "train.channels_last=off"), CUDA, "on") == torch.contiguous_format
+    assert memory_format(_cfg(*big), CUDA, "on") == torch.channels_last_3d
+    assert memory_format(_cfg(*big), CUDA, "graphs") == torch.contiguous_format
+    assert memory_format(_cfg(*big, "model.checkpointing=selective"), CUDA, "on") == torch.contiguous_format
+    assert memory_format(_cfg(*big), CPU, "off") == torch.contiguous_format
+    assert memory_format(_cfg(*big, "train.channels_last=on"), CPU, "off") == torch.channels_last_3d
+    assert memory_format(_cfg(*big, "train.channels_last=off"), CUDA, "on") == torch.contiguous_format
 
 
 def _tiny_step(layout: torch.memory_format, device: torch.device, amp: torch.dtype | None = None):
@@ -131,8 +136,8 @@ def test_non_finite_loss_takes_no_step_with_a_fused_optimiser_and_no_host_decisi
 
 
 # Run in a fresh interpreter in UTF-8 mode (torch.compile's imports read source files in the
-# locale's encoding), which also keeps compile_for_training's global torch._dynamo settings
-# (suppress_errors) and the process group out of the other tests.
+# locale's encoding), which also keeps torch.compile's caches and the process group out of the
+# other tests.
 _STAGE_COMPILED_STEP = textwrap.dedent("""
     import json
     import sys
@@ -276,8 +281,6 @@ def test_cuda_step_uses_the_fused_optimiser_and_skips_overflow_on_the_gpu():
 def test_memory_fallback_of_compiled_stage_checkpointing_splits_the_batch():
     # A network with stage checkpointing is compiled stage by stage and has no cheaper mode left: an
     # out-of-memory error splits the batch. A network compiled whole stops at selective.
-    from medseg.train import MemoryFallback
-
     cfg = config.load(None, ["model.base_width=4", "model.max_width=16", "train.patch_size=[16,16,16]",
                              "model.checkpointing=stage"])
     net = build_model(cfg, 1, 3, (1.0, 1.0, 1.0))
@@ -288,3 +291,34 @@ def test_memory_fallback_of_compiled_stage_checkpointing_splits_the_batch():
     net.set_checkpointing("off")
     assert whole.cheaper(net, shape) == "activation checkpointing switched to selective"
     assert whole.cheaper(net, shape) == "batch split into 2 micro-batches of 1"
+
+
+def test_a_network_that_cannot_compile_runs_eagerly_in_the_step_only():
+    # torch._dynamo's suppress_errors holds inside the training step, never for the process: the
+    # same compiled network fails outside the step and trains inside it.
+    calls = []
+
+    def broken_backend(graph, example_inputs):
+        calls.append(len(example_inputs))
+        raise RuntimeError("this machine has no compiler (injected)")
+
+    torch.manual_seed(0)
+    network = torch.nn.Conv3d(1, 3, 3, padding=1)
+    compiled = torch.compile(network, backend=broken_backend)
+    image = torch.randn(2, 1, 8, 8, 8)
+    label = torch.randint(0, 3, (2, 1, 8, 8, 8), dtype=torch.uint8)
+    before = network.weight.detach().clone()
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss, finite = train_step(compiled, image, label, DiceCELoss(), optimizer, scaler, None, 12.0)
+    assert calls and bool(finite) and torch.isfinite(loss)
+    assert not torch.equal(network.weight.detach(), before)  # the eager fallback took the step
+    assert torch._dynamo.config.suppress_errors is False
+    torch._dynamo.reset()  # forget the eager fallback cached for this frame: compile again
+    with pytest.raises(Exception, match="no compiler"):  # outside the step nothing is suppressed
+        torch.compile(network, backend=broken_backend)(image)
+    torch._dynamo.reset()
+    # forward_backward (what the memory estimator and the DDP trial run) falls back the same way.
+    forward_backward(torch.compile(network, backend=broken_backend), image, label, DiceCELoss(), scaler, None)
+    assert network.weight.grad is not None and torch._dynamo.config.suppress_errors is False
+    torch._dynamo.reset()
