@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from medseg import checkpoint, config
+from medseg.data.cases import class_name
+from medseg.data.io import write_nifti
 from medseg.data.transforms import Preprocessing
 from medseg.infer import predict
 from medseg.models import build_model
@@ -36,7 +38,7 @@ def main() -> None:
     cfg = config.load(None, ["train.patch_size=[128,128,128]"])
     prep = Preprocessing(spacing=tuple(args.target_spacing), normalization="zscore", channels=1,
                          num_classes=args.classes, crop_foreground=True,
-                         labels={c: f"class_{c}" for c in range(args.classes)})
+                         labels={c: class_name(c) for c in range(args.classes)})
     model = build_model(cfg, 1, args.classes, prep.spacing)
     state = {"model": model.state_dict(), "config": cfg.to_dict(), "preprocessing": prep.to_dict(), "epoch": 0}
     checkpoint.save(state, work / "model.pt")
@@ -44,7 +46,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     volume = rng.normal(0, 300, size=args.shape).astype(np.int16)
     affine = np.diag([*args.spacing, 1.0])
-    nib.save(nib.Nifti1Image(volume, affine), work / "ct.nii")
+    write_nifti(volume, affine, work / "ct.nii", dtype=np.int16)
     del volume
 
     torch.cuda.reset_peak_memory_stats()

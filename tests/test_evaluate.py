@@ -253,3 +253,27 @@ def test_csv_and_json_round_trip(tmp_path: Path) -> None:
 
     with pytest.raises(DataError, match="does not exist"):
         result.write_json(tmp_path / "missing" / "metrics.json")
+
+
+def test_evaluate_command_takes_class_names_from_the_checkpoint(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medseg import checkpoint
+    from medseg.cli import app
+
+    _save(tmp_path / "ref" / "a.nii.gz", _box((2, 2, 2), (6, 6, 6)))
+    _save(tmp_path / "pred" / "a.nii.gz", _box((2, 2, 2), (6, 6, 7)))
+    labels = {"0": "background", "1": "liver", "2": "tumour"}
+    checkpoint.save({"model": {}, "config": {}, "preprocessing": {"labels": labels}}, tmp_path / "best.pt")
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "pred"), str(tmp_path / "ref"),
+                                      "--checkpoint", str(tmp_path / "best.pt"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "out" / "evaluation.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    # Every class the checkpoint names, by its name, also the one absent from both maps.
+    assert [(r["class"], r["dice"]) for r in rows] == [("liver", format(2 * 64 / (64 + 80), ".10g")),
+                                                        ("tumour", "")]
+    document = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert set(document["summary"]) == {"liver", "tumour"}
+    assert document["summary"]["liver"]["dice"]["mean"] == pytest.approx(2 * 64 / (64 + 80))
+    assert "liver" in result.output and "class_1" not in result.output
