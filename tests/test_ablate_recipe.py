@@ -9,6 +9,8 @@ import pytest
 from medseg import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--set", "model.base_width=4", "--set", "model.max_width=16", "--set", "train.batch_size=1",
+        "--set", "train.patch_size=[16,16,16]"]
 
 
 def test_variants_are_trained_and_tabulated(tmp_path):
@@ -16,7 +18,7 @@ def test_variants_are_trained_and_tabulated(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "ablate_recipe.py"), str(ROOT / "configs" / "sample.yaml"), str(out),
          "plain", "other:train.seed=1,train.lr=0.02", "--set", "train.epochs=1", "--set", "train.iterations_per_epoch=2",
-         "--set", f"data.dataset={ROOT / 'sample_data'}", "--set", "train.workers=0"],
+         "--set", f"data.dataset={ROOT / 'sample_data'}", "--set", "train.workers=0", *TINY],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -35,7 +37,7 @@ def test_nnunet_network_variant_trains_in_medseg_loop(tmp_path):
         [sys.executable, str(ROOT / "scripts" / "ablate_recipe.py"), str(ROOT / "configs" / "sample.yaml"),
          str(tmp_path / "ablation"), "nn:model.arch=nnunet-plain", "--set", "train.epochs=1",
          "--set", "train.iterations_per_epoch=2", "--set", f"data.dataset={ROOT / 'sample_data'}",
-         "--set", "train.workers=0"],
+         "--set", "train.workers=0", *TINY],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr

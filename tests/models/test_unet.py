@@ -543,7 +543,7 @@ def _cfg(**train_and_model) -> Config:
 def test_build_model_follows_the_config():
     net = build_model(_cfg(patch_size=[32, 32, 16], checkpointing="stage", deep_supervision=False),
                       in_channels=2, num_classes=4, spacing=(1.0, 1.0, 1.0))
-    assert isinstance(net, UNet3D)
+    assert isinstance(net, UNet3D) and isinstance(net, SegmentationNetwork)
     assert net.plan.strides == EXPECTED_STRIDES
     assert net.plan.widths == (4, 8, 16, 16)
     assert net.checkpointing == "stage"
