@@ -114,13 +114,19 @@ def plan(
 
 @app.command()
 def memory(
-    config: Annotated[Optional[Path], typer.Argument(help="Experiment config (overrides of configs/default.yaml).")] = None,
+    config: Annotated[Optional[Path], typer.Argument(help="Experiment config (overrides of the packaged defaults).")] = None,
     set_: SetOption = None,
     gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory to fit into, e.g. 24GiB.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
     measure: Annotated[bool, typer.Option("--measure", help="Also run real steps on this machine's GPU and compare.")] = False,
 ) -> None:
-    """Predict the peak GPU memory of a training step (no GPU needed) and what fits a budget."""
+    """Predict the peak GPU memory of a training step (no GPU needed) and what fits a budget.
+
+    With --gpu-memory (or train.memory_budget in the config) it also prints the patch, batch and
+    checkpointing that `medseg train` with the same config and budget runs: it reads and checks the
+    data as train does and runs the same fit. In --json that configuration is under "fit"
+    (patch_size, batch_size, checkpointing, amp, total; or "error" when nothing fits).
+    """
     with _user_errors():
         import json
 
@@ -128,12 +134,15 @@ def memory(
 
         from medseg import config as config_module
         from medseg import memory as memory_module
-        from medseg.data.fingerprint import network_inputs
+        from medseg.data.fingerprint import plan_preprocessing, training_cases
+        from medseg.data.io import usable_cpus
 
+        if gpu_memory is not None:
+            set_ = [*(set_ or []), f"train.memory_budget={gpu_memory}"]
         cfg = config_module.load(config, set_ or [])
-        channels, classes, spacing = network_inputs(cfg)
-        budget = memory_module.parse_size(gpu_memory) if gpu_memory else None
-        result = memory_module.overview(cfg, channels, classes, spacing, budget)
+        cases = training_cases(cfg, workers=usable_cpus())
+        prep = plan_preprocessing(cfg, cases, workers=usable_cpus())
+        result = memory_module.overview(cfg, prep, cases.train_summaries)
         if measure:
             import torch
 
@@ -141,13 +150,13 @@ def memory(
                 raise MedsegError("--measure needs a CUDA GPU on this machine")
             for row in result["rows"]:
                 candidate = cfg.replace(train={"amp": row["amp"]}, model={"checkpointing": row["checkpointing"]})
-                row.update(memory_module.measure(candidate, channels, classes, spacing))
+                row.update(memory_module.measure(candidate, prep.channels, prep.num_classes, prep.spacing))
         if json_output:
             print(json.dumps(result, indent=2))
             return
-        gib = 2**30
+        gib, budget = memory_module.GiB, result["budget"]
         table = Table(title=f"medseg memory: patch {cfg.train.patch_size}, batch {cfg.train.batch_size}, "
-                            f"{channels} channel(s), {classes} classes", title_justify="left")
+                            f"{prep.channels} channel(s), {prep.num_classes} classes", title_justify="left")
         for column in ("amp", "checkpointing", "peak GiB", "parameters", "gradients", "optimizer", "activations"):
             table.add_column(column, justify="right")
         if measure:
@@ -165,13 +174,12 @@ def memory(
                 cells.append("[green]yes[/]" if row["fits"] else "[red]no[/]")
             table.add_row(*cells)
         console.print(table)
-        for name, text in (("largest", "largest patch at this batch"), ("fit", "medseg train --gpu-memory would use")):
-            if name in result:
-                chosen = result[name]
-                line = chosen.get("error") or (
-                    f"patch {chosen['patch_size']}, batch {chosen['batch_size']}, amp {chosen['amp']}, "
-                    f"checkpointing {chosen['checkpointing']}: {chosen['total'] / gib:.2f} GiB")
-                console.print(f"{text}: {line}")
+        if "fit" in result:
+            chosen = result["fit"]
+            line = chosen.get("error") or (
+                f"patch {chosen['patch_size']}, batch {chosen['batch_size']}, amp {chosen['amp']}, "
+                f"checkpointing {chosen['checkpointing']}: {chosen['total'] / gib:.2f} GiB")
+            console.print(f"medseg train with this budget runs: {line}")
 
 
 @app.command()

@@ -6,14 +6,14 @@ max_memory_reserved), with the error in percent of the measurement, then the med
 absolute error. All configurations run in one process, the allocator's cache emptied between them;
 an out-of-memory configuration is reported and skipped.
 
-    python scripts/bench_memory.py                  # the table (about 2-3 minutes on an H200)
+    python scripts/bench_memory.py                  # the table
     python scripts/bench_memory.py --fit 8 12 24    # also: fit() under a capped memory fraction
     python scripts/bench_memory.py --only 0 3 --cudnn-benchmark
 
 With --fit, for each budget (GiB) the process's memory is capped at that budget
 (torch.cuda.set_per_process_memory_fraction), `medseg.memory.fit` picks patch, batch and
 checkpointing for the default network (patch 192³ requested; the rule: the most voxels per unit of
-step time, `medseg.memory.STEP_TIME`, within the budget less the margin; --fit-max-patch and
+step time, `medseg.memory.STEP_TIME` by default, within the budget less the margin; --fit-max-patch and
 --fit-max-batch pass its caps), and 50 real training steps of it run on random data through
 `medseg.step.train_step`: chosen configuration, predicted and measured peak, share of the budget
 used, time per step, the seconds fit() took on this machine's CPU, and whether it ran out of memory.
@@ -111,7 +111,7 @@ def fit_runs(budgets: list[float], steps: int, max_patch: list[int] | None = Non
              max_batch: int | None = None) -> list[dict]:
     from medseg.losses import DiceCELoss
     from medseg.models import build_model
-    from medseg.device import amp_dtype as _amp_dtype
+    from medseg.device import amp_dtype as resolve_amp
     from medseg.step import build_optimizer, train_step
 
     device = torch.device("cuda", torch.cuda.current_device())
@@ -121,7 +121,7 @@ def fit_runs(budgets: list[float], steps: int, max_patch: list[int] | None = Non
     caps = f", max_patch {max_patch}" if max_patch else ""
     caps += f", max_batch {max_batch}" if max_batch else ""
     print(f"\nfit(): default network, patch 192³ batch 2 requested{caps}, {steps} steps each; "
-          f"STEP_TIME {memory.STEP_TIME}", flush=True)
+          f"step times {dict(memory.STEP_TIME)}", flush=True)
     print(f"{'budget':>7} {'chosen':<36} {'pred GiB':>9} {'meas GiB':>9} {'resv GiB':>9} {'% budget':>9} "
           f"{'ms/step':>8} {'fit s':>6}  result", flush=True)
     for gib in budgets:
@@ -143,7 +143,7 @@ def fit_runs(budgets: list[float], steps: int, max_patch: list[int] | None = Non
         model = optimizer = image = label = None
         step_seconds = float("nan")
         try:
-            amp_dtype = _amp_dtype(t.amp, device)
+            amp_dtype = resolve_amp(t.amp, device)
             model = build_model(chosen, 1, 3, (1.0, 1.0, 1.0)).to(device)
             optimizer = build_optimizer(chosen, model)
             scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
