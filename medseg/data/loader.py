@@ -1,85 +1,68 @@
-"""Datasets and loaders: preprocessed volumes cached once, patches drawn at random every step."""
+"""Training and validation data: preprocessed volumes cached once, patches drawn at random every step."""
 
 from __future__ import annotations
 
 import itertools
 import pickle
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from monai import data as monai_data
 from monai import transforms as T
 
 from medseg.config import Config
+from medseg.data.augmentation import check_recipe
 from medseg.data.cases import Case
+from medseg.data.device_sampler import DevicePatchSampler
 from medseg.data.io import map_cases, usable_cpus
-from medseg.data.transforms import Preprocessing, patch_sampling, preprocessing, training_augmentation
+from medseg.data.transforms import Preprocessing, preprocessing
 
 
 def training_batches(cases: Sequence[Case], prep: Preprocessing, cfg: Config, cache_dir: Path | None,
-                     device: torch.device) -> Iterable[dict]:
-    """Batches of training patches, from the sampler `data.sampler` chooses.
+                     device: torch.device) -> "SampledBatches":
+    """Batches of augmented training patches; an iteration over the result yields
+    `iterations_per_epoch` batches, and its `state_dict()` continues the sequence exactly.
 
-    "workers" (the default without CUDA): MONAI transforms in DataLoader worker processes, one
-    patch at a time on the CPU (`training_loader`). "device" (the default with CUDA): the
-    preprocessed volumes are kept on the GPU where they fit (in host memory otherwise) and each
-    batch is drawn and augmented there with batched tensor operations, so the CPU never limits
-    the step rate. Either way an iteration over the result yields `iterations_per_epoch` batches.
+    One sampler (`DevicePatchSampler`, the `augment:` recipe) draws them, where `data.sampler`
+    says. "device" (the default with CUDA): the preprocessed volumes are kept on the GPU where they
+    fit (in host memory otherwise) and each batch is drawn and augmented there, so the CPU never
+    limits the step rate. "workers" (the default without CUDA): the sampler runs on the CPU in
+    `train.workers` DataLoader worker processes (in this process with 0), each rendering every
+    `workers`-th batch. Both give the same batches for the same seed (up to the float rounding of
+    reductions, whose order depends on the number of threads).
     """
+    check_recipe(cfg.augment)  # before the volumes are read and cached
     sampler = cfg.data.sampler
     if sampler == "auto":
         sampler = "device" if device.type == "cuda" else "workers"
-    if sampler == "workers":
-        return training_loader(cases, prep, cfg, cache_dir, device)
-    from medseg.data.device_sampler import DevicePatchSampler
-
     train = cfg.train
-    dataset = _dataset([c.as_dict() for c in cases], preprocessing(prep), cfg.data.cache, cache_dir, train.workers)
-    volumes = [{"image": item["image"].as_tensor(), "label": item["label"].as_tensor()} for item in dataset]
+    volumes = training_volumes(cases, prep, cfg, cache_dir)
     resident = None
-    if device.type == "cuda":
+    if sampler == "device" and device.type == "cuda":
         # Volumes stay on the GPU while they take at most a fifth of it; beyond that each patch's
         # box is copied from pinned host memory. Under `train.memory_budget` the budget belongs
         # to the training step the estimator fitted into it, so the volumes stay in host memory.
         resident = 0 if train.memory_budget else torch.cuda.get_device_properties(device).total_memory // 5
-    return _Epochs(DevicePatchSampler(
+    renders_on = device if sampler == "device" else torch.device("cpu")
+    patches = DevicePatchSampler(
         volumes, train.patch_size, prep.num_classes, train.batch_size, cfg.data.foreground_oversample,
-        cfg.augment.enabled, device, train.seed, resident_bytes=resident,
-    ), train.iterations_per_epoch)
-
-
-def training_loader(cases: Sequence[Case], prep: Preprocessing, cfg: Config, cache_dir: Path | None,
-                    device: torch.device) -> monai_data.DataLoader:
-    """An endless-by-epoch loader: each pass yields `iterations_per_epoch` batches of random patches.
-
-    Cases are drawn with replacement (every case equally likely), so an epoch is a number of
-    optimiser steps rather than a pass over the cases, as in nnU-Net.
-    """
-    train = cfg.train
-    transform = T.Compose([
-        *preprocessing(prep).transforms,
-        *patch_sampling(prep, train.patch_size).transforms,
-        *training_augmentation(prep, train.patch_size, cfg.data.foreground_oversample, cfg.augment.enabled).transforms,
-    ])
-    # Seeds: the augmentation's own random state (used without workers) and the loader's
-    # generator (case order, and the base seed MONAI derives each worker's random state from).
-    transform.set_random_state(seed=train.seed)
-    dataset = _dataset([c.as_dict() for c in cases], transform, cfg.data.cache, cache_dir, train.workers)
-    generator = torch.Generator().manual_seed(train.seed)
-    sampler = torch.utils.data.RandomSampler(
-        dataset, replacement=True, num_samples=train.iterations_per_epoch * train.batch_size, generator=generator
+        cfg.augment, renders_on, train.seed, resident_bytes=resident,
     )
-    return monai_data.DataLoader(
-        dataset,
-        batch_size=train.batch_size,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=train.workers,
-        persistent_workers=train.workers > 0,
-        pin_memory=device.type == "cuda",
-        generator=generator,
-    )
+    workers = train.workers if sampler == "workers" else 0
+    return SampledBatches(patches, train.iterations_per_epoch, workers, pin_memory=device.type == "cuda")
+
+
+def training_volumes(cases: Sequence[Case], prep: Preprocessing, cfg: Config,
+                     cache_dir: Path | None) -> list[dict[str, torch.Tensor]]:
+    """The preprocessed training volumes as plain tensors, through `data.cache` (memory, disk
+    under `cache_dir`, or none)."""
+    dataset = _dataset([c.as_dict() for c in cases], preprocessing(prep), cfg.data.cache, cache_dir,
+                       cfg.train.workers)
+    # The memory cache holds MetaTensors, the disk cache reads plain tensors back: the sampler
+    # needs no metadata either way.
+    return [{key: torch.as_tensor(item[key]).as_subclass(torch.Tensor) for key in ("image", "label")}
+            for item in dataset]
 
 
 def validation_dataset(cases: Sequence[Case], prep: Preprocessing, cfg: Config,
@@ -88,22 +71,61 @@ def validation_dataset(cases: Sequence[Case], prep: Preprocessing, cfg: Config,
     return _dataset([c.as_dict() for c in cases], preprocessing(prep), cfg.data.cache, cache_dir, cfg.train.workers)
 
 
-class _Epochs:
-    """An endless batch source seen as epochs of `steps` batches (like a DataLoader's passes)."""
+class SampledBatches:
+    """A sampler's endless batch sequence seen as epochs of `steps` batches (like a DataLoader's
+    passes), rendered in this process (`workers` 0) or by `workers` DataLoader worker processes,
+    worker w rendering batches w, w + workers, ... (each holds a copy of the sampler: its numbered
+    batches make the copies agree). The batches and their order are the same either way (up to the
+    float rounding of reductions run on one thread in a worker)."""
 
-    def __init__(self, source: Iterable[dict], steps: int) -> None:
-        self.source, self.steps = source, steps
-        self._iterator = iter(source)
+    def __init__(self, sampler: DevicePatchSampler, steps: int, workers: int = 0, pin_memory: bool = False) -> None:
+        self.sampler, self.steps, self.workers, self.pin_memory = sampler, steps, workers, pin_memory
+        self._position = 0  # batches handed out
+        self._iterator: Iterator[dict] | None = None  # started on first use, not before a state is loaded
 
     def __iter__(self) -> Iterator[dict]:
+        if self._iterator is None:
+            self._iterator = self._counted(self._start())
         return itertools.islice(self._iterator, self.steps)
 
     def state_dict(self) -> dict:
-        return self.source.state_dict()
+        """The number of batches handed out (the sampler's state)."""
+        return {"batches": self._position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.source.load_state_dict(state)
-        self._iterator = iter(self.source)
+        """Continue after the batches `state` counts (workers restart there)."""
+        self._position = int(state.get("batches", 0))
+        self._iterator = None
+
+    def _start(self) -> Iterator[dict]:
+        self.sampler.load_state_dict({"batches": self._position})
+        if self.workers == 0:
+            return iter(self.sampler)
+        # Worker processes are forked with the volumes (copy-on-write) and live as long as the
+        # iterator, across epochs: no per-epoch start-up. Each worker runs torch on one thread.
+        loader = torch.utils.data.DataLoader(_BatchStream(self.sampler, self._position), batch_size=None,
+                                             num_workers=self.workers, pin_memory=self.pin_memory)
+        return iter(loader)
+
+    def _counted(self, batches: Iterator[dict]) -> Iterator[dict]:
+        for batch in batches:
+            self._position += 1
+            yield batch
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """The sampler's batches from number `start` on; in a DataLoader worker only every
+    num_workers-th of them, so that the loader (which takes one batch from each worker in turn)
+    yields them in order."""
+
+    def __init__(self, sampler: DevicePatchSampler, start: int) -> None:
+        self.sampler, self.start = sampler, start
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = torch.utils.data.get_worker_info()
+        first, step = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        for number in itertools.count(self.start + first, step):
+            yield self.sampler.batch(number)
 
 
 def _dataset(items: list[dict], transform: T.Compose, cache: str, cache_dir: Path | None,

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from monai import transforms as T
 from torch import nn
 
+from medseg import config
 from medseg.data import device_sampler
-from medseg.data import transforms as medseg_transforms
+from medseg.data.augmentation import SampleAugmentation, rotation
 from medseg.data.device_sampler import DevicePatchSampler
 from medseg.losses import DiceCELoss
 
@@ -35,11 +36,26 @@ def _coded_volume(shape: tuple[int, int, int], case: int, classes: int = 3) -> d
     return {"image": image, "label": label}
 
 
-def _sampler(volumes, **overrides) -> DevicePatchSampler:
-    args = dict(patch_size=PATCH, num_classes=3, batch_size=4, foreground_fraction=0.33, augment=True,
+RECIPE = config.defaults().augment  # nnU-Net's, as the packaged defaults set it
+
+
+def _recipe(**changes) -> config.AugmentConfig:
+    return replace(RECIPE, **changes)
+
+
+def _sampler(volumes, augment: bool | config.AugmentConfig = True, **overrides) -> DevicePatchSampler:
+    """A sampler with the default recipe (augment True), none (False) or the recipe given."""
+    recipe = augment if isinstance(augment, config.AugmentConfig) else _recipe(enabled=augment)
+    args = dict(patch_size=PATCH, num_classes=3, batch_size=4, foreground_fraction=0.33, augment=recipe,
                 device=CPU, seed=0)
     args.update(overrides)
     return DevicePatchSampler(volumes, **args)
+
+
+def _geometry_only(draw: device_sampler._Draw, channels: int) -> device_sampler._Draw:
+    """The draw's geometry without its intensity changes."""
+    plain = SampleAugmentation.identity(channels)
+    return replace(draw, augmentations=[plain.with_matrix(a.matrix) for a in draw.augmentations])
 
 
 def _batches(sampler: DevicePatchSampler, n: int) -> list[dict]:
@@ -52,6 +68,15 @@ def _padded_slice(volume: torch.Tensor, corner: list[int], patch=PATCH) -> torch
     padded = F.pad(volume, (pad, pad) * 3)
     x, y, z = (c + pad for c in corner)
     return padded[:, x:x + patch[0], y:y + patch[1], z:z + patch[2]]
+
+
+def _assert_close(a: list[dict], b: list[dict]) -> None:
+    """The same batches up to float rounding: the CPU's multi-threaded reductions (blur, gamma
+    statistics) sum in an order that depends on the thread count, one thread in a DataLoader
+    worker. Labels are exact."""
+    for first, second in zip(a, b, strict=True):
+        torch.testing.assert_close(first["image"], second["image"], atol=1e-4, rtol=1e-5)
+        assert torch.equal(first["label"], second["label"])
 
 
 def _assert_same(a: list[dict], b: list[dict]) -> None:
@@ -203,12 +228,12 @@ def test_present_foreground_classes_are_equally_likely():
         assert (b["label"].flatten(1) > 0).any(dim=1).all()
 
 
-def test_foreground_indices_are_bounded(monkeypatch):
-    monkeypatch.setattr(device_sampler, "MAX_INDICES_PER_CLASS", 50)
+def test_foreground_indices_are_bounded():
     label = torch.zeros(1, 12, 12, 12, dtype=torch.uint8)
     label[0, 2:10, 2:10, 2:10] = 1  # 512 voxels
     label[0, 0, 0, :3] = 2  # 3 voxels
-    sampler = _sampler([{"image": torch.zeros(1, 12, 12, 12), "label": label}], num_classes=3)
+    sampler = _sampler([{"image": torch.zeros(1, 12, 12, 12), "label": label}], num_classes=3,
+                       max_indices_per_class=50)
     ones, twos = sampler._volumes[0].foreground
     assert len(ones) == 50 and len(ones.unique()) == 50
     assert (label.flatten()[ones] == 1).all()
@@ -233,14 +258,11 @@ def test_spatial_augmentation_maps_image_and_label_through_the_same_grid():
     sampler = _sampler([{"image": image, "label": label}], num_classes=5, batch_size=8, foreground_fraction=0.0)
     offsets = _coordinates(PATCH) - ((torch.tensor(PATCH, dtype=torch.float32) - 1) / 2)[:, None, None, None]
     rotated = mirrored = 0
-    for _ in range(8):
-        draw = sampler._draw()
-        b = len(draw.cases)
-        plain = device_sampler._unaugmented(draw.cases, draw.corners, sampler.channels)
-        draw = replace(plain, matrices=draw.matrices)
+    for number in range(8):
+        draw = _geometry_only(sampler._draw(number), sampler.channels)
         batch = sampler._render(draw)
-        for i in range(b):
-            matrix = torch.tensor(draw.matrices[i])
+        for i in range(len(draw.cases)):
+            matrix = torch.tensor(draw.augmentations[i].matrix)
             # Column lengths are the scale, the same for every axis (rotation keeps lengths), columns orthogonal.
             gram = matrix.T @ matrix
             scales = gram.diagonal().sqrt()
@@ -295,8 +317,8 @@ def test_rotated_labels_are_interpolated_per_class_not_nearest():
     patch = (12, 12, 12)
     sampler = _sampler([{"image": torch.ones(1, *shape), "label": label}], num_classes=3, patch_size=patch,
                        batch_size=1, foreground_fraction=0.0)
-    matrix = torch.tensor(device_sampler._rotation([0.3, -0.4, 0.5])) * 0.9
-    draw = replace(device_sampler._unaugmented([0], [[4, 4, 4]], 1), matrices=[matrix.tolist()])
+    matrix = torch.tensor(rotation([0.3, -0.4, 0.5])) * 0.9
+    draw = device_sampler._Draw([0], [[4, 4, 4]], [SampleAugmentation.identity(1).with_matrix(matrix.tolist())])
     resampled = sampler._render(draw)["label"][0, 0]
     offsets = _coordinates(patch) - 5.5
     coords = torch.full((3,), 9.5)[:, None, None, None] + torch.einsum("ak,kxyz->axyz", matrix, offsets)
@@ -310,32 +332,14 @@ def test_rotated_labels_are_interpolated_per_class_not_nearest():
     assert (resampled.flatten()[clear] != nearest_label[clear]).sum() >= 5
 
 
-def test_label_classes_interpolated_in_passes_give_the_same_label(monkeypatch):
+def test_label_classes_interpolated_in_passes_give_the_same_label():
     label = torch.randint(0, 20, (1, 10, 11, 12), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
     grid = torch.rand(1, 6, 7, 8, 3, generator=torch.Generator().manual_seed(6)) * 1.8 - 0.9
     whole = device_sampler._linear_label(label, grid, 20)
-    monkeypatch.setattr(device_sampler, "_LABEL_CLASSES_PER_PASS", 3)
-    assert torch.equal(device_sampler._linear_label(label, grid, 20), whole)
+    assert torch.equal(device_sampler._linear_label(label, grid, 20, per_pass=3), whole)
     assert whole.shape == (1, 1, 6, 7, 8) and len(whole.unique()) > 5
     # Outside the volume every indicator is 0: background.
     assert int(device_sampler._linear_label(label, torch.full((1, 2, 2, 2, 3), 3.0), 20).max()) == 0
-
-
-def test_rotation_and_scaling_are_drawn_independently():
-    volumes = [_coded_volume(s, i) for i, s in enumerate(SHAPES)]
-    sampler = _sampler(volumes, batch_size=100)
-    rotated = scaled = both = 0
-    n = 0
-    for _ in range(20):
-        for matrix in sampler._draw().matrices:
-            m = torch.tensor(matrix).abs()
-            scale = float((torch.tensor(matrix).T @ torch.tensor(matrix)).diagonal()[0].sqrt())
-            is_scaled = abs(scale - 1) > 1e-6
-            is_rotated = not torch.allclose(m / scale, torch.eye(3))
-            rotated, scaled, both, n = rotated + is_rotated, scaled + is_scaled, both + (is_rotated and is_scaled), n + 1
-    # nnU-Net: rotation with probability 0.2, scaling with 0.2, independently (both: 0.04).
-    assert abs(rotated / n - 0.2) < 0.04 and abs(scaled / n - 0.2) < 0.04
-    assert abs(both / n - 0.04) < 0.02
 
 
 def _agreement(batch: dict) -> torch.Tensor:
@@ -367,155 +371,10 @@ def test_augmented_image_and_label_stay_aligned():
     aligned, misaligned = torch.cat(aligned), torch.cat(misaligned)
     assert len(aligned) >= 20
     # Not all 1: blur, bilinear vs nearest at edges and the patch border move a few voxels (a patch
-    # showing mostly a thin edge of the structure, blurred, can lose a fifth; the geometry alone is
+    # showing mostly a thin edge of the structure, blurred, can lose a quarter; the geometry alone is
     # checked exactly in test_spatial_augmentation_maps_image_and_label_through_the_same_grid).
-    assert aligned.min() > 0.75 and aligned.mean() > 0.97
+    assert aligned.min() > 0.7 and aligned.mean() > 0.97
     assert misaligned.mean() < aligned.mean() - 0.05
-
-
-def test_blur_matches_the_pipelines_nnunet_blur():
-    image = torch.randn(2, 3, 9, 10, 11, generator=torch.Generator().manual_seed(1))
-    # Per sample and channel: sigma per axis (0: that channel unblurred).
-    sigma = [[[0.5, 0.8, 1.0], [0.0, 0.0, 0.0], [0.9, 0.6, 0.7]], [[0.0] * 3] * 3]
-    kernels = torch.tensor([[device_sampler._blur_kernel(s) for s in sigmas] for channels in sigma
-                            for sigmas in channels])
-    blurred = device_sampler._blur(image, kernels)
-    blur = medseg_transforms.RandGaussianBlur(1.0, (0.5, 1.0))
-    for c in (0, 2):
-        blur.sigmas = sigma[0][c]
-        expected = blur(image[0, c:c + 1], randomize=False)
-        torch.testing.assert_close(blurred[0, c:c + 1], torch.as_tensor(expected), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(blurred[0, 1], image[0, 1])  # sigma 0: unchanged
-    torch.testing.assert_close(blurred[1], image[1])
-
-
-def test_blur_kernel_is_nnunets():
-    # batchgeneratorsv2: about 6 sigma rounded to an odd size, the sampled Gaussian normalised.
-    for sigma, taps in ((0.5, 3), (0.6, 5), (0.75, 5), (0.9, 5), (1.0, 7)):
-        assert _kernel_size(sigma) == taps
-        kernel = medseg_transforms.blur_kernel(sigma)
-        assert len(kernel) == taps and abs(kernel.sum() - 1) < 1e-12
-        x = torch.arange(taps, dtype=torch.float64) - (taps - 1) / 2
-        pdf = torch.exp(-0.5 * (x / sigma) ** 2)
-        torch.testing.assert_close(torch.tensor(kernel), pdf / pdf.sum())
-        padded = torch.tensor(device_sampler._blur_kernel(sigma), dtype=torch.float64)
-        tail = device_sampler._BLUR_TAIL
-        torch.testing.assert_close(padded[tail - (taps - 1) // 2:tail + (taps - 1) // 2 + 1], pdf / pdf.sum())
-        assert padded.sum() == pytest.approx(1.0)
-    assert device_sampler._BLUR_TAPS == max(_kernel_size(s / 100) for s in range(50, 101))
-
-
-def test_blur_reflects_the_border():
-    # Normalised kernel and reflection: a constant image stays constant up to its border (a
-    # zero-padded or unnormalised blur changes it there).
-    image = torch.full((1, 1, 6, 7, 8), 3.0)
-    kernels = torch.tensor([[device_sampler._blur_kernel(s) for s in (0.5, 0.75, 1.0)]])
-    torch.testing.assert_close(device_sampler._blur(image, kernels), image)
-
-
-def test_gamma_matches_monai_adjust_contrast_per_channel():
-    image = torch.randn(3, 2, 6, 7, 8, generator=torch.Generator().manual_seed(2)) * 5 + 1
-    image[:, 1] = image[:, 1] * 3 + 10  # channels of different ranges: statistics are per channel
-    gamma = torch.tensor([[0.7, 1.3], [1.0, 1.0], [1.5, 0.8]])
-    adjusted = device_sampler._gamma(image, gamma)
-    for i, c in itertools.product(range(3), range(2)):
-        expected = torch.as_tensor(T.AdjustContrast(gamma=float(gamma[i, c]), retain_stats=True)(image[i, c:c + 1]))
-        torch.testing.assert_close(adjusted[i, c:c + 1], expected, atol=1e-4, rtol=1e-5)
-    # Each channel's mean and standard deviation are kept.
-    torch.testing.assert_close(adjusted.flatten(2).mean(2), image.flatten(2).mean(2), atol=1e-4, rtol=0)
-    torch.testing.assert_close(adjusted.flatten(2).std(2), image.flatten(2).std(2), atol=1e-4, rtol=1e-5)
-    # The inverted variant: MONAI's invert_image=True.
-    inverted = -device_sampler._gamma(-image, gamma)
-    for i, c in itertools.product(range(3), range(2)):
-        expected = torch.as_tensor(
-            T.AdjustContrast(gamma=float(gamma[i, c]), invert_image=True, retain_stats=True)(image[i, c:c + 1]))
-        torch.testing.assert_close(inverted[i, c:c + 1], expected, atol=1e-4, rtol=1e-5)
-
-
-def test_contrast_matches_monai_scale_intensity_fixed_mean():
-    image = torch.randn(2, 2, 6, 7, 8, generator=torch.Generator().manual_seed(3)) * 3
-    factor = torch.tensor([1.25, 0.8])
-    changed = device_sampler._contrast(image, factor)
-    for i in range(2):
-        expected = T.ScaleIntensityFixedMean(factor=float(factor[i]) - 1, preserve_range=True)(image[i])
-        torch.testing.assert_close(changed[i], torch.as_tensor(expected), atol=1e-5, rtol=1e-5)
-    assert changed.min() >= image.min() and changed.max() <= image.max()
-
-
-def test_low_resolution_matches_monai_simulate_low_resolution():
-    image = torch.randn(3, 2, 9, 10, 11, generator=torch.Generator().manual_seed(4))
-    zooms = [[0.5, 1.0], [1.0, 1.0], [0.73, 0.61]]  # per sample and channel
-    simulated = device_sampler._low_resolution(image, zooms)
-    for i, c in itertools.product(range(3), range(2)):
-        zoom = zooms[i][c]
-        if zoom == 1:
-            assert torch.equal(simulated[i, c], image[i, c])
-            continue
-        monai_transform = T.RandSimulateLowResolution(prob=1.0, downsample_mode="nearest-exact",
-                                                      zoom_range=(zoom, zoom))
-        expected = torch.as_tensor(monai_transform(image[i, c:c + 1]))
-        torch.testing.assert_close(simulated[i, c:c + 1], expected, atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(simulated[i, c], image[i, c])
-
-
-def _blob(shape=(24, 26, 22), centre=(11.3, 12.6, 10.2), sigma=3.0) -> tuple[torch.Tensor, torch.Tensor]:
-    xyz = _coordinates(shape)
-    centre = torch.tensor(centre)
-    return torch.exp(-((xyz - centre[:, None, None, None]) ** 2).sum(0) / (2 * sigma ** 2))[None], xyz
-
-
-def _centroid(image: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
-    weights = image[0].clamp(min=0)
-    return (xyz * weights).flatten(1).sum(1) / weights.sum()
-
-
-@pytest.mark.parametrize("zoom", [0.6, 0.67, 0.73, 0.8, 0.85, 0.9])
-def test_low_resolution_does_not_move_the_image(zoom):
-    # 'nearest' downsampling moved a blob by 0.5-0.9 voxel against its (unchanged) label;
-    # 'nearest-exact' keeps it in place, in both samplers.
-    blob, xyz = _blob()
-    centre = _centroid(blob, xyz)
-    simulated = device_sampler._low_resolution(blob[None], [[zoom]])[0]
-    assert not torch.allclose(simulated, blob)
-    assert (_centroid(simulated, xyz) - centre).abs().max() < 0.2
-    pipeline = medseg_transforms.RandChannelwised(
-        "image", T.RandSimulateLowResolution(prob=1.0, downsample_mode="nearest-exact", zoom_range=(zoom, zoom)),
-        prob=1.0, channel_prob=1.0)
-    torch.testing.assert_close(pipeline({"image": blob})["image"], simulated, atol=1e-5, rtol=1e-5)
-
-
-def test_augmentation_parameters_stay_in_range():
-    sampler = _sampler([_coded_volume((12, 12, 12), 0)], batch_size=64)
-    draws = [sampler._draw() for _ in range(20)]
-    noise = torch.tensor([v for d in draws for v in d.noise_std])
-    # Per sample and channel (4 channels): flattened over both.
-    sigma = torch.tensor([v for d in draws for v in d.blur_sigma]).flatten(0, 1)
-    brightness = torch.tensor([v for d in draws for v in d.brightness])
-    gamma = torch.tensor([v for d in draws for v in d.gamma]).flatten()
-    contrast = torch.tensor([v for d in draws for v in d.contrast])
-    low_resolution = torch.tensor([v for d in draws for v in d.low_resolution]).flatten()
-    inverted = torch.tensor([v for d in draws for v in d.inverted_gamma]).flatten()
-    matrices = torch.tensor([m for d in draws for m in d.matrices], dtype=torch.float64)
-    spatial = ~torch.isclose(matrices.abs(), torch.eye(3, dtype=torch.float64)).flatten(1).all(1)
-    # Rotations of at most 30 degrees keep the diagonal positive: its sign is the mirroring.
-    mirrored = (matrices.diagonal(dim1=1, dim2=2) < 0).double()
-    n = len(noise)
-    assert ((noise >= 0) & (noise <= 0.1)).all()
-    assert ((sigma == 0) | ((sigma >= 0.5) & (sigma <= 1.0))).all()
-    assert ((brightness >= 0.75) & (brightness <= 1.25)).all()
-    assert ((gamma >= 0.7) & (gamma <= 1.5)).all()
-    # Probabilities as in training_augmentation() (1280 samples, 5120 channels: loose bounds, fixed
-    # seed). Blur and low resolution: nnU-Net's per sample probability times 0.5 per channel.
-    assert abs((noise > 0).sum() / n - 0.1) < 0.04
-    assert abs((sigma[:, 0] > 0).double().mean() - 0.1) < 0.025
-    assert abs((brightness != 1).sum() / n - 0.15) < 0.05
-    assert abs((gamma != 1).double().mean() - 0.3) < 0.05
-    assert ((contrast >= 0.75) & (contrast <= 1.25)).all() and abs((contrast != 1).sum() / n - 0.15) < 0.05
-    assert ((low_resolution >= 0.5) & (low_resolution <= 1)).all()
-    assert abs((low_resolution != 1).double().mean() - 0.125) < 0.025
-    assert ((inverted >= 0.7) & (inverted <= 1.5)).all() and abs((inverted != 1).double().mean() - 0.1) < 0.04
-    assert abs(spatial.double().mean() - 0.36) < 0.05  # rotation 0.2 or scaling 0.2, independently
-    assert (abs(mirrored.mean(0) - 0.5) < 0.06).all()
 
 
 # --- determinism and state --------------------------------------------------------------------------
@@ -586,40 +445,6 @@ def test_cuda_resident_streamed_and_cpu_agree():
         assert torch.equal(gpu_batch["label"].cpu(), cpu_batch["label"])
 
 
-def test_blur_and_low_resolution_choose_channels_independently():
-    sampler = _sampler([_coded_volume((12, 12, 12), 0)], batch_size=100)  # 4 channels
-    draws = [sampler._draw() for _ in range(30)]
-    blurred = torch.tensor([[s[0] > 0 for s in channels] for d in draws for channels in d.blur_sigma])
-    coarse = torch.tensor([[z != 1 for z in zooms] for d in draws for zooms in d.low_resolution])
-    for chosen, sample_prob in ((blurred, 0.2), (coarse, 0.25)):
-        touched = chosen.any(1).double().mean()
-        # P(some channel) = p * (1 - 0.5 ** 4); within a touched sample each channel with 0.5.
-        assert abs(touched - sample_prob * (1 - 0.5 ** 4)) < 0.03
-        assert abs(chosen[chosen.any(1)].double().mean() - 0.5 / (1 - 0.5 ** 4)) < 0.05
-    # Channels of one sample get their own parameters.
-    sigmas = [channels for d in draws for channels in d.blur_sigma if sum(s[0] > 0 for s in channels) > 1]
-    assert all(len({tuple(s) for s in channels if s[0] > 0}) > 1 for channels in sigmas)
-
-
-def test_gammas_are_below_one_as_often_as_above():
-    # nnU-Net's BGContrast sampling of (0.7, 1.5): half from (0.7, 1), half from (1, 1.5); a uniform
-    # draw on (0.7, 1.5) would be below 1 only 3 times in 8.
-    sampler = _sampler([_coded_volume((12, 12, 12), 0)], batch_size=100)
-    draws = [sampler._draw() for _ in range(30)]
-    for name in ("gamma", "inverted_gamma"):
-        values = torch.tensor([getattr(d, name) for d in draws]).flatten()
-        applied = values[values != 1]
-        assert len(applied) > 300
-        assert abs((applied < 1).double().mean() - 0.5) < 0.06
-        above = applied[applied > 1]
-        assert abs(float(above.mean()) - 1.25) < 0.03  # uniform on (1, 1.5)
-        assert abs(float(applied[applied < 1].mean()) - 0.85) < 0.03  # uniform on (0.7, 1)
-
-
-def _kernel_size(sigma: float) -> int:
-    return len(medseg_transforms.blur_kernel(sigma))
-
-
 @pytest.mark.gpu
 def test_cuda_batches_rendered_ahead_keep_the_sequence_and_its_state():
     # On CUDA each batch is rendered one step ahead on a side stream; the batches, and the state a
@@ -637,3 +462,151 @@ def test_cuda_batches_rendered_ahead_keep_the_sequence_and_its_state():
     restored = _sampler(volumes, device=cuda, seed=3, augment=False)
     restored.load_state_dict(state)
     _assert_same(_batches(restored, 3), tail)
+
+
+# --- the recipe through the sampler -------------------------------------------------------------------
+
+ALL_OFF = dict(rotation_prob=0.0, scale_prob=0.0, flip_prob=0.0, noise_prob=0.0, blur_prob=0.0, brightness_prob=0.0,
+               contrast_prob=0.0, low_resolution_prob=0.0, inverted_gamma_prob=0.0, gamma_prob=0.0)
+
+
+def test_probabilities_zero_give_plain_slices():
+    volumes = [_coded_volume(s, i) for i, s in enumerate(SHAPES)]
+    sampler = _sampler(volumes, augment=_recipe(**ALL_OFF), batch_size=6, foreground_fraction=0.0)
+    for batch in _batches(sampler, 4):
+        _check_unaugmented(batch, volumes)
+
+
+def test_flip_probability_one_mirrors_every_axis_of_every_patch():
+    volumes = [_coded_volume(s, i) for i, s in enumerate(SHAPES)]
+    recipe = _recipe(**{**ALL_OFF, "flip_prob": 1.0})
+    flipped = _sampler(volumes, augment=recipe, batch_size=6, foreground_fraction=0.0)
+    for batch in _batches(flipped, 3):
+        mirrored = {"image": batch["image"].flip(2, 3, 4), "label": batch["label"].flip(2, 3, 4)}
+        _check_unaugmented(mirrored, volumes)  # mirrored back: the plain slice
+
+
+def test_noise_probability_one_changes_every_patch():
+    volumes = [_coded_volume(s, i) for i, s in enumerate(SHAPES)]
+    noisy = _sampler(volumes, augment=_recipe(**{**ALL_OFF, "noise_prob": 1.0}), batch_size=6)
+    plain = _sampler(volumes, augment=_recipe(**ALL_OFF), batch_size=6)
+    for a, b in zip(_batches(noisy, 3), _batches(plain, 3)):
+        assert torch.equal(a["label"], b["label"])  # the same patches: noise draws no position
+        assert (a["image"] != b["image"]).flatten(1).any(1).all()
+
+
+def test_blur_wider_than_the_default_range_works():
+    volumes = [_coded_volume((16, 16, 16), 0)]
+    recipe = _recipe(**{**ALL_OFF, "blur_prob": 1.0, "blur_channel_prob": 1.0, "blur_sigma": [1.5, 2.0]})
+    batch = next(iter(_sampler(volumes, augment=recipe, patch_size=(12, 12, 12))))
+    assert torch.isfinite(batch["image"]).all()
+
+
+def test_batches_are_numbered():
+    # Batch n depends on the seed and n alone: any process can render any batch.
+    volumes = [_coded_volume(s, i) for i, s in enumerate(SHAPES)]
+    sequence = _batches(_sampler(volumes, seed=4), 5)
+    other = _sampler(volumes, seed=4)
+    _assert_same([other.batch(n) for n in (3, 0, 4)], [sequence[3], sequence[0], sequence[4]])
+
+
+# --- the loader: workers and in-process, one sequence ---------------------------------------------------
+
+
+def _sampled(volumes, workers: int, steps: int = 3):
+    from medseg.data.loader import SampledBatches
+
+    return SampledBatches(_sampler(volumes, seed=6, batch_size=2), steps, workers)
+
+
+def test_worker_processes_give_the_in_process_batches():
+    volumes = [_coded_volume(s, i) for i, s in enumerate(SHAPES)]
+    in_process = _sampled(volumes, workers=0)
+    expected = [batch for _ in range(2) for batch in in_process]  # two epochs of 3
+    workers = _sampled(volumes, workers=2)
+    _assert_close([batch for _ in range(2) for batch in workers], expected)
+    assert workers.state_dict() == in_process.state_dict() == {"batches": 6}
+
+
+def test_worker_state_dict_resumes_the_sequence():
+    volumes = [_coded_volume(s, i) for i, s in enumerate(SHAPES)]
+    in_process = _sampled(volumes, workers=0)
+    expected = [batch for _ in range(3) for batch in in_process]
+    first = _sampled(volumes, workers=2)
+    head = list(first)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)  # the workers have rendered ahead; the state has not
+    buffer.seek(0)
+    resumed = _sampled(volumes, workers=2)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    _assert_close(head + list(resumed) + list(resumed), expected)
+
+
+def _write_case(folder, name: str, seed: int) -> "Case":
+    import nibabel as nib
+    import numpy as np
+
+    from medseg.data.cases import Case
+
+    generator = np.random.default_rng(seed)
+    image = generator.normal(size=(16, 16, 16)).astype(np.float32) + 5
+    label = np.zeros((16, 16, 16), np.uint8)
+    label[4:10, 5:12, 3:9] = 1
+    label[11:14, 2:6, 10:14] = 2
+    paths = [folder / f"{name}.nii.gz", folder / f"{name}_seg.nii.gz"]
+    for path, array in zip(paths, (image, label)):
+        nib.save(nib.Nifti1Image(array, np.diag([1.0, 1.0, 1.5, 1.0])), str(path))
+    return Case(name, (paths[0],), paths[1])
+
+
+def _training_config(*overrides: str) -> config.Config:
+    return config.load(None, ["train.patch_size=[8,8,8]", "train.batch_size=2", "train.iterations_per_epoch=2",
+                              "train.workers=0", *overrides])
+
+
+def _preprocessing():
+    from medseg.data.transforms import Preprocessing
+
+    return Preprocessing((1.0, 1.0, 1.5), "zscore", 1, 3)
+
+
+def test_training_batches_on_workers_and_on_the_device_are_the_same(tmp_path):
+    from medseg.data.loader import training_batches
+
+    cases = [_write_case(tmp_path, f"case{i}", i) for i in range(2)]
+    runs = {}
+    for name, extra in (("workers", ["data.sampler=workers", "train.workers=2"]), ("device", ["data.sampler=device"])):
+        batches = training_batches(cases, _preprocessing(), _training_config(*extra), None, CPU)
+        runs[name] = [batch for _ in range(2) for batch in batches]
+    _assert_close(runs["workers"], runs["device"])
+    assert any(bool((b["label"] > 0).any()) for b in runs["workers"])
+
+
+def test_training_batches_come_from_a_disk_cache(tmp_path):
+    from medseg.data.loader import training_batches, training_volumes
+
+    source = tmp_path / "data"
+    source.mkdir()
+    cases = [_write_case(source, f"case{i}", i) for i in range(2)]
+    cfg = _training_config("data.cache=disk")
+    cache = tmp_path / "cache"
+    written = list(itertools.islice(training_batches(cases, _preprocessing(), cfg, cache, CPU), 2))
+    assert len(list(cache.iterdir())) == 2  # one file per preprocessed case
+    volumes = training_volumes(cases, _preprocessing(), cfg, cache)
+    for case in cases:  # from here on only the cache can give the volumes
+        for path in (*case.images, case.label):
+            path.unlink()
+    again = training_volumes(cases, _preprocessing(), cfg, cache)
+    for first, second in zip(volumes, again, strict=True):
+        assert torch.equal(first["image"], second["image"]) and torch.equal(first["label"], second["label"])
+    _assert_same(list(itertools.islice(training_batches(cases, _preprocessing(), cfg, cache, CPU), 2)), written)
+
+
+def test_impossible_recipe_fails_before_the_volumes_are_read(tmp_path):
+    from medseg.data.cases import Case
+    from medseg.data.loader import training_batches
+    from medseg.errors import ConfigError
+
+    missing = Case("missing", (tmp_path / "missing.nii.gz",), tmp_path / "missing_seg.nii.gz")
+    with pytest.raises(ConfigError, match=r"augment\.gamma_prob"):
+        training_batches([missing], _preprocessing(), _training_config("augment.gamma_prob=2"), None, CPU)
