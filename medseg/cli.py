@@ -24,8 +24,19 @@ app = typer.Typer(
 console = Console()
 errors = Console(stderr=True)
 
+def _print_version(value: bool) -> None:
+    if value:
+        from medseg import __version__
+
+        console.print(f"medseg {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main() -> None:
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
     """Train 3D medical image segmentation networks and run them on new scans."""
     # Under an ASCII locale a "×" in a table must not end a training run with UnicodeEncodeError.
     for stream in (sys.stdout, sys.stderr):
@@ -41,13 +52,20 @@ SetOption = Annotated[
 
 @app.command()
 def train(
-    config: Annotated[Optional[Path], typer.Argument(help="Experiment config (overrides of configs/default.yaml).")] = None,
+    ctx: typer.Context,
+    config: Annotated[Optional[Path], typer.Argument(help="Experiment config (overrides of the packaged defaults; `medseg plan` writes one).")] = None,
     set_: SetOption = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from last.pt.")] = None,
     gpus: Annotated[int, typer.Option(help="Train on this many GPUs of this machine (starts torchrun).")] = 1,
     gpu_memory: Annotated[Optional[str], typer.Option(help="Fit patch, batch and checkpointing into this much GPU memory, e.g. 24GiB.")] = None,
 ) -> None:
     """Train a 3D U-Net on a dataset folder."""
+    if config is None and resume is None:
+        # The defaults alone describe no dataset of the user's: show how to start instead.
+        console.print(ctx.get_help())
+        errors.print("[bold red]error:[/] give a CONFIG (`medseg plan DATASET -o CONFIG` writes one) or --resume RUN",
+                     highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2)
     if gpu_memory is not None:
         set_ = [*(set_ or []), f"train.memory_budget={gpu_memory}"]
     # Before CUDA starts (torchrun's processes inherit it): segments that grow in place keep the
@@ -104,11 +122,13 @@ def plan(
         if out is None:
             console.print(text, highlight=False, markup=False)
             return
+        from medseg.files import atomic_write_text
+
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text, encoding="utf-8")
         except OSError as exc:
             raise MedsegError(f"{out}: cannot write the plan ({exc.strerror or exc})") from None
+        atomic_write_text(out, text)
         console.print(f"wrote {out}; train with: medseg train {out}")
 
 
