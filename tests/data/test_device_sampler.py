@@ -9,7 +9,6 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from monai import transforms as T
 from torch import nn
 
 from medseg import config
@@ -542,12 +541,13 @@ def test_worker_state_dict_resumes_the_sequence():
     _assert_close(head + list(resumed) + list(resumed), expected)
 
 
-def _write_case(folder, name: str, seed: int) -> "Case":
+def _write_case(folder, name: str, seed: int):
     import nibabel as nib
     import numpy as np
 
     from medseg.data.cases import Case
 
+    """A 16^3 case (image and two-class label) written as NIfTI files into `folder`."""
     generator = np.random.default_rng(seed)
     image = generator.normal(size=(16, 16, 16)).astype(np.float32) + 5
     label = np.zeros((16, 16, 16), np.uint8)
