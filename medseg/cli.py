@@ -26,9 +26,9 @@ errors = Console(stderr=True)
 
 def _print_version(value: bool) -> None:
     if value:
-        from medseg import __version__
+        import medseg
 
-        console.print(f"medseg {__version__}")
+        console.print(f"medseg {medseg.__version__}")
         raise typer.Exit()
 
 

@@ -267,9 +267,9 @@ class UNet3D(nn.Module):
         # under the same torch.compile settings as in forward.
         if self._recompile_limit is None:
             return stage(*inputs)
-        from torch import _dynamo
+        import torch._dynamo
 
-        with _dynamo.config.patch(recompile_limit=self._recompile_limit):
+        with torch._dynamo.config.patch(recompile_limit=self._recompile_limit):
             return stage(*inputs)
 
     def compile_stages(self) -> None:
@@ -279,12 +279,12 @@ class UNet3D(nn.Module):
         graph whose backward holds nearly as much memory as no checkpointing; compiled per stage,
         each checkpoint drops its stage's saved tensors and reruns the compiled stage in backward.
         """
-        from torch import _dynamo
+        import torch._dynamo
 
         # Stages of one class share their forward's code, and torch.compile keeps a limited number
         # of compiled versions per code object (one per stage and batch size here). The larger
         # limit holds only while a stage runs (`_call_stage`), not for the rest of the process.
-        self._recompile_limit = max(_dynamo.config.recompile_limit, 8 * len(self.encoder))
+        self._recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(self.encoder))
         for stage in (*self.encoder, *self.decoder):
             stage.compile(dynamic=False)
 
