@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import multiprocessing
 import os
+import signal
 import sys
 import zlib
 from collections.abc import Callable, Sequence
@@ -380,6 +381,11 @@ def _one_torch_thread() -> None:
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(1)
+    # The parent's stop handlers (training's SIGINT/SIGTERM requests) must not survive the fork:
+    # Pool.terminate() ends its children with SIGTERM while holding their task queue's lock, so a
+    # child that catches SIGTERM waits for that lock forever and the pool's join never returns.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent handles it
 
 
 def _has_suffix(name: str, suffixes: Sequence[str]) -> bool:

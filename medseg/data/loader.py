@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import pickle
+import signal
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -104,13 +105,22 @@ class SampledBatches:
         # Worker processes are forked with the volumes (copy-on-write) and live as long as the
         # iterator, across epochs: no per-epoch start-up. Each worker runs torch on one thread.
         loader = torch.utils.data.DataLoader(_BatchStream(self.sampler, self._position), batch_size=None,
-                                             num_workers=self.workers, pin_memory=self.pin_memory)
+                                             num_workers=self.workers, pin_memory=self.pin_memory,
+                                             worker_init_fn=_ignore_stop_signals)
         return iter(loader)
 
     def _counted(self, batches: Iterator[dict]) -> Iterator[dict]:
         for batch in batches:
             self._position += 1
             yield batch
+
+
+def _ignore_stop_signals(worker: int) -> None:
+    # SIGINT and SIGTERM (Ctrl-C, a scheduler's stop) reach the whole process group: the training
+    # process stops after its step and saves, and only then shuts its workers down, so a worker
+    # must keep serving batches until then (it ends with the loader, or with its parent).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _BatchStream(torch.utils.data.IterableDataset):
