@@ -76,17 +76,14 @@ def train(cfg: Config, resume: Path | None = None, console: Console | None = Non
         saved = checkpoint.load(Path(resume) / "last.pt")
         cfg = config.from_dict(saved["config"])
     context = distributed.start(cfg.train.device)
-    # Active from the start: a stop asked for during the set-up (reading and caching the data) ends
-    # the run after its first step, with a checkpoint to resume from.
     try:
-        with StopRequests() as stop:
-            return _run(cfg, saved, Path(resume) if resume else None, console or Console(), context, stop)
+        return _run(cfg, saved, Path(resume) if resume else None, console or Console(), context)
     finally:
         distributed.stop(context)
 
 
 def _run(cfg: Config, saved: dict[str, Any] | None, resume: Path | None, console: Console,
-         context: distributed.Context, stop: StopRequests) -> Path:
+         context: distributed.Context) -> Path:
     started = time.perf_counter()
     console = console if context.is_main else Console(quiet=True)
     _check_settings(cfg, context)
@@ -102,39 +99,41 @@ def _run(cfg: Config, saved: dict[str, Any] | None, resume: Path | None, console
     run = _build_run(cfg, prep, train_cases, val_cases, run_dir, where)
     if saved is not None:
         run.load_state_dict(saved)
-        at = f"epoch {run.epoch + 2}" + (f", step {run.steps_done + 1}" if run.steps_done else "")
-        console.print(f"resuming {run_dir} at {at}")
     val_data = _validation_data(cfg, prep, val_cases, run_dir, context)
     step = _build_step(run, where, console)
     origin = started - run.schedule.seconds  # a resumed run goes on counting from where it stopped
 
-    for epoch in range(run.epoch + 1, cfg.train.epochs):
-        epoch_started = time.perf_counter()
-        steps = cfg.train.iterations_per_epoch - run.steps_done
-        description = f"epoch {epoch + 1}/{cfg.train.epochs}"
-        train_loss, taken = train_one_epoch(step, run, steps, stop, lambda: time.perf_counter() - origin,
-                                            description, console)
-        train_seconds = time.perf_counter() - epoch_started
-        run.steps_done += taken
-        if taken < steps and not run.schedule.time_is_up:  # interrupted: keep the progress, say how to continue
-            _save(run, run_dir, best=False)
-            raise TrainingInterrupted(
-                f"stopped by {stop.reason} at epoch {epoch + 1}, step {run.steps_done}; "
-                f"saved {run_dir / 'last.pt'}; continue with: medseg train --resume {run_dir}")
-        row: dict[str, Any] = {"epoch": epoch + 1, "steps": taken,
-                               "train_loss": distributed.mean(context, train_loss, device),
-                               "lr": run.optimizer.param_groups[0]["lr"]}
-        last = epoch == cfg.train.epochs - 1 or run.schedule.time_is_up
-        if val_cases and (last or (cfg.validate.every > 0 and (epoch + 1) % cfg.validate.every == 0)):
-            row.update(_validation_row(validate(run.model, val_data, prep, cfg, where.amp_dtype, context), prep))
-            _print_validation(console, epoch + 1, row, prep)
-        row.update(_timings(epoch_started, train_seconds, started, device))
-        run.epoch, run.steps_done = epoch, 0
-        _save(run, run_dir, best=run.record(row))
-        if last:
-            if run.schedule.time_is_up:
-                console.print(f"train.max_minutes={cfg.train.max_minutes:g} reached after epoch {epoch + 1}")
-            break
+    with StopRequests() as stop:
+        # Said once stop requests are honoured: from here on SIGINT or SIGTERM saves a checkpoint.
+        at = f"epoch {run.epoch + 2}" + (f", step {run.steps_done + 1}" if run.steps_done else "")
+        console.print(f"{'resuming' if saved is not None else 'training'} {run_dir} at {at}")
+        for epoch in range(run.epoch + 1, cfg.train.epochs):
+            epoch_started = time.perf_counter()
+            steps = cfg.train.iterations_per_epoch - run.steps_done
+            description = f"epoch {epoch + 1}/{cfg.train.epochs}"
+            train_loss, taken = train_one_epoch(step, run, steps, stop, lambda: time.perf_counter() - origin,
+                                                description, console)
+            train_seconds = time.perf_counter() - epoch_started
+            run.steps_done += taken
+            if taken < steps and not run.schedule.time_is_up:  # interrupted: keep the progress, say how to continue
+                _save(run, run_dir, best=False)
+                raise TrainingInterrupted(
+                    f"stopped by {stop.reason} at epoch {epoch + 1}, step {run.steps_done}; "
+                    f"saved {run_dir / 'last.pt'}; continue with: medseg train --resume {run_dir}")
+            row: dict[str, Any] = {"epoch": epoch + 1, "steps": taken,
+                                   "train_loss": distributed.mean(context, train_loss, device),
+                                   "lr": run.optimizer.param_groups[0]["lr"]}
+            last = epoch == cfg.train.epochs - 1 or run.schedule.time_is_up
+            if val_cases and (last or (cfg.validate.every > 0 and (epoch + 1) % cfg.validate.every == 0)):
+                row.update(_validation_row(validate(run.model, val_data, prep, cfg, where.amp_dtype, context), prep))
+                _print_validation(console, epoch + 1, row, prep)
+            row.update(_timings(epoch_started, train_seconds, started, device))
+            run.epoch, run.steps_done = epoch, 0
+            _save(run, run_dir, best=run.record(row))
+            if last:
+                if run.schedule.time_is_up:
+                    console.print(f"train.max_minutes={cfg.train.max_minutes:g} reached after epoch {epoch + 1}")
+                break
     console.print(f"done: {run_dir}  (last.pt, best.pt, metrics.csv, config.yaml)")
     return run_dir
 

@@ -6,14 +6,18 @@ import csv
 import json
 import os
 import shutil
+import signal
 
 import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
 
-from medseg import checkpoint
+import medseg.step as step_module
+import medseg.train as training
+from medseg import checkpoint, config
 from medseg.cli import app
+from medseg.errors import TrainingInterrupted
 from tests.conftest import HIPPOCAMPUS, ROOT
 
 runner = CliRunner()
@@ -68,7 +72,7 @@ def test_time_limited_run_on_the_device_sampler(tmp_path):
     assert float(rows[-1]["elapsed_minutes"]) >= 0.1
     state = checkpoint.load(run_dir / "last.pt")
     assert state["schedule"]["seconds"] >= 6.0
-    assert state["sampler"][0]["generator"].dtype == torch.uint8
+    assert state["sampler"][0] is not None  # the sampler's position, for an exact resume
 
 
 def test_resume_continues_to_more_epochs(tmp_path):
@@ -118,10 +122,94 @@ def test_training_is_reproducible_on_cpu(tmp_path):
         torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
 
 
-def test_bf16_and_checkpointing_train(tmp_path):
+def test_bf16_and_checkpointing_train(tmp_path, monkeypatch):
+    # The network's first stage records, in training, the autocast dtype it runs under and how often
+    # it runs: with stage checkpointing once in the forward and once more, recomputed, in backward.
+    seen = []
+    real_build = training.build_model
+
+    def build_and_watch(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+
+        def watch(module, inputs):
+            if module.training:
+                enabled = torch.is_autocast_enabled("cpu")
+                seen.append(torch.get_autocast_dtype("cpu") if enabled else None)
+        model.encoder[0].register_forward_pre_hook(watch)
+        return model
+
+    monkeypatch.setattr(training, "build_model", build_and_watch)
     result = _train(tmp_path, "train.amp=bf16", "model.checkpointing=stage", "train.epochs=1")
     assert result.exit_code == 0, result.output
     assert "amp bf16" in result.output and "checkpointing stage" in result.output
+    assert seen == [torch.bfloat16] * (2 * 3)  # 3 steps (batch 1), each stage run twice
+    saved = checkpoint.load(tmp_path / "run" / "last.pt")["config"]
+    assert saved["train"]["amp"] == "bf16" and saved["model"]["checkpointing"] == "stage"
+    # Without checkpointing the stage runs once per step: the count above is the recomputation.
+    seen.clear()
+    assert _train(tmp_path, "train.amp=bf16", "train.epochs=1", name="plain").exit_code == 0
+    assert seen == [torch.bfloat16] * 3
+
+
+def test_dataloader_workers_give_the_batches_of_the_main_process(tmp_path):
+    # The CPU sampler in a DataLoader worker process renders the batches the training process
+    # renders itself: the same trained weights.
+    assert _train(tmp_path, "train.workers=1", "train.epochs=1", name="worker").exit_code == 0
+    assert _train(tmp_path, "train.workers=0", "train.epochs=1", name="main").exit_code == 0
+    with_worker = checkpoint.load(tmp_path / "worker" / "last.pt")
+    in_process = checkpoint.load(tmp_path / "main" / "last.pt")
+    assert with_worker["config"]["train"]["workers"] == 1
+    for key, value in in_process["model"].items():
+        torch.testing.assert_close(with_worker["model"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_best_checkpoint_is_the_epoch_with_the_best_validation_dice(tmp_path, monkeypatch):
+    scores = iter([0.2, 0.9, 0.5])  # mean validation Dice of epochs 1, 2, 3
+
+    def scripted_validation(*args, **kwargs):
+        value = next(scores)
+        return [value, value]  # core and shell
+
+    monkeypatch.setattr(training, "validate", scripted_validation)
+    assert _train(tmp_path, "train.epochs=3").exit_code == 0
+    best = checkpoint.load(tmp_path / "run" / "best.pt")
+    last = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert best["epoch"] == 1 and last["epoch"] == 2
+    assert [row["val_dice"] for row in best["history"]] == [0.2, 0.9]
+    assert any(not torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+
+
+@pytest.mark.parametrize("sampler, workers", [("device", 0), ("workers", 0), ("workers", 1)])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, sampler, workers):
+    # SIGTERM during step 4 (epoch 2, step 1 of 3): the run saves and stops after that step; the
+    # resumed run takes the 2 steps left. Its weights are those of a run never interrupted, exactly
+    # (the sampler's position and the random generators are saved), with or without worker processes.
+    cfg = config.load(ROOT / "configs" / "sample.yaml", [
+        *TINY, f"data.dataset={ROOT / 'sample_data'}", f"output_dir={tmp_path}", f"data.sampler={sampler}",
+        f"train.workers={workers}", "validate.every=0", "train.device=cpu"])
+    training.train(cfg.replace(run_name="whole"))
+    real_step = step_module.train_step
+    calls = {"n": 0}
+
+    def step_then_signal(*args, **kwargs):
+        calls["n"] += 1
+        result = real_step(*args, **kwargs)
+        if calls["n"] == 4:
+            signal.raise_signal(signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(step_module, "train_step", step_then_signal)
+    with pytest.raises(TrainingInterrupted, match="SIGTERM at epoch 2, step 1"):
+        training.train(cfg.replace(run_name="cut"))
+    monkeypatch.setattr(step_module, "train_step", real_step)
+    cut = checkpoint.load(tmp_path / "cut" / "last.pt")
+    assert (cut["epoch"], cut["steps_done"]) == (0, 1)
+    training.train(cfg, resume=tmp_path / "cut")
+    whole = checkpoint.load(tmp_path / "whole" / "last.pt")
+    resumed = checkpoint.load(tmp_path / "cut" / "last.pt")
+    assert resumed["schedule"]["steps"] == whole["schedule"]["steps"] == 6
+    for key, value in whole["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.parametrize(
