@@ -227,20 +227,23 @@ def blur(image: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """Separable Gaussian blur, the border reflected (nnU-Net's), one kernel per sample, channel
     and axis.
 
-    `kernels`: (B * C, 3, taps), each sample's kernels for each of its channels. The batch's
-    channels become the groups of one convolution per axis.
+    `kernels`: (B * C, 3, taps), each sample's kernels for each of its channels. Each axis is a
+    weighted sum of shifted copies, elementwise arithmetic in a fixed order: a convolution's
+    result depends on the algorithm the library picks for the thread count, and the batches
+    rendered in a one-thread DataLoader worker must equal those of the training process.
     """
     b, c = image.shape[:2]
     taps = kernels.shape[-1]
-    x = image.reshape(1, b * c, *image.shape[2:])
+    x = image.reshape(b * c, *image.shape[2:])
     for axis in range(3):
-        shape = [b * c, 1, 1, 1, 1]
-        shape[2 + axis] = taps
         padding = [0] * 6  # F.pad: last axis first
         padding[4 - 2 * axis] = padding[5 - 2 * axis] = taps // 2
         # Reflection needs more voxels than the padding; thinner axes (never a real patch) repeat the edge.
-        mode = "reflect" if x.shape[2 + axis] > taps // 2 else "replicate"
-        x = F.conv3d(F.pad(x, padding, mode=mode), kernels[:, axis].reshape(shape), groups=b * c)
+        mode = "reflect" if x.shape[1 + axis] > taps // 2 else "replicate"
+        padded = F.pad(x[:, None], padding, mode=mode)[:, 0]
+        size = x.shape[1 + axis]
+        weights = kernels[:, axis].view(b * c, taps, 1, 1, 1)
+        x = sum(padded.narrow(1 + axis, k, size) * weights[:, k] for k in range(taps))
     return x.reshape(image.shape)
 
 

@@ -31,7 +31,7 @@ def training_batches(cases: Sequence[Case], prep: Preprocessing, cfg: Config, ca
     limits the step rate. "workers" (the default without CUDA): the sampler runs on the CPU in
     `train.workers` DataLoader worker processes (in this process with 0), each rendering every
     `workers`-th batch. Both give the same batches for the same seed (up to the float rounding of
-    reductions, whose order depends on the number of threads).
+    the statistics of large patches, whose sums the CPU splits over its threads).
     """
     check_recipe(cfg.augment)  # before the volumes are read and cached
     sampler = cfg.data.sampler
@@ -77,50 +77,54 @@ class SampledBatches:
     passes), rendered in this process (`workers` 0) or by `workers` DataLoader worker processes,
     worker w rendering batches w, w + workers, ... (each holds a copy of the sampler: its numbered
     batches make the copies agree). The batches and their order are the same either way (up to the
-    float rounding of reductions run on one thread in a worker)."""
+    float rounding of sums that the CPU splits over its threads, one thread in a worker)."""
 
     def __init__(self, sampler: DevicePatchSampler, steps: int, workers: int = 0, pin_memory: bool = False) -> None:
         self.sampler, self.steps, self.workers, self.pin_memory = sampler, steps, workers, pin_memory
-        self._position = 0  # batches handed out
+        self._handed_out = [0]  # batches handed out (a cell the batch generator shares)
         self._iterator: Iterator[dict] | None = None  # started on first use, not before a state is loaded
 
     def __iter__(self) -> Iterator[dict]:
         if self._iterator is None:
-            self._iterator = self._counted(self._start())
+            self._iterator = _counted(self._start(), self._handed_out)
         return itertools.islice(self._iterator, self.steps)
 
     def state_dict(self) -> dict:
         """The number of batches handed out (the sampler's state)."""
-        return {"batches": self._position}
+        return {"batches": self._handed_out[0]}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after the batches `state` counts (workers restart there)."""
-        self._position = int(state.get("batches", 0))
+        self._handed_out[0] = int(state.get("batches", 0))
         self._iterator = None
 
     def _start(self) -> Iterator[dict]:
-        self.sampler.load_state_dict({"batches": self._position})
+        start = self._handed_out[0]
+        self.sampler.load_state_dict({"batches": start})
         if self.workers == 0:
             return iter(self.sampler)
         # Worker processes are forked with the volumes (copy-on-write) and live as long as the
         # iterator, across epochs: no per-epoch start-up. Each worker runs torch on one thread.
-        loader = torch.utils.data.DataLoader(_BatchStream(self.sampler, self._position), batch_size=None,
+        loader = torch.utils.data.DataLoader(_BatchStream(self.sampler, start), batch_size=None,
                                              num_workers=self.workers, pin_memory=self.pin_memory,
-                                             worker_init_fn=_ignore_stop_signals)
+                                             worker_init_fn=_default_stop_signals)
         return iter(loader)
 
-    def _counted(self, batches: Iterator[dict]) -> Iterator[dict]:
-        for batch in batches:
-            self._position += 1
-            yield batch
+
+def _counted(batches: Iterator[dict], handed_out: list[int]) -> Iterator[dict]:
+    # A function, not a method: the generator must not hold the SampledBatches, so that dropping
+    # it frees the DataLoader iterator at once and its workers are shut down then, not at exit.
+    for batch in batches:
+        handed_out[0] += 1
+        yield batch
 
 
-def _ignore_stop_signals(worker: int) -> None:
-    # SIGINT and SIGTERM (Ctrl-C, a scheduler's stop) reach the whole process group: the training
-    # process stops after its step and saves, and only then shuts its workers down, so a worker
-    # must keep serving batches until then (it ends with the loader, or with its parent).
+def _default_stop_signals(worker: int) -> None:
+    # A forked worker inherits training's stop handlers, which would make it outlive a SIGTERM
+    # (a terminate() at exit would then wait for it forever). Ctrl-C reaches the whole process
+    # group: the training process handles it and shuts its workers down.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _BatchStream(torch.utils.data.IterableDataset):

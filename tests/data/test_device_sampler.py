@@ -70,9 +70,9 @@ def _padded_slice(volume: torch.Tensor, corner: list[int], patch=PATCH) -> torch
 
 
 def _assert_close(a: list[dict], b: list[dict]) -> None:
-    """The same batches up to float rounding: the CPU's multi-threaded reductions (blur, gamma
-    statistics) sum in an order that depends on the thread count, one thread in a DataLoader
-    worker. Labels are exact."""
+    """The same batches up to float rounding: on large patches the CPU splits a reduction (the
+    gamma's and contrast's statistics) over its threads, one in a DataLoader worker, so the sums
+    may be ordered differently. Labels are exact."""
     for first, second in zip(a, b, strict=True):
         torch.testing.assert_close(first["image"], second["image"], atol=1e-4, rtol=1e-5)
         assert torch.equal(first["label"], second["label"])
