@@ -228,9 +228,9 @@ def blur(image: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     and axis.
 
     `kernels`: (B * C, 3, taps), each sample's kernels for each of its channels. Each axis is a
-    weighted sum of shifted copies, elementwise arithmetic in a fixed order: a convolution's
-    result depends on the algorithm the library picks for the thread count, and the batches
-    rendered in a one-thread DataLoader worker must equal those of the training process.
+    weighted sum of shifted copies, elementwise arithmetic in a fixed order on every device: a
+    grouped convolution's rounding depends on the algorithm the library picks for the thread
+    count, and a DataLoader worker runs on one thread.
     """
     b, c = image.shape[:2]
     taps = kernels.shape[-1]
