@@ -246,3 +246,21 @@ def test_out_of_memory_with_nothing_left_is_a_one_line_error(tmp_path, monkeypat
     assert result.exit_code == 2
     assert "out of memory even with checkpointing" in result.output and "[16, 16, 16]" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_process_forked_during_training_still_ends_on_sigterm():
+    # DataLoader workers are forked while the stop handler is installed and inherit it; there SIGTERM
+    # must still end the process (multiprocessing terminates workers at exit and then waits for them).
+    from medseg.stopping import StopRequests
+
+    with StopRequests() as stop:
+        child = os.fork()
+        if child == 0:  # the worker: wait to be terminated
+            time.sleep(60)
+            os._exit(0)
+        os.kill(child, signal.SIGTERM)
+        _, status = os.waitpid(child, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+        assert not stop()  # the parent was not asked to stop
+        signal.raise_signal(signal.SIGTERM)  # the parent itself: a stop request, not the end
+        assert stop() and stop.reason == "SIGTERM"
