@@ -79,7 +79,7 @@ def test_two_processes_train_identically_and_write_once(tmp_path):
 
 
 def test_gpus_option_starts_torchrun(tmp_path):
-    command = [sys.executable, "-m", "medseg", "train", "--gpus", "2"]
+    command = [sys.executable, "-m", "medseg", "train", str(ROOT / "configs" / "sample.yaml"), "--gpus", "2"]
     for item in _overrides(tmp_path):
         command += ["--set", item]
     result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=ROOT, env=UTF8)
@@ -89,7 +89,7 @@ def test_gpus_option_starts_torchrun(tmp_path):
 
 
 def test_batch_not_divisible_by_processes_is_one_line_error(tmp_path):
-    command = [sys.executable, "-m", "medseg", "train", "--gpus", "2"]
+    command = [sys.executable, "-m", "medseg", "train", str(ROOT / "configs" / "sample.yaml"), "--gpus", "2"]
     for item in [*_overrides(tmp_path), "train.batch_size=3"]:
         command += ["--set", item]
     result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=ROOT, env=UTF8)
