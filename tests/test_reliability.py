@@ -253,11 +253,14 @@ def test_a_process_forked_during_training_still_ends_on_sigterm():
     # must still end the process (multiprocessing terminates workers at exit and then waits for them).
     from medseg.stopping import StopRequests
 
+    ready_read, ready_write = os.pipe()
     with StopRequests() as stop:
         child = os.fork()
-        if child == 0:  # the worker: wait to be terminated
+        if child == 0:  # the worker: say it runs (a signal before that is dropped by fork), then wait
+            os.write(ready_write, b"1")
             time.sleep(60)
             os._exit(0)
+        assert os.read(ready_read, 1) == b"1"
         os.kill(child, signal.SIGTERM)
         _, status = os.waitpid(child, 0)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
