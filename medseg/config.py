@@ -3,18 +3,24 @@
 `load(path, overrides)` merges, in order, the defaults (`medseg/default.yaml`, shipped inside the
 package, the one place every default value and its meaning is written), an experiment file
 (overrides only) and `section.key=value` strings from the command line. Unknown keys, wrong types
-and values outside a key's choices raise `ConfigError` naming the key.
+values outside a key's choices and outside a key's range raise `ConfigError` naming the key and
+the value. Each key's range is written beside its type (`Annotated[int, Range(1)]`, with `Items`
+for a list's length and `Pattern` for a free-text key's form) and checked whenever a Config is
+built, so a bad value fails before any work starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import yaml
 
@@ -25,27 +31,84 @@ DEFAULTS = "default.yaml"  # inside the medseg package
 
 
 @dataclass(frozen=True)
+class Range:
+    """The values a number key (or each number of a list key) may take, written beside its type:
+    ``Annotated[int, Range(1)]``. Numbers must also be finite. `low_open`/`high_open` exclude the
+    bound itself."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def allows(self, value: float) -> bool:
+        """True when `value` is finite and within the bounds."""
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                    f"{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return "a finite number"
+
+
+@dataclass(frozen=True)
+class Items:
+    """A list key's length, and whether it is a range ``[low, high]`` (first item <= second)."""
+
+    count: int
+    ordered: bool = False
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A free-text key's form: a regular expression the whole value must match, and what it means."""
+
+    regex: str
+    meaning: str
+
+
+UNIT = Range(0.0, 1.0)  # probabilities and fractions
+POSITIVE = Range(0.0, low_open=True)
+NON_NEGATIVE = Range(0.0)
+AT_LEAST_ONE = Range(1)
+# Voxel sizes in mm: a metre-sized voxel is a broken header or a typo, not a scan.
+SPACING_MM = Range(0.0, 1000.0, low_open=True)
+# One path component: a run directory lives inside output_dir (no separators, not "." or "..").
+RUN_NAME = Pattern(r"(?!\.{1,2}$)[^/\\\x00]+", "one folder name (no '/', '\\', '.' or '..')")
+DEVICE = Pattern(r"auto|cpu|cuda(:[0-9]+)?", "auto, cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     dataset: str
-    folds: int
-    fold: int
+    folds: Annotated[int, Range(2)]
+    fold: Annotated[int, Range(-1)]
     split_seed: int
-    spacing: Optional[list[float]]
+    spacing: Annotated[Optional[list[float]], Items(3), SPACING_MM]
     normalization: str
-    ct_percentiles: list[float]
+    ct_percentiles: Annotated[list[float], Items(2, ordered=True), Range(0.0, 100.0)]
     crop_foreground: bool
     cache: str
     cache_dir: Optional[str]
-    foreground_oversample: float
+    foreground_oversample: Annotated[float, UNIT]
     sampler: str
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str
-    depth: Optional[int]
-    base_width: int
-    max_width: int
+    depth: Annotated[Optional[int], Range(1, 10)]
+    base_width: Annotated[int, Range(1, 4096)]
+    max_width: Annotated[int, Range(1, 4096)]
     norm: str
     deep_supervision: bool
     checkpointing: str
@@ -53,25 +116,25 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int
-    iterations_per_epoch: int
-    batch_size: int
-    patch_size: list[int]
+    epochs: Annotated[int, AT_LEAST_ONE]
+    iterations_per_epoch: Annotated[int, AT_LEAST_ONE]
+    batch_size: Annotated[int, AT_LEAST_ONE]
+    patch_size: Annotated[list[int], Items(3), Range(8, 4096)]
     optimizer: str
-    lr: float
-    momentum: float
-    weight_decay: float
+    lr: Annotated[float, POSITIVE]
+    momentum: Annotated[float, Range(0.0, 1.0, high_open=True)]
+    weight_decay: Annotated[float, NON_NEGATIVE]
     lr_schedule: str
-    poly_exponent: float
-    grad_clip: float
+    poly_exponent: Annotated[float, POSITIVE]
+    grad_clip: Annotated[float, NON_NEGATIVE]
     amp: str
-    device: str
-    seed: int
-    workers: int
+    device: Annotated[str, DEVICE]
+    seed: Annotated[int, Range(0, 2**32 - 1)]
+    workers: Annotated[int, Range(0, 1024)]
     batch_dice: bool
-    max_nonfinite_steps: int
+    max_nonfinite_steps: Annotated[int, AT_LEAST_ONE]
     memory_budget: Optional[str]
-    max_minutes: Optional[float]
+    max_minutes: Annotated[Optional[float], POSITIVE]
     compile: str
     channels_last: str
 
@@ -79,33 +142,34 @@ class TrainConfig:
 @dataclass(frozen=True)
 class AugmentConfig:
     enabled: bool
-    rotation_prob: float
-    max_rotation_deg: float
-    scale_prob: float
-    scale_range: list[float]
-    noise_prob: float
-    max_noise_std: float
-    blur_prob: float
-    blur_channel_prob: float
-    blur_sigma: list[float]
-    brightness_prob: float
-    max_brightness: float
-    contrast_prob: float
-    max_contrast: float
-    low_resolution_prob: float
-    low_resolution_channel_prob: float
-    low_resolution_zoom: list[float]
-    inverted_gamma_prob: float
-    gamma_prob: float
-    gamma_range: list[float]
-    flip_prob: float
+    rotation_prob: Annotated[float, UNIT]
+    max_rotation_deg: Annotated[float, Range(0.0, 180.0)]
+    scale_prob: Annotated[float, UNIT]
+    scale_range: Annotated[list[float], Items(2, ordered=True), Range(0.0, 10.0, low_open=True)]
+    noise_prob: Annotated[float, UNIT]
+    max_noise_std: Annotated[float, NON_NEGATIVE]
+    blur_prob: Annotated[float, UNIT]
+    blur_channel_prob: Annotated[float, UNIT]
+    blur_sigma: Annotated[list[float], Items(2, ordered=True), NON_NEGATIVE]
+    brightness_prob: Annotated[float, UNIT]
+    max_brightness: Annotated[float, UNIT]
+    contrast_prob: Annotated[float, UNIT]
+    max_contrast: Annotated[float, UNIT]
+    low_resolution_prob: Annotated[float, UNIT]
+    low_resolution_channel_prob: Annotated[float, UNIT]
+    low_resolution_zoom: Annotated[list[float], Items(2, ordered=True), Range(0.0, 1.0, low_open=True)]
+    inverted_gamma_prob: Annotated[float, UNIT]
+    gamma_prob: Annotated[float, UNIT]
+    gamma_range: Annotated[list[float], Items(2, ordered=True), POSITIVE]
+    flip_prob: Annotated[float, UNIT]
 
 
 @dataclass(frozen=True)
 class ValidateConfig:
-    every: int
-    overlap: float
-    sw_batch_size: int
+    every: Annotated[int, NON_NEGATIVE]
+    # 1.0 would make the sliding window's step zero.
+    overlap: Annotated[float, Range(0.0, 1.0, high_open=True)]
+    sw_batch_size: Annotated[int, AT_LEAST_ONE]
     mirror: bool
 
 
@@ -120,7 +184,7 @@ class Config:
     augment: AugmentConfig
     validate: ValidateConfig
     output_dir: str
-    run_name: Optional[str]
+    run_name: Annotated[Optional[str], RUN_NAME]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON/checkpoint safe)."""
@@ -231,7 +295,7 @@ def _merge(base: dict[str, Any], update: dict[str, Any], source: str, prefix: st
     for key, value in update.items():
         name = f"{prefix}{key}"
         if key not in base:
-            raise ConfigError(f"{source}: unknown config key '{name}'")
+            raise ConfigError(f"{source}: {_unknown(name, [f'{prefix}{k}' for k in base])}")
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: '{name}' is a section; expected a mapping")
@@ -240,26 +304,76 @@ def _merge(base: dict[str, Any], update: dict[str, Any], source: str, prefix: st
             base[key] = value
 
 
+def _unknown(name: str, known: list[str]) -> str:
+    """"unknown config key 'train.lrr' — did you mean 'train.lr'?" (the closest known key)."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f" — did you mean '{close[0]}'?" if close else ""
+    return f"unknown config key '{name}'{hint}"
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls, include_extras=True)
+    known = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in known:
-            raise ConfigError(f"unknown config key '{prefix}{key}'")
+            raise ConfigError(_unknown(f"{prefix}{key}", [f"{prefix}{k}" for k in known]))
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in values:
             raise ConfigError(f"config key '{prefix}{f.name}' is missing")
         name = f"{prefix}{f.name}"
-        hint = hints[f.name]
+        hint, rules = _split_rules(hints[f.name])
         if dataclasses.is_dataclass(hint):
             section = values[f.name]
             if not isinstance(section, dict):
                 raise ConfigError(f"'{name}' is a section; expected a mapping")
             kwargs[f.name] = _build(hint, section, prefix=f"{name}.")
         else:
-            kwargs[f.name] = _coerce(name, values[f.name], hint)
-    return cls(**kwargs)
+            kwargs[f.name] = _check_rules(name, _coerce(name, values[f.name], hint), rules)
+    built = cls(**kwargs)
+    if cls is Config:
+        _check_relations(built)
+    return built
+
+
+def _split_rules(hint: Any) -> tuple[Any, tuple[Any, ...]]:
+    """`Annotated[T, rule, ...]` -> (T, rules); a plain hint has none."""
+    if typing.get_origin(hint) is Annotated:
+        return hint.__origin__, tuple(hint.__metadata__)
+    return hint, ()
+
+
+def _check_rules(name: str, value: Any, rules: tuple[Any, ...]) -> Any:
+    """`value` (already of the key's type) against the key's Range, Items and Pattern rules."""
+    if value is None:
+        return value
+    for rule in rules:
+        if isinstance(rule, Items):
+            if len(value) != rule.count:
+                raise ConfigError(f"'{name}' must have {rule.count} items, got {value!r}")
+            if rule.ordered and value[0] > value[1]:
+                raise ConfigError(f"'{name}' is a range [low, high]; got low > high in {value!r}")
+        elif isinstance(rule, Range):
+            items = value if isinstance(value, list) else [value]
+            for index, item in enumerate(items):
+                if not rule.allows(item):
+                    where = f"{name}[{index}]" if isinstance(value, list) else name
+                    finite = "" if math.isfinite(item) else "a finite number "
+                    raise ConfigError(f"'{where}' must be {finite}{rule}, got {item!r}")
+        elif isinstance(rule, Pattern):
+            if re.fullmatch(rule.regex, value) is None:
+                raise ConfigError(f"'{name}' must be {rule.meaning}, got {value!r}")
+    return value
+
+
+def _check_relations(cfg: Config) -> None:
+    # Rules between keys; each key's own range is beside its type above.
+    if cfg.data.fold >= cfg.data.folds:
+        raise ConfigError(f"'data.fold' must be -1 or in 0..{cfg.data.folds - 1} (data.folds={cfg.data.folds}), "
+                          f"got {cfg.data.fold}")
+    if cfg.model.max_width < cfg.model.base_width:
+        raise ConfigError(f"'model.max_width' ({cfg.model.max_width}) must be >= 'model.base_width' "
+                          f"({cfg.model.base_width})")
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:

@@ -19,7 +19,15 @@ def resolve_device(name: str, context: Context = Context()) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"'train.device' is {name!r} but no CUDA GPU is available")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"'train.device' must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"'train.device' is {name!r} but this machine has {count} CUDA GPU"
+                          f"{'s' if count != 1 else ''} (cuda:0..cuda:{count - 1})")
+    return device
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
