@@ -551,5 +551,5 @@ def test_cli_unwritable_output_dir(tmp_path, no_training):
 
 def test_cli_non_positive_time_limit_creates_no_run(tmp_path, no_training):
     result = _train(tmp_path, _make_dataset(tmp_path / "ds"), "train.max_minutes=0")
-    _assert_cli_error(result, "train.max_minutes", "must be positive")
+    _assert_cli_error(result, "train.max_minutes", "must be > 0")
     assert not (tmp_path / "runs" / "run").exists()

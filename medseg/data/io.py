@@ -14,6 +14,7 @@ checks start fast. The MONAI readers that training gives ``LoadImaged`` are in
 from __future__ import annotations
 
 import gzip
+import io
 import multiprocessing
 import os
 import signal
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Header",
+    "MAX_VOXELS",
     "Volume",
     "as_paths",
     "is_sitk_path",
@@ -55,6 +57,13 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
+
+# The most voxels (all channels together) medseg reads from one file or lets one case become
+# after resampling to the target spacing: 2^30, 4 GiB as float32. A header claiming more is
+# refused before any voxel is decompressed or allocated (a few KB of gzip can claim gigabytes).
+MAX_VOXELS = 1 << 30
+# NIfTI extensions (read before the voxels) may hold at most this many bytes.
+MAX_NIFTI_EXTENSION_BYTES = 16 << 20
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -118,6 +127,9 @@ def load_volume(
     for p in paths:
         _check_readable(p)
     nifti = _is_nifti_list(paths)
+    for p in paths:
+        if not os.path.isdir(p):  # a DICOM series is checked slice by slice as it is read
+            read_header(p)  # size, voxel type and geometry, before any voxel is read
     shown = paths[0] if len(paths) == 1 else ", ".join(paths)
     try:
         if nifti:
@@ -135,6 +147,7 @@ def load_volume(
     except ValueError as exc:  # e.g. numpy refusing to stack a 3D and a 4D image
         raise DataError(f"{shown}: {_short_reason(exc)}") from exc
     array = array[None] if channel_dim is None else np.moveaxis(array, channel_dim, 0)
+    _check_voxel_type(shown, array.dtype)
     if not label:
         array = array.astype(np.float32, copy=False)
     return np.ascontiguousarray(array), np.array(volumes[0].affine, dtype=np.float64)
@@ -148,21 +161,48 @@ def read_header(path: PathLike) -> Header:
     ``ImageSeriesReader`` derives slice spacing and direction. A truncated file whose header is
     intact is not detected here; :func:`load_volume` detects it.
 
+    The header is also checked: a voxel type medseg cannot train on (complex, RGB or other
+    structured voxels), more than :data:`MAX_VOXELS` voxels, or a non-finite, zero-length or
+    singular voxel-to-world matrix is refused here, before any voxel is read.
+
     Raises:
-        DataError: the file is missing, unreadable or of an unsupported type.
+        DataError: the file is missing, unreadable, of an unsupported type, or its header
+            describes a volume medseg cannot use.
     """
     name = os.fspath(path)
     _check_readable(name)
     try:
         if _has_suffix(name, NIFTI_SUFFIXES):
-            return _nifti_header(name)
-        if is_sitk_path(name):
-            return _sitk_header(name)
+            header = _nifti_header(name)
+        elif is_sitk_path(name):
+            header = _sitk_header(name)
+        else:
+            raise DataError(f"{name}: {_unsupported_reason()}")
     except DataError:
         raise
     except _READ_ERRORS as exc:
         raise DataError(f"{name}: {_short_reason(exc)}") from exc
-    raise DataError(f"{name}: {_unsupported_reason()}")
+    _check_size(name, header.shape, header.channels)
+    check_geometry(name, header.affine)
+    return header
+
+
+def check_geometry(name: PathLike, affine: np.ndarray) -> None:
+    """Refuse a voxel-to-world affine that no resampling can use: non-finite entries, a voxel
+    size of zero, or axes that are not independent (a singular matrix).
+
+    Raises:
+        DataError: ``"<name>: invalid voxel spacing ..."`` or ``"<name>: singular affine ..."``.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    matrix = affine[:3, :3]
+    spacing = np.linalg.norm(matrix, axis=0)
+    if not np.all(np.isfinite(affine)) or np.any(spacing <= 0):
+        raise DataError(f"{os.fspath(name)}: invalid voxel spacing {_mm(spacing)} mm or origin in the header")
+    # |det| over the product of the column lengths: 1 for orthogonal axes, 0 for parallel ones.
+    if abs(np.linalg.det(matrix)) < 1e-6 * float(np.prod(spacing)):
+        raise DataError(f"{os.fspath(name)}: singular affine in the header (its voxel axes are not "
+                        f"independent directions), so the volume has no usable world grid")
 
 
 def spacing_in_ras(affine: np.ndarray) -> tuple[float, float, float]:
@@ -296,7 +336,8 @@ def sitk_read(name: str, series_uid: str | None) -> sitk.Image:
     try:
         return reader.Execute()
     except RuntimeError as exc:
-        raise DataError(f"{name}: {_short_reason(exc)}") from exc
+        culprit = _unreadable_slice(files) if os.path.isdir(name) else None
+        raise DataError(f"{culprit or name}: {_short_reason(exc)}") from exc
 
 
 class Volume(NamedTuple):
@@ -388,6 +429,36 @@ def _one_torch_thread() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent handles it
 
 
+def _check_size(name: str, shape: Sequence[int], channels: int) -> None:
+    voxels = int(np.prod([int(n) for n in shape], dtype=np.float64) * max(int(channels), 1))
+    if voxels > MAX_VOXELS:
+        dims = "×".join(str(int(n)) for n in shape) + (f"×{channels}" if channels != 1 else "")
+        raise DataError(f"{name}: the header claims {dims} = {voxels:,} voxels, more than medseg "
+                        f"reads from one file ({MAX_VOXELS:,})")
+
+
+def _check_voxel_type(name: str, dtype: np.dtype) -> None:
+    """Complex and structured (RGB, RGBA, records) voxels are refused: converting them to the
+    float32 medseg trains on would drop the imaginary part or mix colours into one number."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "c":
+        raise DataError(f"{name}: complex voxels ({dtype}); medseg reads real-valued images "
+                        f"(save the magnitude, e.g. numpy.abs, as a float image)")
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        raise DataError(f"{name}: {_dtype_text(dtype)} voxels; medseg reads scalar images "
+                        f"(one number per voxel and channel), not RGB or structured data")
+
+
+def _dtype_text(dtype: np.dtype) -> str:
+    if dtype.fields is not None:
+        return "structured (" + ", ".join(dtype.names or ()) + ")"
+    return str(dtype)
+
+
+def _mm(values: Sequence[float]) -> str:
+    return "×".join(f"{float(v):.4g}" for v in values)
+
+
 def _has_suffix(name: str, suffixes: Sequence[str]) -> bool:
     return name.lower().endswith(tuple(suffixes))
 
@@ -446,7 +517,68 @@ def _dicom_series_files(directory: str, series_uid: str | None) -> tuple[str, ..
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(directory, uid)
     if not files:
         raise DataError(f"{directory}: DICOM series {uid} has no readable files")
+    _check_no_dropped_files(directory, series)
+    _check_dicom_slices(directory, tuple(files))
     return tuple(files)
+
+
+def _check_no_dropped_files(directory: str, series: Sequence[str]) -> None:
+    """A file that says it is DICOM (the 'DICM' marker) but belongs to no series GDCM could read
+    is corrupt; ITK would silently leave it out of the volume."""
+    import SimpleITK as sitk
+
+    known = {os.path.abspath(f) for uid in series
+             for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(directory, uid)}
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if not entry.is_file() or os.path.abspath(entry.path) in known:
+            continue
+        with open(entry.path, "rb") as stream:
+            marker = stream.read(132)[128:]
+        if marker == b"DICM":
+            raise DataError(f"{entry.path}: corrupt DICOM file (it belongs to no readable series of {directory})")
+
+
+def _check_dicom_slices(directory: str, files: tuple[str, ...]) -> None:
+    """Refuse a series whose slices do not lie on one uniform grid (a missing, duplicated or
+    unreadable slice): ITK would stack them at the first gap's spacing, an invented grid.
+
+    Reads every slice's header (geometry only) and compares the steps between neighbouring slice
+    positions along the slice normal; the size bound is checked from them too.
+    """
+    headers = [_read_information(name) for name in files]
+    first = headers[0]
+    for name, header in zip(files, headers):
+        if header.GetSize()[:2] != first.GetSize()[:2]:
+            raise DataError(f"{name}: slice of {header.GetSize()[0]}×{header.GetSize()[1]} pixels in a "
+                            f"series of {first.GetSize()[0]}×{first.GetSize()[1]} ({directory})")
+    _check_size(directory, (*first.GetSize()[:2], len(files)), first.GetNumberOfComponents())
+    if len(files) < 3:
+        return
+    direction = np.asarray(first.GetDirection(), dtype=np.float64).reshape(3, 3)
+    normal = np.cross(direction[:, 0], direction[:, 1])
+    positions = np.array([np.dot(np.asarray(h.GetOrigin(), dtype=np.float64), normal) for h in headers])
+    steps = np.diff(positions)
+    usual = float(np.median(steps))
+    tolerance = max(1e-3, 0.01 * abs(usual))
+    odd = np.flatnonzero(np.abs(steps - usual) > tolerance)
+    if abs(usual) <= tolerance or odd.size:
+        k = int(odd[0]) if odd.size else 0
+        raise DataError(
+            f"{directory}: slices {os.path.basename(files[k])} and {os.path.basename(files[k + 1])} are "
+            f"{abs(steps[k]):.4g} mm apart where the series steps {abs(usual):.4g} mm: a slice is missing, "
+            f"duplicated or unreadable (the series is not on one uniform grid)")
+
+
+def _unreadable_slice(files: Sequence[str]) -> str | None:
+    """The first slice of a series that SimpleITK cannot read on its own, to name in an error."""
+    import SimpleITK as sitk
+
+    for name in files:
+        try:
+            sitk.ReadImage(name)
+        except RuntimeError:
+            return name
+    return None
 
 
 def _ras_affine(direction: Sequence[float], spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
@@ -512,7 +644,37 @@ def _column_norms(affine: np.ndarray, rank: int) -> np.ndarray:
     return norms
 
 
+def _nifti_raw_header(name: str) -> None:
+    """Check a NIfTI header from its first bytes alone, before nibabel reads its extensions.
+
+    nibabel reads every extension (up to ``vox_offset``) when it opens a file; through gzip a few
+    KB can expand to gigabytes there, so the offset, the shape and the voxel type are checked
+    from the 348 (NIfTI-1) or 540 (NIfTI-2) header bytes first. Files that are not NIfTI are left
+    to nibabel, which says so.
+    """
+    with nib.openers.ImageOpener(name) as stream:
+        raw = stream.read(540)
+    if len(raw) < 348:
+        return
+    sizes = {int.from_bytes(raw[:4], order) for order in ("little", "big")}
+    kind = nib.Nifti1Header if 348 in sizes else nib.Nifti2Header if 540 in sizes and len(raw) == 540 else None
+    if kind is None:
+        return
+    try:
+        header = kind.from_fileobj(io.BytesIO(raw[:kind.sizeof_hdr]), check=False)
+        shape = header.get_data_shape()
+        dtype = header.get_data_dtype()
+    except (HeaderDataError, WrapStructError, ValueError, TypeError):
+        return  # nibabel's own reading reports a malformed header
+    if int(header["vox_offset"]) > MAX_NIFTI_EXTENSION_BYTES:
+        raise DataError(f"{name}: the header puts the voxels {int(header['vox_offset']):,} bytes into the "
+                        f"file, after more extension data than medseg reads ({MAX_NIFTI_EXTENSION_BYTES:,})")
+    _check_size(name, shape[:3], int(np.prod(shape[3:], dtype=np.float64)) if len(shape) > 3 else 1)
+    _check_voxel_type(name, dtype)
+
+
 def _nifti_header(name: str) -> Header:
+    _nifti_raw_header(name)
     image = nib.load(name)
     shape = tuple(int(s) for s in image.header.get_data_shape())
     affine = np.array(_nifti_affine(image), dtype=np.float64)  # as load_volume and training see it
@@ -526,6 +688,12 @@ def _sitk_header(name: str) -> Header:
     if os.path.isdir(name):
         return _dicom_header(name)
     reader = _read_information(name)
+    import SimpleITK as sitk
+
+    pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    if "complex" in pixel.lower():
+        raise DataError(f"{name}: complex voxels ({pixel}); medseg reads real-valued images "
+                        f"(save the magnitude as a float image)")
     size, dim = reader.GetSize(), reader.GetDimension()
     rank = max(min(dim, 3), 1)
     channels = reader.GetNumberOfComponents() * int(np.prod(size[rank:], dtype=np.int64))
