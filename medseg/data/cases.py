@@ -99,19 +99,29 @@ def split(cases: tuple[Case, ...] | list[Case], folds: int, fold: int, seed: int
 def _from_dataset_json(root: Path, path: Path) -> DatasetInfo:
     try:
         description = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(description, dict):
         raise DataError(f"{path}: expected a JSON object")
     labels = _labels(description.get("labels", {}), path)
     modalities = description.get("channel_names") or description.get("modality") or {}
+    if not isinstance(modalities, dict) or not all(str(k).isdigit() and isinstance(v, str)
+                                                   for k, v in modalities.items()):
+        raise DataError(f"{path}: 'modality' / 'channel_names' must map channel numbers to names, "
+                        f"e.g. {{\"0\": \"CT\"}}")
     modality_names = tuple(str(modalities[k]) for k in sorted(modalities, key=lambda k: int(k)))
     ending = description.get("file_ending", ".nii.gz")
+    if not isinstance(ending, str):
+        raise DataError(f"{path}: 'file_ending' must be a string such as \".nii.gz\", got {_json_kind(ending)}")
     cases = []
     if isinstance(description.get("training"), list):
-        for entry in description["training"]:
+        for number, entry in enumerate(description["training"]):
             if not isinstance(entry, dict) or "image" not in entry:
                 raise DataError(f"{path}: each 'training' entry needs an 'image'")
+            for key in ("image", "label"):
+                if key in entry and not isinstance(entry[key], str) and not (key == "label" and entry[key] is None):
+                    raise DataError(f"{path}: 'training' entry {number}: '{key}' must be a path (a string), "
+                                    f"got {_json_kind(entry[key])}")
             image = _inside(root, entry["image"], path)
             label = _inside(root, entry["label"], path) if entry.get("label") else None
             name = case_name(image)
@@ -179,6 +189,12 @@ def _inside(root: Path, relative: str, source: Path) -> Path:
     if not path.is_relative_to(base):
         raise DataError(f"{source}: path '{relative}' points outside the dataset folder")
     return path
+
+
+def _json_kind(value: object) -> str:
+    """How a malformed dataset.json value is named in a message: its JSON type."""
+    kinds = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def _labels(raw: object, path: Path) -> dict[int, str]:
