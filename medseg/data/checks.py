@@ -3,10 +3,11 @@
 :func:`check_case` reads a case's image file(s) and label once each (through
 :func:`medseg.data.io.load_volume`, the same readers as training) and raises
 ``DataError("<file>: <problem>")`` for anything that would make training fail late or silently
-learn garbage: 2D or empty volumes, 4D images where 3D ones are expected, wrong channel counts,
+learn garbage: 2D, empty or all-zero volumes, headers describing more voxels than
+:data:`medseg.data.io.MAX_VOXELS` or unusable geometry, complex or RGB voxels, 4D images where 3D ones are expected, wrong channel counts,
 image/label grids that do not match (:func:`medseg.data.grid.grid_difference`), label values
-that are undeclared or not integers, and NaN/Inf intensities. :func:`check_dataset` checks every
-case and reports all problems at once.
+that are undeclared, not integers or above :data:`MAX_LABEL`, and NaN/Inf intensities.
+:func:`check_dataset` checks every case and reports all problems at once, one line per case.
 
 The returned :class:`CaseSummary` (shape, spacing, channels, label values) is what planning needs,
 so that a checked dataset does not have to be read again for its fingerprint.
@@ -23,12 +24,15 @@ import numpy as np
 
 from medseg.data.cases import Case
 from medseg.data.grid import grid_difference
-from medseg.data.io import load_volume, map_cases, read_header, spacing_in_ras
+from medseg.data.io import check_geometry, load_volume, map_cases, read_header, spacing_in_ras
 from medseg.errors import DataError
 
-__all__ = ["CaseSummary", "DatasetCheckError", "check_case", "check_dataset"]
+__all__ = ["MAX_LABEL", "CaseSummary", "DatasetCheckError", "check_case", "check_dataset", "check_image"]
 
 _SHOWN_VALUES = 8  # at most this many offending values are listed in a message
+# The highest label value: label maps are cached and written as uint8 (a wider type would double
+# the memory of every cached label for a case no dataset in practice has).
+MAX_LABEL = 255
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,14 +62,17 @@ class CaseSummary:
 
 
 class DatasetCheckError(DataError):
-    """Several cases have problems: the message is the first one; ``problems`` holds all of them."""
+    """Some cases have problems: the message lists every one, one line per case, then a summary
+    line; ``problems`` holds those lines."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], total: int | None = None) -> None:
         self.problems = list(problems)
-        more = len(self.problems) - 1
-        message = self.problems[0]
-        if more:
-            message += f" (and {more} more case{'s' if more != 1 else ''} with problems)"
+        count = len(self.problems)
+        if count == 1:
+            message = self.problems[0]
+        else:
+            of = f" of {total}" if total is not None else ""
+            message = "\n".join([*self.problems, f"{count}{of} cases have problems"])
         super().__init__(message)
 
 
@@ -96,6 +103,7 @@ def check_case(case: Case, labels: dict[int, str] | None, channels: int | None =
     shape: tuple[int, ...] = ()
     affine = np.eye(4)
     total = 0
+    blank = True
     for index, path in enumerate(case.images):
         array, file_affine = load_volume(path, label=True)
         array = _spatial(array, path, "image")
@@ -107,7 +115,7 @@ def check_case(case: Case, labels: dict[int, str] | None, channels: int | None =
             )
         if index == 0:
             shape, affine = file_shape, file_affine
-            _check_spacing(path, affine)
+            check_geometry(path, affine)
         else:
             if file_shape != shape:
                 raise DataError(
@@ -117,6 +125,7 @@ def check_case(case: Case, labels: dict[int, str] | None, channels: int | None =
             if difference:
                 raise DataError(f"{path}: {difference}")
         _check_finite(path, array)
+        blank = blank and not np.any(array)
         total += array.shape[0]
         del array
     if not multi and channels is not None and total != channels:
@@ -126,6 +135,9 @@ def check_case(case: Case, labels: dict[int, str] | None, channels: int | None =
         raise DataError(f"{first_path}: image has {_count(total, 'channel')}, "
                         f"the dataset declares {channels}")
 
+    if blank:
+        raise DataError(f"{first_path}: every voxel is 0 (an empty image: nothing to learn from, no "
+                        f"foreground to crop to)")
     values: tuple[int, ...] = ()
     if case.label is not None:
         values = _check_label(case.label, first_path, shape, affine, labels)
@@ -153,10 +165,14 @@ def check_dataset(
         One summary per case, in the order of ``cases``.
 
     Raises:
-        DatasetCheckError: (a DataError) one line: the first problem in case order, plus
-            "(and N more cases with problems)"; ``.problems`` lists one line per bad case.
+        DatasetCheckError: (a DataError) one line per bad case, in case order, then
+            "N of M cases have problems" (a single bad case: its line alone); ``.problems``
+            lists the per-case lines.
     """
     cases = list(cases)
+    if labels and max(labels) > MAX_LABEL:
+        raise DataError(f"dataset.json declares label values up to {max(labels)}; medseg holds at most "
+                        f"{MAX_LABEL + 1} classes (0..{MAX_LABEL})")
 
     def one(case: Case) -> CaseSummary | str:
         try:
@@ -178,8 +194,21 @@ def check_dataset(
                     )
     problems = [r for r in results if isinstance(r, str)]
     if problems:
-        raise DatasetCheckError(problems)
+        raise DatasetCheckError(problems, total=len(cases))
     return results  # type: ignore[return-value]
+
+
+def check_image(paths: Sequence[Path | str], series_uid: str | None = None) -> None:
+    """Check an image to segment from its headers alone, before any reader allocates its voxels:
+    the header rules of :func:`medseg.data.io.read_header` (size, voxel type, geometry) and a 3D
+    shape, so that a 2D or unusable input gets medseg's one-line message rather than a reader's.
+
+    Raises:
+        DataError: ``"<file>: <problem>"``.
+    """
+    for path in paths:
+        header = read_header(path, series_uid=series_uid)
+        _check_spatial_shape(path, header.shape, "image")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,15 +223,21 @@ def _spatial(array: np.ndarray, path: Path, what: str) -> np.ndarray:
     while array.ndim > 4 and array.shape[-1] == 1:
         array = array[..., 0]
     spatial = array.shape[1:]
-    if len(spatial) < 3:
-        raise DataError(f"{path}: 2D {what} (shape {_shape(spatial)}); expected a 3D volume")
     if len(spatial) > 3:
         raise DataError(f"{path}: {len(spatial) + 1}D {what} (shape {_shape(array.shape)}); "
                         f"expected a 3D volume, or 4D with channels last")
+    _check_spatial_shape(path, spatial, what)
+    return array
+
+
+def _check_spatial_shape(path: Path | str, spatial: Sequence[int], what: str) -> None:
+    if len(spatial) < 3:
+        raise DataError(f"{path}: 2D {what} (shape {_shape(spatial)}); expected a 3D volume")
+    if 0 in spatial:
+        raise DataError(f"{path}: empty {what} (shape {_shape(spatial)})")
     if 1 in spatial:
         raise DataError(f"{path}: a single slice (shape {_shape(spatial)}), i.e. a 2D {what}; "
                         f"expected a 3D volume")
-    return array
 
 
 def _empty_reason(path: Path) -> str:
@@ -214,12 +249,6 @@ def _empty_reason(path: Path) -> str:
     axis = next((i for i, n in enumerate(dims) if n == 0), None)
     where = f"axis {axis} has length 0" if axis is not None else "an axis has length 0"
     return f"empty image: {where} (shape {_shape(dims)})"
-
-
-def _check_spacing(path: Path, affine: np.ndarray) -> None:
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    if not np.all(np.isfinite(affine)) or np.any(spacing <= 0):
-        raise DataError(f"{path}: invalid voxel spacing {_mm(spacing)} mm in the header")
 
 
 def _check_finite(path: Path, array: np.ndarray) -> None:
@@ -248,6 +277,10 @@ def _check_label(path: Path, image_path: Path, shape: tuple[int, ...], affine: n
     if difference:
         raise DataError(f"{path}: {difference} ({image_path})")
     values = _label_values(path, array)
+    too_high = [v for v in values if v > MAX_LABEL]
+    if too_high:
+        raise DataError(f"{path}: label values {_list(too_high)} exceed {MAX_LABEL}; medseg holds at most "
+                        f"{MAX_LABEL + 1} classes (0..{MAX_LABEL})")
     if labels:
         undeclared = [v for v in values if v not in labels]
         if undeclared:
@@ -286,10 +319,6 @@ def _one_line(text: str) -> str:
 
 def _shape(shape: Sequence[int]) -> str:
     return "×".join(str(int(n)) for n in shape)
-
-
-def _mm(values: Sequence[float]) -> str:
-    return "×".join(f"{float(v):.4g}" for v in values)
 
 
 def _num(value: float) -> str:

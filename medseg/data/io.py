@@ -153,13 +153,14 @@ def load_volume(
     return np.ascontiguousarray(array), np.array(volumes[0].affine, dtype=np.float64)
 
 
-def read_header(path: PathLike) -> Header:
+def read_header(path: PathLike, series_uid: str | None = None) -> Header:
     """Read a volume's spatial shape, spacing, RAS affine and channel count without its voxels.
 
     NIfTI: nibabel header only. NRRD/MetaImage: ``ImageFileReader.ReadImageInformation``.
     DICOM directory: the first and last slice headers plus the slice count, reproducing how
     ``ImageSeriesReader`` derives slice spacing and direction. A truncated file whose header is
-    intact is not detected here; :func:`load_volume` detects it.
+    intact is not detected here; :func:`load_volume` detects it. `series_uid` picks one DICOM
+    series of a directory that holds several.
 
     The header is also checked: a voxel type medseg cannot train on (complex, RGB or other
     structured voxels), more than :data:`MAX_VOXELS` voxels, or a non-finite, zero-length or
@@ -175,7 +176,7 @@ def read_header(path: PathLike) -> Header:
         if _has_suffix(name, NIFTI_SUFFIXES):
             header = _nifti_header(name)
         elif is_sitk_path(name):
-            header = _sitk_header(name)
+            header = _sitk_header(name, series_uid)
         else:
             raise DataError(f"{name}: {_unsupported_reason()}")
     except DataError:
@@ -684,9 +685,9 @@ def _nifti_header(name: str) -> Header:
     return Header(shape[:rank], tuple(float(s) for s in spacing), affine, channels)
 
 
-def _sitk_header(name: str) -> Header:
+def _sitk_header(name: str, series_uid: str | None = None) -> Header:
     if os.path.isdir(name):
-        return _dicom_header(name)
+        return _dicom_header(name, series_uid)
     reader = _read_information(name)
     import SimpleITK as sitk
 
@@ -715,9 +716,9 @@ def _read_information(name: str) -> "sitk.ImageFileReader":
     return reader
 
 
-def _dicom_header(directory: str) -> Header:
+def _dicom_header(directory: str, series_uid: str | None = None) -> Header:
     """Series geometry from its first and last slice, as ITK's ImageSeriesReader computes it."""
-    files = _dicom_series_files(directory, None)
+    files = _dicom_series_files(directory, series_uid)
     first, last = (_read_information(name) for name in (files[0], files[-1]))
     size = list(first.GetSize())[:3]
     spacing = list(first.GetSpacing())[:3]
