@@ -25,8 +25,8 @@ import numpy as np
 
 from medseg.config import Config
 from medseg.data.cases import Case, DatasetInfo, class_name, find_dataset, split
-from medseg.data.checks import CaseSummary, check_dataset
-from medseg.data.io import load_volume, map_cases
+from medseg.data.checks import CaseSummary, DatasetCheckError, check_dataset
+from medseg.data.io import MAX_VOXELS, load_volume, map_cases
 from medseg.errors import ConfigError, DataError
 
 if TYPE_CHECKING:  # transforms imports MONAI, which `medseg plan` does without
@@ -101,9 +101,39 @@ def target_spacing(cfg: Config, summaries: Sequence[CaseSummary]) -> tuple[float
         spacing = tuple(float(v) for v in cfg.data.spacing)
     else:
         spacing = spacing_rule([s.spacing_ras for s in summaries])
-    if len(spacing) != 3 or min(spacing) <= 0:
+    if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise ConfigError(f"'data.spacing' must be three positive numbers, got {list(spacing)}")
+    check_resampled_sizes(summaries, spacing)
     return spacing  # type: ignore[return-value]
+
+
+def check_resampled_sizes(summaries: Sequence[CaseSummary], spacing: Sequence[float]) -> None:
+    """Refuse, from the headers alone, cases that would hold more than
+    :data:`medseg.data.io.MAX_VOXELS` voxels (all channels) once resampled to `spacing`: a 600 mm
+    voxel in one header, or a `data.spacing` far finer than the data, would otherwise ask
+    preprocessing for terabytes.
+
+    Raises:
+        DatasetCheckError: one line per such case, naming its file and both shapes.
+    """
+    target = np.asarray(spacing, dtype=np.float64)
+    problems = []
+    for summary in summaries:
+        shape = np.asarray(shape_in_ras(summary.shape, summary.affine), dtype=np.float64)
+        resampled = np.maximum(np.round(shape * np.asarray(summary.spacing_ras) / target), 1)
+        voxels = float(np.prod(resampled)) * summary.channels
+        if voxels > MAX_VOXELS:
+            problems.append(
+                f"case '{summary.name}': {_shape(shape)} voxels of {_shape(summary.spacing_ras, '.4g')} mm "
+                f"become {_shape(resampled)} at the target spacing {_shape(target, '.4g')} mm, "
+                f"{voxels:,.0f} voxels, more than medseg preprocesses per case ({MAX_VOXELS:,}); "
+                f"check the header's spacing or data.spacing")
+    if problems:
+        raise DatasetCheckError(problems, total=len(summaries))
+
+
+def _shape(values: Sequence[float], form: str = ".0f") -> str:
+    return "×".join(format(float(v), form) for v in values)
 
 
 def spacing_rule(spacings: Sequence[Sequence[float]]) -> tuple[float, float, float]:
