@@ -238,6 +238,9 @@ def _prefetch(cases: list, predictor: Predictor) -> Iterator[tuple[Any, Future]]
 def _load_case(case: Any, predictor: Predictor) -> tuple[MetaTensor, T.Compose]:
     from medseg.data.transforms import preprocessing
 
+    from medseg.data.checks import check_image
+
+    check_image(case.images, case.series_uid)  # medseg's own message for a 2D or unusable header
     chain = preprocessing(predictor.prep, with_label=False, series_uid=case.series_uid)
     try:
         image = chain(case.as_dict())["image"]
@@ -248,6 +251,9 @@ def _load_case(case: Any, predictor: Predictor) -> tuple[MetaTensor, T.Compose]:
         raise DataError(f"{case.source}: cannot read ({cause.__class__.__name__}: {_first_line(cause)})") from None
     if image.shape[0] != predictor.prep.channels:
         raise DataError(f"{case.source}: {image.shape[0]} channel(s), the model expects {predictor.prep.channels}")
+    if not torch.isfinite(image.as_tensor()).all():
+        # A NaN anywhere spreads through normalisation: the prediction would be all background.
+        raise DataError(f"{case.source}: NaN or infinite intensities; fix or replace them before inference")
     return image, chain
 
 

@@ -103,5 +103,7 @@ def preprocessing(p: Preprocessing, with_label: bool = True, series_uid: str | N
 
 
 def _nonzero(image: Any) -> Any:
-    # Module-level (not a lambda) so the transform pickles into data-loading workers.
-    return image != 0
+    # Module-level (not a lambda) so the transform pickles into data-loading workers. An image
+    # without a non-zero voxel keeps its whole extent: an empty crop cannot be resampled.
+    mask = image != 0
+    return mask if mask.any() else mask | True
