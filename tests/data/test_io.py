@@ -284,7 +284,7 @@ def test_failed_write_keeps_existing_file(tmp_path: Path, monkeypatch: pytest.Mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(io.os, "fsync", failing_fsync)
-    with pytest.raises(DataError, match=r"label\.nii\.gz: cannot write \(No space left on device\)"):
+    with pytest.raises(DataError, match=r"(?i)label\.nii\.gz: cannot write \(no space left on device"):
         write_nifti(np.zeros(SHAPE, np.uint8), RAS_AFFINE, path)
     monkeypatch.undo()
     assert path.read_bytes() == before
