@@ -1,6 +1,7 @@
 """Networks by name: `build_model(cfg, in_channels, num_classes, spacing)` builds `cfg.model.arch`.
 
-`unet` (medseg's 3D U-Net, `UNet3D`) is registered here; another architecture plugs in with
+`unet` (medseg's 3D U-Net, `UNet3D`) and `resenc` (nnU-Net's residual encoder U-Net, `ResEncUNet`)
+are registered here; another architecture plugs in with
 `@register(name)` on a builder whose network keeps the `SegmentationNetwork` contract.
 """
 
@@ -12,11 +13,12 @@ from medseg.config import Config
 from medseg.errors import ConfigError
 from medseg.models.network import CHECKPOINTING_MODES, SegmentationNetwork
 from medseg.models.registry import ARCHITECTURES, Builder, build_model, register
+from medseg.models.resenc import ResEncUNet
 from medseg.models.unet import CheckpointedLevels, NetworkPlan, UNet3D, init_weights, plan_network
 
-__all__ = ["ARCHITECTURES", "CHECKPOINTING_MODES", "Builder", "CheckpointedLevels", "NetworkPlan",
-           "SegmentationNetwork", "UNet3D", "build_model", "build_unet", "init_weights", "network_plan",
-           "register"]
+__all__ = ["ARCHITECTURES", "CHECKPOINTING_MODES", "Builder", "CheckpointedLevels", "NetworkPlan", "ResEncUNet",
+           "SegmentationNetwork", "UNet3D", "build_model", "build_resenc", "build_unet", "init_weights",
+           "network_plan", "register"]
 
 
 def network_plan(cfg: Config, spacing: Sequence[float]) -> NetworkPlan:
@@ -38,8 +40,21 @@ def network_plan(cfg: Config, spacing: Sequence[float]) -> NetworkPlan:
 def build_unet(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float],
                checkpointed_levels: CheckpointedLevels = CheckpointedLevels(), per_sample: bool = True) -> UNet3D:
     """medseg's 3D U-Net that `cfg` describes; `checkpointed_levels` and `per_sample` as in UNet3D."""
+    return _build(UNet3D, cfg, in_channels, num_classes, spacing, checkpointed_levels, per_sample)
+
+
+@register("resenc")
+def build_resenc(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float],
+                 checkpointed_levels: CheckpointedLevels = CheckpointedLevels(), per_sample: bool = True) -> ResEncUNet:
+    """nnU-Net's residual encoder U-Net that `cfg` describes, on the plain U-Net's plan (widths,
+    strides, kernels); `checkpointed_levels` and `per_sample` as in UNet3D."""
+    return _build(ResEncUNet, cfg, in_channels, num_classes, spacing, checkpointed_levels, per_sample)
+
+
+def _build(network: type, cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float],
+           checkpointed_levels: CheckpointedLevels, per_sample: bool):  # type: ignore[no-untyped-def]
     try:
-        return UNet3D(
+        return network(
             in_channels,
             num_classes,
             network_plan(cfg, spacing),

@@ -9,27 +9,15 @@ supervision.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from medseg.models.blocks import (CheckpointedLevels, ConvBlock, DecoderStage, StagedNetwork, checkpoint_keeping_convolutions,
+                                  decoder_stages, init_weights, segmentation_heads)
 from medseg.models.network import CHECKPOINTING_MODES
 
 __all__ = ["CHECKPOINTING_MODES", "CheckpointedLevels", "NetworkPlan", "UNet3D", "init_weights", "plan_network"]
-
-
-@dataclass(frozen=True)
-class CheckpointedLevels:
-    """How many of the finest levels `stage` checkpointing covers, in the encoder and the decoder.
-
-    The full- and half-resolution stages hold most of the activations (and of the backward pass's
-    temporaries); coarser stages keep theirs, so their recomputation is not paid.
-    """
-
-    encoder: int = 2
-    decoder: int = 2
 
 
 @dataclass(frozen=True)
@@ -93,19 +81,6 @@ def plan_network(
     return NetworkPlan(widths=widths, strides=tuple(strides), kernels=tuple(kernels))
 
 
-class ConvBlock(nn.Sequential):
-    """Conv3d -> normalisation -> LeakyReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel: tuple[int, int, int],
-                 stride: tuple[int, int, int], norm: str) -> None:
-        padding = tuple(k // 2 for k in kernel)
-        super().__init__(
-            nn.Conv3d(in_channels, out_channels, kernel, stride=stride, padding=padding, bias=True),
-            _norm(norm, out_channels),
-            nn.LeakyReLU(0.01, inplace=True),
-        )
-
-
 class EncoderStage(nn.Sequential):
     """Two conv blocks; the first one downsamples by its stride."""
 
@@ -125,23 +100,7 @@ class EncoderStage(nn.Sequential):
         return features
 
 
-class DecoderStage(nn.Module):
-    """Upsample the coarser features, concatenate the skip tensor, two conv blocks."""
-
-    def __init__(self, below_channels: int, skip_channels: int, kernel: tuple[int, int, int],
-                 stride: tuple[int, int, int], norm: str) -> None:
-        super().__init__()
-        self.up = nn.ConvTranspose3d(below_channels, skip_channels, stride, stride=stride, bias=False)
-        self.convs = nn.Sequential(
-            ConvBlock(2 * skip_channels, skip_channels, kernel, (1, 1, 1), norm),
-            ConvBlock(skip_channels, skip_channels, kernel, (1, 1, 1), norm),
-        )
-
-    def forward(self, below: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.convs(torch.cat([self.up(below), skip], dim=1))
-
-
-class UNet3D(nn.Module):
+class UNet3D(StagedNetwork):
     """3D U-Net. In training mode with deep supervision it returns a list of logits, finest first;
     otherwise the full-resolution logits alone. Keeps the `medseg.models.SegmentationNetwork`
     contract.
@@ -151,32 +110,19 @@ class UNet3D(nn.Module):
     independent), which halves the backward's temporaries of the stage.
     """
 
-    checkpointing_modes = CHECKPOINTING_MODES
-
     def __init__(self, in_channels: int, num_classes: int, plan: NetworkPlan, norm: str = "instance",
                  deep_supervision: bool = True, checkpointing: str = "off",
                  checkpointed_levels: CheckpointedLevels = CheckpointedLevels(), per_sample: bool = True) -> None:
-        super().__init__()
+        super().__init__(deep_supervision, checkpointed_levels, per_sample)
         self.plan = plan
-        self.deep_supervision = deep_supervision
-        self.checkpointed_levels = checkpointed_levels
-        self.per_sample = per_sample
-        self._recompile_limit: int | None = None  # set by compile_stages
         widths = plan.widths
         self.encoder = nn.ModuleList()
         channels = in_channels
         for width, kernel, stride in zip(widths, plan.kernels, plan.strides):
             self.encoder.append(EncoderStage(channels, width, kernel, stride, norm))
             channels = width
-        # decoder[i] brings stage i+1's resolution up to stage i's; listed deepest first.
-        self.decoder = nn.ModuleList(
-            DecoderStage(widths[i + 1], widths[i], plan.kernels[i], plan.strides[i + 1], norm)
-            for i in reversed(range(len(widths) - 1))
-        )
-        self.heads = nn.ModuleList(
-            nn.Conv3d(widths[i], num_classes, 1) for i in reversed(range(len(widths) - 1))
-        )
-        self.checkpointing = "off"
+        self.decoder = decoder_stages(widths, plan.kernels, plan.strides, norm, convs=2)
+        self.heads = segmentation_heads(widths, num_classes)
         self.set_checkpointing(checkpointing)
         self.apply(init_weights)
 
@@ -193,37 +139,7 @@ class UNet3D(nn.Module):
                    stage and, with `per_sample`, one sample at a time. Compiled, each stage is its own graph
                    (compile_stages).
         """
-        if mode not in CHECKPOINTING_MODES:
-            raise ValueError(f"checkpointing must be one of {CHECKPOINTING_MODES}, got {mode!r}")
-        if mode != "off" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules()):
-            # Recomputing a stage in backward would update BatchNorm's running statistics twice.
-            raise ValueError("checkpointing cannot be combined with batch norm; use instance or group norm")
-        self.checkpointing = mode
-        # In place, LeakyReLU saves one tensor where out of place it saves two (its input and, for
-        # the next convolution, its output). Inside a checkpointed region nothing is saved until
-        # the recomputation, which the memory estimator finds cheaper out of place; and PyTorch
-        # warns against in-place operations in selectively checkpointed regions under torch.compile.
-        for module in self.modules():
-            if isinstance(module, nn.LeakyReLU):
-                module.inplace = mode == "off"
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        if self.checkpointing == "selective" and torch.is_grad_enabled():
-            return self._forward_selective(image)
-        skips = []
-        features = image
-        for level, stage in enumerate(self.encoder):
-            features = self._run(stage, features, checkpointed=level < self.checkpointed_levels.encoder)
-            skips.append(features)
-        outputs = []
-        features = skips.pop()
-        for level, stage, head in zip(reversed(range(len(self.decoder))), self.decoder, self.heads):
-            features = self._run(stage, features, skips.pop(), checkpointed=level < self.checkpointed_levels.decoder)
-            if self.training and self.deep_supervision:
-                outputs.append(head(features))
-        if not (self.training and self.deep_supervision):
-            return self.heads[-1](features)
-        return outputs[::-1]
+        super().set_checkpointing(mode)
 
     def _forward_selective(self, image: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
         # The same network, computed so that only convolution outputs cross stage boundaries: each
@@ -233,60 +149,20 @@ class UNet3D(nn.Module):
         skips = []
         features, last_block = image, None
         for stage in self.encoder:
-            features = self._checkpoint(_encoder_stage, stage, last_block, features)
+            features = checkpoint_keeping_convolutions(_encoder_stage, stage, last_block, features)
             skips.append((features, stage[1]))
             last_block = stage[1]
         features, last_block = skips.pop()
         outputs = []
         for stage, head in zip(self.decoder, self.heads):
             skip, skip_block = skips.pop()
-            features = self._checkpoint(_decoder_stage, stage, last_block, features, skip_block, skip)
+            features = checkpoint_keeping_convolutions(_decoder_stage, stage, last_block, features, skip_block, skip)
             last_block = stage.convs[1]
             if self.deep_supervision:
-                outputs.append(self._checkpoint(_head, head, last_block, features))
+                outputs.append(checkpoint_keeping_convolutions(_head, head, last_block, features))
         if not self.deep_supervision:
-            return self._checkpoint(_head, self.heads[-1], last_block, features)
+            return checkpoint_keeping_convolutions(_head, self.heads[-1], last_block, features)
         return outputs[::-1]
-
-    @staticmethod
-    def _checkpoint(function, *arguments) -> torch.Tensor:
-        return checkpoint(function, *arguments, use_reentrant=False, context_fn=_KEEP_CONVOLUTIONS)
-
-    def _run(self, stage: nn.Module, *inputs: torch.Tensor, checkpointed: bool) -> torch.Tensor:
-        if self.checkpointing == "stage" and checkpointed and torch.is_grad_enabled():
-            # Non-reentrant checkpointing: works with autocast and inputs that need no grad, and
-            # recomputes the stage under the same autocast state as in forward.
-            if not self.per_sample or inputs[0].shape[0] == 1:
-                return checkpoint(self._call_stage, stage, *inputs, use_reentrant=False)
-            return torch.cat([checkpoint(self._call_stage, stage, *(x[i:i + 1] for x in inputs), use_reentrant=False)
-                              for i in range(inputs[0].shape[0])])
-        return self._call_stage(stage, *inputs)
-
-    def _call_stage(self, stage: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
-        # Also the function a checkpoint reruns in backward, so a recomputed compiled stage runs
-        # under the same torch.compile settings as in forward.
-        if self._recompile_limit is None:
-            return stage(*inputs)
-        import torch._dynamo
-
-        with torch._dynamo.config.patch(recompile_limit=self._recompile_limit):
-            return stage(*inputs)
-
-    def compile_stages(self) -> None:
-        """torch.compile each encoder and decoder stage on its own, leaving the checkpointing around them eager.
-
-        For `stage` checkpointing: compiled whole, the network's checkpoints become part of one
-        graph whose backward holds nearly as much memory as no checkpointing; compiled per stage,
-        each checkpoint drops its stage's saved tensors and reruns the compiled stage in backward.
-        """
-        import torch._dynamo
-
-        # Stages of one class share their forward's code, and torch.compile keeps a limited number
-        # of compiled versions per code object (one per stage and batch size here). The larger
-        # limit holds only while a stage runs (`_call_stage`), not for the rest of the process.
-        self._recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(self.encoder))
-        for stage in (*self.encoder, *self.decoder):
-            stage.compile(dynamic=False)
 
 
 def _activate(block: nn.Module | None, convolved: torch.Tensor) -> torch.Tensor:
@@ -312,36 +188,6 @@ def _head(head: nn.Module, block: nn.Module, convolved: torch.Tensor) -> torch.T
     return head(_activate(block, convolved))
 
 
-def _keep_convolutions(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    # Keep what is expensive to recompute: outputs of the (non-transposed) convolutions. Their
-    # `transposed` flag is argument 6 of aten.convolution; the 2x2x2 transposed convolutions cost
-    # a small fraction of a 3x3x3 one and are recomputed.
-    if op is torch.ops.aten.convolution.default and not args[6] and args[0].shape[1] > 4:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-_KEEP_CONVOLUTIONS = partial(create_selective_checkpoint_contexts, _keep_convolutions)
-
-
 def _kernel(spacing: list[float]) -> tuple[int, int, int]:
     finest = min(spacing)
     return tuple(3 if s <= 2 * finest else 1 for s in spacing)  # type: ignore[return-value]
-
-
-def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "instance":
-        return nn.InstanceNorm3d(channels, eps=1e-5, affine=True)
-    if kind == "batch":
-        return nn.BatchNorm3d(channels)
-    if kind == "group":
-        return nn.GroupNorm(min(8, channels), channels)
-    raise ValueError(f"unknown norm {kind!r}")
-
-
-def init_weights(module: nn.Module) -> None:
-    """He initialisation for LeakyReLU(0.01), as nnU-Net does (`network.apply(init_weights)`)."""
-    if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
-        nn.init.kaiming_normal_(module.weight, a=0.01)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
