@@ -50,13 +50,13 @@ class Range:
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
     def __str__(self) -> str:
+        low, high = (v if v is None or isinstance(v, int) else f"{v:g}" for v in (self.low, self.high))
         if self.low is not None and self.high is not None:
-            return (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
-                    f"{')' if self.high_open else ']'}")
+            return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
         if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"{'>' if self.low_open else '>='} {low}"
         if self.high is not None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
+            return f"{'<' if self.high_open else '<='} {high}"
         return "a finite number"
 
 
@@ -305,9 +305,12 @@ def _merge(base: dict[str, Any], update: dict[str, Any], source: str, prefix: st
 
 
 def _unknown(name: str, known: list[str]) -> str:
-    """"unknown config key 'train.lrr' — did you mean 'train.lr'?" (the closest known key)."""
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    hint = f" — did you mean '{close[0]}'?" if close else ""
+    """"unknown config key 'train.lrr' — did you mean 'train.lr'?": the closest of the keys known
+    beside it (compared by their last part, so that a shared section name does not count)."""
+    prefix, _, last = name.rpartition(".")
+    siblings = {key.rpartition(".")[2]: key for key in known}
+    close = difflib.get_close_matches(last, list(siblings), n=1, cutoff=0.6)
+    hint = f" — did you mean '{siblings[close[0]]}'?" if close else ""
     return f"unknown config key '{name}'{hint}"
 
 

@@ -111,6 +111,57 @@ def test_every_default_key_is_documented_with_its_type():
 # --- experiment files and --set -----------------------------------------------------------------
 
 
+def _ranged_keys(cls: type = Config, prefix: str = "") -> dict[str, tuple]:
+    """Leaf key -> its Annotated rules (Range, Items, Pattern), for the keys that have any."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out: dict[str, tuple] = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            out.update(_ranged_keys(hint, f"{prefix}{f.name}."))
+        elif typing.get_origin(hint) is typing.Annotated:
+            out[f"{prefix}{f.name}"] = hint.__metadata__
+    return out
+
+
+def test_every_range_is_documented_beside_its_key_in_default_yaml():
+    leaves = _documented_leaves()
+    ranged = _ranged_keys()
+    assert {"train.lr", "train.epochs", "validate.overlap", "data.spacing"} <= set(ranged)
+    for key, rules in ranged.items():
+        for rule in rules:
+            if isinstance(rule, config.Range):
+                assert f"[{rule}]" in leaves[key], (key, str(rule), leaves[key])
+
+
+@pytest.mark.parametrize(("item", "hint"), [
+    ("train.lrr=0.1", "train.lr"), ("train.batchsize=2", "train.batch_size"),
+    ("augment.flip_prop=0.1", "augment.flip_prob"), ("tarin.lr=0.1", "train"),
+])
+def test_mistyped_key_suggests_the_closest_known_key(item, hint):
+    assert f"did you mean '{hint}'?" in _error(overrides=[item])
+
+
+def test_unrelated_unknown_key_gets_no_suggestion():
+    message = _error(overrides=["train.zzzzzz=1"])
+    assert "unknown config key 'train.zzzzzz'" in message and "did you mean" not in message
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["train.lr=.inf"], "train.lr"), (["train.momentum=1.0"], "train.momentum"),
+    (["validate.overlap=-0.1"], "validate.overlap"), (["augment.gamma_range=[0, 1.5]"], "augment.gamma_range[0]"),
+    (["data.folds=1"], "data.folds"), (["model.base_width=64", "model.max_width=32"], "model.max_width"),
+    (["train.max_minutes=-1"], "train.max_minutes"), (["train.seed=-1"], "train.seed"),
+])
+def test_values_outside_their_range_name_the_key_and_value(overrides, key):
+    assert f"'{key}'" in _error(overrides=overrides)
+
+
+def test_a_saved_config_is_range_checked_too():
+    with pytest.raises(ConfigError, match="'train.epochs' must be >= 1, got 0"):
+        config.from_dict({"train": {"epochs": 0}})
+
+
 def test_experiment_file_overrides_only_its_keys(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text("train:\n  batch_size: 7\n  amp: off\nmodel:\n  base_width: 8\n")
