@@ -34,10 +34,13 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="On an unexpected error, also print its full traceback.")] = False,
 ) -> None:
     """Train 3D medical image segmentation networks and run them on new scans."""
+    ctx.meta[_DEBUG] = debug
     # Under an ASCII locale a "×" in a table must not end a training run with UnicodeEncodeError.
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
@@ -140,12 +143,15 @@ def memory(
     json_output: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
     measure: Annotated[bool, typer.Option("--measure", help="Also run real steps on this machine's GPU and compare.")] = False,
 ) -> None:
-    """Predict the peak GPU memory of a training step (no GPU needed) and what fits a budget.
+    """Predict the peak GPU memory of a training step and of the whole run (no GPU needed) and what fits a budget.
 
-    With --gpu-memory (or train.memory_budget in the config) it also prints the patch, batch and
-    checkpointing that `medseg train` with the same config and budget runs: it reads and checks the
-    data as train does and runs the same fit. In --json that configuration is under "fit"
-    (patch_size, batch_size, checkpointing, amp, total; or "error" when nothing fits).
+    The run: the step, the batch rendered ahead, the resident training volumes, validation (its
+    sliding-window buffers and the network's inference activations) and the overhead margin; in
+    --json under "run". With --gpu-memory (or train.memory_budget in the config) it also prints the
+    patch, batch and checkpointing that `medseg train` with the same config and budget runs: it
+    reads and checks the data as train does and runs the same fit. In --json that configuration is
+    under "fit" (patch_size, batch_size, checkpointing, amp, total, the run's parts; or "error"
+    when nothing fits).
     """
     with _user_errors():
         import json
@@ -162,7 +168,8 @@ def memory(
         cfg = config_module.load(config, set_ or [])
         cases = training_cases(cfg, workers=usable_cpus())
         prep = plan_preprocessing(cfg, cases, workers=usable_cpus())
-        result = memory_module.overview(cfg, prep, cases.train_summaries)
+        result = memory_module.overview(cfg, prep, cases.train_summaries,
+                                        [cases.summaries[case.name] for case in cases.validation])
         if measure:
             import torch
 
@@ -177,7 +184,8 @@ def memory(
         gib, budget = memory_module.GiB, result["budget"]
         table = Table(title=f"medseg memory: patch {cfg.train.patch_size}, batch {cfg.train.batch_size}, "
                             f"{prep.channels} channel(s), {prep.num_classes} classes", title_justify="left")
-        for column in ("amp", "checkpointing", "peak GiB", "parameters", "gradients", "optimizer", "activations"):
+        for column in ("amp", "checkpointing", "peak GiB", "parameters", "gradients", "optimizer", "activations",
+                       "run GiB"):
             table.add_column(column, justify="right")
         if measure:
             table.add_column("measured GiB", justify="right")
@@ -186,7 +194,8 @@ def memory(
             table.add_column(f"fits {budget / gib:.1f} GiB", justify="center")
         for row in result["rows"]:
             cells = [row["amp"], row["checkpointing"]] + [
-                f"{row[k] / gib:.2f}" for k in ("total", "parameters", "gradients", "optimizer_state", "activations")]
+                f"{row[k] / gib:.2f}" for k in ("total", "parameters", "gradients", "optimizer_state", "activations",
+                                                "run_total")]
             if measure:
                 measured = row["max_memory_allocated"]
                 cells += [f"{measured / gib:.2f}", f"{100 * (row['total'] - measured) / measured:+.1f} %"]
@@ -194,12 +203,31 @@ def memory(
                 cells.append("[green]yes[/]" if row["fits"] else "[red]no[/]")
             table.add_row(*cells)
         console.print(table)
+        console.print(_run_table(result["run"], f"the run at checkpointing {cfg.model.checkpointing}"))
         if "fit" in result:
             chosen = result["fit"]
             line = chosen.get("error") or (
                 f"patch {chosen['patch_size']}, batch {chosen['batch_size']}, amp {chosen['amp']}, "
-                f"checkpointing {chosen['checkpointing']}: {chosen['total'] / gib:.2f} GiB")
+                f"checkpointing {chosen['checkpointing']}: {chosen['total'] / gib:.2f} GiB for the run")
             console.print(f"medseg train with this budget runs: {line}")
+            if "error" not in chosen:
+                console.print(_run_table(chosen, "the run medseg train chooses"))
+
+
+def _run_table(run: dict, title: str):  # type: ignore[no-untyped-def]
+    """The whole run's parts (`medseg.memory.RunReport.to_dict`) as a Rich table, in GiB."""
+    from rich.table import Table
+
+    rows = [("training step", "step"), ("batch rendered ahead", "next_batch"),
+            ("resident training volumes", "resident_volumes"), ("validation (without the volumes)", "validation"),
+            ("  inference activations", "inference"), ("  sliding-window buffers", "validation_buffers"),
+            ("overhead (cuDNN, allocator)", "overhead"), ("run peak", "total")]
+    table = Table(title=f"GPU memory of {title}", title_justify="left")
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    for name, key in rows:
+        table.add_row(name, f"{run[key] / 2**30:.2f}")
+    return table
 
 
 @app.command()
@@ -289,22 +317,53 @@ def _mean_std(value) -> str:
 
 
 class _user_errors:
-    """Turn MedsegError into one line on stderr and exit code 2, without a traceback."""
+    """Turn every error into one line on stderr, without a traceback.
+
+    MedsegError: its message, exit code 2. Any other exception: what medseg was doing and on
+    which file (`medseg.errors.describe`), exit code 2 when bad input causes it
+    (`medseg.errors.is_input_error`: OSError, ValueError, KeyError, MemoryError, ...), else 1 (an
+    internal error). Its traceback is printed only under `medseg --debug` (and appended to the
+    run's train.log by `medseg.files.RunLock` once a run folder exists).
+    """
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, kind, error, traceback) -> bool:
+        import click
+        from rich.markup import escape
+
         if isinstance(error, TrainingInterrupted):
             errors.print(f"interrupted: {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=130)
         if isinstance(error, MedsegError):
-            errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            errors.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2)
         if isinstance(error, KeyboardInterrupt):
             errors.print("interrupted")
             raise typer.Exit(code=130)
-        return False
+        if error is None or not isinstance(error, Exception) or isinstance(error, (click.exceptions.Exit, click.ClickException)):
+            return False
+        from medseg.errors import describe, is_input_error
+
+        context = click.get_current_context(silent=True)
+        if context is not None and context.meta.get(_DEBUG):
+            import traceback as traceback_module
+
+            sys.stderr.write("".join(traceback_module.format_exception(kind, error, traceback)))
+        command = context.info_name if context is not None else "medseg"
+        user_caused = is_input_error(error)
+        line = describe(error) if user_caused else f"internal error, please report it: {describe(error)}"
+        errors.print(f"[bold red]error:[/] medseg {command}: {escape(_one_line(line))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2 if user_caused else 1)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# The key under which the `--debug` flag is kept in the command line's context.
+_DEBUG = "medseg.debug"
 
 
 def main() -> None:

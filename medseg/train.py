@@ -38,7 +38,7 @@ from medseg.data.transforms import Preprocessing
 from medseg.device import amp_dtype as resolve_amp
 from medseg.device import amp_name, resolve_device
 from medseg.errors import CheckpointError, ConfigError, DataError, MedsegError, TrainingInterrupted
-from medseg.files import atomic_write_text
+from medseg.files import RunLock, atomic_write_text, cache_key, check_path_component
 from medseg.infer import aggregation_device, predict_scores
 from medseg.losses import DiceCELoss, deep_supervision_weights
 from medseg.memory import GiB, fit_to_data, parse_size
@@ -73,17 +73,18 @@ def train(cfg: Config, resume: Path | None = None, console: Console | None = Non
     """
     saved = None
     if resume is not None:
-        saved = checkpoint.load(Path(resume) / "last.pt")
+        saved = checkpoint.load_for_resume(Path(resume))
         cfg = config.from_dict(saved["config"])
     context = distributed.start(cfg.train.device)
     try:
-        return _run(cfg, saved, Path(resume) if resume else None, console or Console(), context)
+        with RunLock() as lock:  # held for the run; an unexpected error's traceback goes to train.log
+            return _run(cfg, saved, Path(resume) if resume else None, console or Console(), context, lock)
     finally:
         distributed.stop(context)
 
 
 def _run(cfg: Config, saved: dict[str, Any] | None, resume: Path | None, console: Console,
-         context: distributed.Context) -> Path:
+         context: distributed.Context, lock: RunLock) -> Path:
     started = time.perf_counter()
     console = console if context.is_main else Console(quiet=True)
     _check_settings(cfg, context)
@@ -91,7 +92,11 @@ def _run(cfg: Config, saved: dict[str, Any] | None, resume: Path | None, console
     _prepare_device(cfg, device, console)
     # Checked before reading the data, so a bad output_dir fails at once; one name for all ranks.
     run_dir = resume if resume is not None else distributed.broadcast(context, _run_dir_name(cfg))
+    if context.is_main and resume is not None:
+        lock.hold(run_dir)  # a second --resume of this run refuses here, before any work
     cfg, prep, train_cases, val_cases = _prepare_data(cfg, saved, run_dir, context, console)
+    if context.is_main:
+        lock.hold(run_dir)
     mode = compile_setting(cfg, device, context.enabled)
     where = Execution(device, resolve_amp(cfg.train.amp, device), mode, memory_format(cfg, device, mode), context)
     console.print(_banner(cfg, prep, len(train_cases), len(val_cases), where))
@@ -173,7 +178,7 @@ def _prepare_data(cfg: Config, saved: dict[str, Any] | None, run_dir: Path, cont
         return cfg, prep, train_cases, val_cases
     prep = plan_preprocessing(cfg, cases)
     if cfg.train.memory_budget:
-        cfg, report = fit_to_data(cfg, prep, cases.train_summaries)
+        cfg, report = fit_to_data(cfg, prep, cases.train_summaries, [cases.summaries[c.name] for c in val_cases])
         console.print(f"memory budget {parse_size(cfg.train.memory_budget) / GiB:.1f} GiB: chose {report.summary()}")
     if context.is_main:
         _create(run_dir)
@@ -197,7 +202,7 @@ def _build_run(cfg: Config, prep: Preprocessing, train_cases: Sequence[Case], va
     scaler = torch.amp.GradScaler(where.device.type, enabled=where.amp_dtype == torch.float16)
     rank, world = where.context.rank, where.context.world_size
     shard_cfg = cfg.replace(train={"batch_size": cfg.train.batch_size // world, "seed": cfg.train.seed + 1000 * rank})
-    shard_dir = _cache_dir(cfg, run_dir) / (f"train-rank{rank}" if where.context.enabled else "train")
+    shard_dir = _cache_dir(cfg, run_dir, prep) / (f"train-rank{rank}" if where.context.enabled else "train")
     batches = training_batches(list(train_cases[rank::world]) or list(train_cases), prep, shard_cfg, shard_dir,
                                where.device)
     split = {"train": [c.name for c in train_cases], "validation": [c.name for c in val_cases]}
@@ -208,7 +213,7 @@ def _validation_data(cfg: Config, prep: Preprocessing, val_cases: Sequence[Case]
                      context: distributed.Context) -> Iterable[dict]:
     """This process's share of the validation volumes (each process predicts its own)."""
     shard = list(val_cases[context.rank::context.world_size])
-    return validation_dataset(shard, prep, cfg, _cache_dir(cfg, run_dir) / f"val-rank{context.rank}") if shard else []
+    return validation_dataset(shard, prep, cfg, _cache_dir(cfg, run_dir, prep) / f"val-rank{context.rank}") if shard else []
 
 
 def _build_step(run: RunState, where: Execution, console: Console) -> TrainingStep:
@@ -400,15 +405,20 @@ def _freeze_unused_heads(model: nn.Module) -> None:
         head.requires_grad_(weight > 0)
 
 
-def _cache_dir(cfg: Config, run_dir: Path) -> Path:
-    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "cache"
+def _cache_dir(cfg: Config, run_dir: Path, prep: Preprocessing) -> Path:
+    # The cached arrays depend on the preprocessing (spacing, normalisation and its statistics,
+    # crop, labels): runs sharing data.cache_dir with different preprocessing get different folders.
+    root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "cache"
+    return root / f"prep-{cache_key(prep.to_dict())}"
 
 
 def _run_dir_name(cfg: Config) -> Path:
+    if cfg.run_name is not None:
+        check_path_component("run_name", cfg.run_name)  # a run never lands outside output_dir
     name = cfg.run_name or f"{Path(cfg.data.dataset).name}-fold{cfg.data.fold}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(cfg.output_dir) / name
     if run_dir.exists():
-        raise ConfigError(f"{run_dir}: run directory exists; use --resume {run_dir} or another run_name")
+        raise ConfigError(checkpoint.existing_run(run_dir))
     try:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

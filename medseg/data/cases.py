@@ -19,6 +19,8 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 LABEL_SUFFIXES = ("_label", "_labels", "_seg", "_mask")
 _NOT_DICOM = (".json", ".txt", ".csv", ".md", ".yaml", ".yml", ".png", ".jpg", ".pt", ".gz", ".zip")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+# dataset.json is a small text file; a larger one is not a dataset description.
+MAX_DATASET_JSON_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,9 @@ def split(cases: tuple[Case, ...] | list[Case], folds: int, fold: int, seed: int
 
 
 def _from_dataset_json(root: Path, path: Path) -> DatasetInfo:
+    if path.stat().st_size > MAX_DATASET_JSON_BYTES:
+        raise DataError(f"{path}: {path.stat().st_size} bytes, larger than a dataset description can be "
+                        f"({MAX_DATASET_JSON_BYTES >> 20} MiB)")
     try:
         description = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
@@ -113,6 +118,10 @@ def _from_dataset_json(root: Path, path: Path) -> DatasetInfo:
     ending = description.get("file_ending", ".nii.gz")
     if not isinstance(ending, str):
         raise DataError(f"{path}: 'file_ending' must be a string such as \".nii.gz\", got {_json_kind(ending)}")
+    if ending.lower() not in IMAGE_SUFFIXES:
+        # The folder scan joins case names with it: anything but an image suffix could name a file
+        # elsewhere ("/../../x.nii.gz") or one medseg cannot read.
+        raise DataError(f"{path}: 'file_ending' {ending!r} is not one of {', '.join(IMAGE_SUFFIXES)}")
     cases = []
     if isinstance(description.get("training"), list):
         for number, entry in enumerate(description["training"]):
@@ -133,6 +142,9 @@ def _from_dataset_json(root: Path, path: Path) -> DatasetInfo:
             cases.append(Case(name, images, label))
     else:
         cases = _scan(root / "imagesTr", root / "labelsTr", ending)
+    for case in cases:  # every derived path too: channel files, case names joined with file_ending
+        for derived in (*case.images, *([case.label] if case.label is not None else [])):
+            _inside(root, str(derived), path)
     return DatasetInfo(root, tuple(cases), labels, modality_names)
 
 
@@ -184,9 +196,11 @@ def _channel_files(image: Path, ending: str) -> tuple[Path, ...]:
 def _inside(root: Path, relative: str, source: Path) -> Path:
     # Paths in dataset.json are relative to the dataset; refuse ones that leave it (judged on the
     # text of the path, so that a dataset of symbolic links to files elsewhere still works).
+    if not relative or "\0" in relative:
+        raise DataError(f"{source}: path {relative!r} is empty or holds a NUL character")
     base = Path(os.path.normpath(root.absolute()))
     path = Path(os.path.normpath(base / relative))
-    if not path.is_relative_to(base):
+    if path == base or not path.is_relative_to(base):
         raise DataError(f"{source}: path '{relative}' points outside the dataset folder")
     return path
 
