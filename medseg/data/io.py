@@ -32,6 +32,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from nibabel.wrapstruct import WrapStructError
 
+from medseg.data.datafiles import check_data_files
 from medseg.data.grid import grid_difference
 from medseg.errors import DataError
 from medseg.files import atomic_write
@@ -473,6 +474,7 @@ def _check_readable(name: str) -> None:
         raise DataError(f"{name}: no such file or directory")
     if not os.access(name, os.R_OK):
         raise DataError(f"{name}: permission denied")
+    check_data_files(name)  # a MetaImage/NRRD header naming data files outside its folder
 
 
 def _is_nifti_list(paths: list[str]) -> bool:
