@@ -49,14 +49,19 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: Path, device: str = "auto") -> "Predictor":
-        """Load a checkpoint (safely: weights and plain data only) and build its model."""
-        from medseg import checkpoint, config
+        """Load a checkpoint or a one-fold model archive (`medseg export`; safely: weights and plain
+        data only) and build its model."""
+        from medseg import config
         from medseg.data.transforms import Preprocessing
         from medseg.errors import CheckpointError
+        from medseg.export import load_states
         from medseg.models import build_model
         from medseg.device import amp_dtype, resolve_device
 
-        state = checkpoint.load(path)
+        states = load_states(path)
+        if len(states) > 1:
+            raise CheckpointError(f"{path}: holds {len(states)} folds; this predictor runs one network")
+        state = states[0]
         try:
             cfg = config.from_dict(state["config"])
             prep = Preprocessing.from_dict(state["preprocessing"])
@@ -67,6 +72,11 @@ class Predictor:
         torch_device = resolve_device(device)
         model.to(torch_device).eval()
         return cls(model, prep, tuple(cfg.train.patch_size), torch_device, amp_dtype("auto", torch_device))
+
+    def prepare(self, case: Any) -> tuple[MetaTensor, T.Compose]:
+        """Read and preprocess one input (`medseg.data.cases.InferenceInput`): the network's input
+        and the chain that `segment` inverts to map the prediction back onto the input's grid."""
+        return _load_case(case, self)
 
     def segment(self, image: MetaTensor, chain: T.Compose, output: Path, overlap: float = 0.5,
                 mirror: bool = False, sw_batch_size: int = 4, save_probabilities: bool = False,
