@@ -137,6 +137,7 @@ class TrainConfig:
     max_minutes: Annotated[Optional[float], POSITIVE]
     compile: str
     channels_last: str
+    logger: str
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.amp": ("auto", "fp16", "bf16", "off"),
     "train.compile": ("auto", "on", "off", "graphs", "eager-graphs"),
     "train.channels_last": ("auto", "on", "off"),
+    "train.logger": ("none", "tensorboard", "mlflow"),
 }
 
 
