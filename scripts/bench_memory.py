@@ -13,7 +13,7 @@ an out-of-memory configuration is reported and skipped.
 With --fit, for each budget (GiB) the process's memory is capped at that budget
 (torch.cuda.set_per_process_memory_fraction), `medseg.memory.fit` picks patch, batch and
 checkpointing for the default network (patch 192³ requested; the rule: the most voxels per unit of
-step time, `medseg.memory.STEP_TIME` by default, within the budget less the margin; --fit-max-patch and
+step time, `medseg.memory.STEP_TIME` by default, within the budget less the overhead margin and the batch rendered ahead; --fit-max-patch and
 --fit-max-batch pass its caps), and 50 real training steps of it run on random data through
 `medseg.step.train_step`: chosen configuration, predicted and measured peak, share of the budget
 used, time per step, the seconds fit() took on this machine's CPU, and whether it ran out of memory.
@@ -166,10 +166,11 @@ def fit_runs(budgets: list[float], steps: int, max_patch: list[int] | None = Non
         del model, optimizer, image, label
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(1.0, device)
-        print(f"{gib:7g} {name:<36} {report.total / GiB:9.2f} {allocated / GiB:9.2f} {reserved / GiB:9.2f} "
+        # This runs the step alone: the step's share of the plan is what it predicts.
+        print(f"{gib:7g} {name:<36} {report.step.total / GiB:9.2f} {allocated / GiB:9.2f} {reserved / GiB:9.2f} "
               f"{100 * allocated / budget:8.1f}% {1000 * step_seconds:8.0f} {fit_seconds:6.1f}  {result}", flush=True)
         rows.append({"budget_gib": gib, "chosen": chosen.to_dict()["train"] | {"checkpointing": chosen.model.checkpointing},
-                     "predicted": report.total, "measured": allocated, "reserved": reserved, "result": result,
+                     "predicted": report.step.total, "predicted_run": report.total, "measured": allocated, "reserved": reserved, "result": result,
                      "seconds_per_step": step_seconds, "fit_seconds": fit_seconds,
                      "voxels_per_second": math.prod(t.patch_size) * t.batch_size / step_seconds})
     return rows

@@ -41,10 +41,14 @@ def training_batches(cases: Sequence[Case], prep: Preprocessing, cfg: Config, ca
     volumes = training_volumes(cases, prep, cfg, cache_dir)
     resident = None
     if sampler == "device" and device.type == "cuda":
-        # Volumes stay on the GPU while they take at most a fifth of it; beyond that each patch's
-        # box is copied from pinned host memory. Under `train.memory_budget` the budget belongs
-        # to the training step the estimator fitted into it, so the volumes stay in host memory.
-        resident = 0 if train.memory_budget else torch.cuda.get_device_properties(device).total_memory // 5
+        # Volumes stay on the GPU while they take at most a fifth of it (of `train.memory_budget`
+        # when set, which the memory plan reserves for them); beyond that each patch's box is
+        # copied from pinned host memory.
+        from medseg.memory import parse_size, resident_allowance
+
+        capacity = (parse_size(train.memory_budget) if train.memory_budget
+                    else torch.cuda.get_device_properties(device).total_memory)
+        resident = resident_allowance(capacity)
     renders_on = device if sampler == "device" else torch.device("cpu")
     patches = DevicePatchSampler(
         volumes, train.patch_size, prep.num_classes, train.batch_size, cfg.data.foreground_oversample,

@@ -46,7 +46,7 @@ from medseg.device import amp_name
 from medseg.errors import ConfigError
 from medseg.memory.sizes import GiB
 
-__all__ = ["MemoryReport", "block_bytes", "cuda_amp_dtype", "estimate", "simulate_step"]
+__all__ = ["MemoryReport", "block_bytes", "cuda_amp_dtype", "estimate", "estimate_inference", "simulate_step"]
 
 # The CUDA caching allocator's constants (c10/cuda/CUDACachingAllocator.cpp).
 _MIN_BLOCK = 512  # every block is a multiple of 512 bytes
@@ -104,6 +104,32 @@ def estimate(cfg: Config, in_channels: int, num_classes: int,
     """
     return simulate_step(cfg, in_channels, num_classes, spacing)
 
+
+
+def estimate_inference(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float],
+                       batch: int) -> int:
+    """Predicted peak GPU bytes of the network's forward in eval mode without gradients (sliding-window
+    validation and inference) on `batch` windows of `train.patch_size`, beyond its parameters and
+    buffers: the activations alive at once, autocast's weight copies, the input and the logits.
+    Under `train.amp` as `estimate` reads it. Raises ConfigError as `build_model` does."""
+    from medseg.models import build_model
+
+    amp_dtype = cuda_amp_dtype(cfg.train.amp)
+    patch = tuple(int(n) for n in cfg.train.patch_size)
+    with FakeTensorMode():
+        model = build_model(cfg, in_channels, num_classes, tuple(spacing))
+        model.eval()
+        _emulate_cuda_autocast(model)
+        tracker = _AllocationTracker()
+        resident = [*model.parameters(), *model.buffers()]
+        for tensor in resident:
+            tracker.track(tensor)
+        before = tracker.current
+        with tracker, torch.no_grad(), torch.autocast("cpu", dtype=amp_dtype or torch.float32,
+                                                      enabled=amp_dtype is not None):
+            logits = model(torch.randn((batch, in_channels, *patch)))
+            del logits
+    return tracker.peak - before
 
 
 def block_bytes(nbytes: int) -> int:

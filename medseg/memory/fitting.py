@@ -13,7 +13,9 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from medseg.config import Config
 from medseg.errors import ConfigError, MedsegError
-from medseg.memory.estimator import MemoryReport, estimate
+from medseg.memory.estimator import MemoryReport, estimate, estimate_inference
+from medseg.memory.run import (OVERHEAD, Overhead, RunData, RunReport, next_batch_bytes, resident_allowance,
+                               run_data, validation_buffer_bytes)
 from medseg.memory.sizes import GiB, parse_size
 
 __all__ = ["STEP_TIME", "fit", "fit_to_data", "overview"]
@@ -28,7 +30,6 @@ _MAX_SCALE = 4.0  # patches up to this many times the configured size per axis
 _TIE = 0.05  # candidates within this fraction of the most work count as equal
 _SHRINK = 0.5  # a patch is traded for batch down to at most this fraction of the largest at batch 2
 _NO_BATCH_CAP = 1 << 16  # max_batch=None
-_MARGIN = 0.1  # of the budget, kept free by default
 
 
 class _Candidate(NamedTuple):
@@ -39,39 +40,72 @@ class _Candidate(NamedTuple):
 
 
 class _Estimates:
-    """`estimate` for one network and budget, remembered per (patch, batch, checkpointing)."""
+    """The run's memory (`RunReport`) for one network, data and budget, the step's estimate
+    remembered per (patch, batch, checkpointing) and validation's per patch."""
 
-    def __init__(self, cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float], limit: int) -> None:
+    def __init__(self, cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float],
+                 budget: int | None, overhead: Overhead, data: RunData | None) -> None:
         self.cfg, self.in_channels, self.num_classes, self.spacing = cfg, in_channels, num_classes, spacing
-        self.limit = limit
-        self.cache: dict[tuple, MemoryReport | None] = {}
+        self.budget, self.overhead, self.data = budget, overhead, data
+        self.cache: dict[tuple, RunReport | None] = {}
+        self.validation: dict[tuple, tuple[int, int]] = {}
 
-    def report(self, patch: Sequence[int], batch: int, mode: str) -> MemoryReport | None:
-        """The estimate; None where `build_model` rejects the configuration (checkpointing with
+    def report(self, patch: Sequence[int], batch: int, mode: str) -> RunReport | None:
+        """The run's report; None where `build_model` rejects the configuration (checkpointing with
         batch norm, a patch too small for a fixed depth)."""
         key = (tuple(int(n) for n in patch), batch, mode)
         if key not in self.cache:
             try:
-                self.cache[key] = estimate(_candidate(self.cfg, patch, batch, mode), self.in_channels,
-                                           self.num_classes, self.spacing)
+                step = estimate(_candidate(self.cfg, patch, batch, mode), self.in_channels, self.num_classes,
+                                self.spacing)
             except ConfigError:
                 self.cache[key] = None
+            else:
+                self.cache[key] = self._run(step)
         return self.cache[key]
 
     def fits(self, patch: Sequence[int], batch: int, mode: str) -> bool:
         report = self.report(patch, batch, mode)
-        return report is not None and report.total <= self.limit
+        return report is not None and self.budget is not None and report.total <= self.budget
 
-    def smallest(self) -> MemoryReport | None:
-        """The estimate with the smallest peak (for the message when nothing fits)."""
+    def smallest(self) -> RunReport | None:
+        """The report with the smallest peak (for the message when nothing fits)."""
         reports = [r for r in self.cache.values() if r is not None]
         return min(reports, key=lambda r: r.total) if reports else None
 
+    def _run(self, step: MemoryReport) -> RunReport:
+        volumes, inference, buffers = 0, 0, 0
+        if self.data is not None:
+            allowance = resident_allowance(self.budget) if self.budget is not None else self.data.volume_bytes
+            # Volumes within the allowance are resident; beyond it they may still be (the bound
+            # is from above), so the allowance itself is reserved.
+            volumes = min(self.data.volume_bytes, allowance)
+            if self.data.validation_shape is not None:
+                inference, buffers = self._validation(step.patch_size)
+        return RunReport(step, next_batch_bytes(step.patch_size, step.batch_size, self.in_channels), volumes,
+                         inference, buffers, self.overhead.bytes(self.budget or 0), self.budget)
+
+    def _validation(self, patch: tuple[int, ...]) -> tuple[int, int]:
+        # Validation's windows have the training patch; its memory does not depend on batch or checkpointing.
+        if patch not in self.validation:
+            validate, data = self.cfg.validate, self.data
+            assert data is not None and data.validation_shape is not None
+            inference = estimate_inference(_candidate(self.cfg, patch, 1, "off"), self.in_channels,
+                                           self.num_classes, self.spacing, validate.sw_batch_size)
+            buffers = validation_buffer_bytes(data.validation_shape, patch, self.in_channels, self.num_classes,
+                                              validate.sw_batch_size, validate.mirror, self.budget)
+            self.validation[patch] = (inference, buffers)
+        return self.validation[patch]
+
 
 def fit(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float], budget_bytes: int,
-        margin: float = _MARGIN, *, max_patch: Sequence[int] | None = None, max_batch: int | None = None,
-        step_time: Mapping[str, float] = STEP_TIME) -> tuple[Config, MemoryReport]:
-    """The configuration that trains fastest within `budget_bytes * (1 - margin)`.
+        overhead: Overhead = OVERHEAD, *, data: RunData | None = None, max_patch: Sequence[int] | None = None,
+        max_batch: int | None = None, step_time: Mapping[str, float] = STEP_TIME) -> tuple[Config, RunReport]:
+    """The configuration that trains fastest with the whole run within `budget_bytes`.
+
+    The run (`medseg.memory.run.RunReport`): the step, the batch rendered ahead, the `overhead`
+    kept free of the budget, and with `data` (`run_data`: the training volumes and the validation
+    volumes' extent) the resident volumes and validation; the budget must hold its total.
 
     "Fastest" is the most training work per unit of time: voxels per step (patch volume × batch)
     divided by the checkpointing mode's relative step time (`step_time`). The candidates:
@@ -100,7 +134,7 @@ def fit(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float
     (`_grown_axes`), to take up what the steps between scaled patches leave.
 
     Returns the config (`train.batch_size`, `train.patch_size` and `model.checkpointing` set; the
-    rest as given) and its report. Raises MedsegError, with the numbers, if nothing fits.
+    rest as given) and the run's report. Raises MedsegError, with the numbers, if nothing fits.
     """
     from medseg.models import network_plan
 
@@ -114,7 +148,8 @@ def fit(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float
     patches = [p for p in _scaled_patches(base, unit, _MAX_SCALE, max_patch) if _buildable(cfg, p, spacing)]
     if not patches:
         raise MedsegError(f"no patch of the shape of {base} builds a network (divisor {list(unit)})")
-    estimates = _Estimates(cfg, in_channels, num_classes, spacing, _usable(budget_bytes, margin))
+    _check_budget(budget_bytes, overhead)
+    estimates = _Estimates(cfg, in_channels, num_classes, spacing, budget_bytes, overhead, data)
     cap = max_batch if max_batch is not None else _NO_BATCH_CAP
 
     if max_patch is not None and max_batch is not None and estimates.fits(patches[-1], cap, modes[0]):
@@ -122,7 +157,7 @@ def fit(cfg: Config, in_channels: int, num_classes: int, spacing: Sequence[float
     else:
         candidates = _candidates(estimates, patches, modes, cap, step_time)
         if not candidates:
-            raise MedsegError(_nothing_fits(budget_bytes, margin, estimates.smallest()))
+            raise MedsegError(_nothing_fits(budget_bytes, overhead, estimates.smallest()))
         best = max(c.work for c in candidates)
         equal = [c for c in candidates if c.work >= best * (1 - _TIE)]
         _, mode, patch, batch = min(equal, key=lambda c: (step_time[c.mode], -math.prod(c.patch), -c.batch))
@@ -210,45 +245,68 @@ def _last_fitting(fits: Callable[[int], bool], good: int, bad: int) -> int:
     return good
 
 
-def fit_to_data(cfg: Config, prep: Any, summaries: Sequence[Any]) -> tuple[Config, MemoryReport]:
-    """The configuration `medseg train` runs for `train.memory_budget`, and its report.
+def fit_to_data(cfg: Config, prep: Any, summaries: Sequence[Any],
+                validation_summaries: Sequence[Any] | None = None) -> tuple[Config, RunReport]:
+    """The configuration `medseg train` runs for `train.memory_budget`, and the run's report.
 
-    `fit` within the budget, the patch grown no further than the training data's extent and the
+    `fit` within the budget, the whole run counted (`run_data` of the training cases `summaries`
+    and the validation cases `validation_summaries`, checked `CaseSummary`s; None: the training
+    cases stand in for them), the patch grown no further than the training data's extent and the
     batch no further than nnU-Net's cap (`medseg.data.fingerprint.growth_limits`), for the network
-    `prep` (a `Preprocessing`) describes and the checked training cases `summaries`. `medseg
-    memory --gpu-memory` calls this too, so it prints what `train` then runs.
+    `prep` (a `Preprocessing`) describes. `medseg memory --gpu-memory` calls this too, so it prints
+    what `train` then runs.
     """
     from medseg.data.fingerprint import growth_limits
 
     budget = parse_size(cfg.train.memory_budget)
     max_patch, max_batch = growth_limits(summaries, prep.spacing)
-    return fit(cfg, prep.channels, prep.num_classes, prep.spacing, budget,
+    data = _data(cfg, prep, summaries, validation_summaries)
+    return fit(cfg, prep.channels, prep.num_classes, prep.spacing, budget, data=data,
                max_patch=max_patch, max_batch=max(max_batch, cfg.train.batch_size))
 
 
-def overview(cfg: Config, prep: Any, summaries: Sequence[Any]) -> dict[str, Any]:
-    """What `medseg memory` shows: the predicted peak for AMP {off, the configured mode} × every
-    checkpointing mode at the configured patch and batch (`rows`), and with `train.memory_budget`
-    set, whether each fits it and the configuration `medseg train` runs (`fit`: `fit_to_data`'s
-    report, or `{"error": ...}` when nothing fits). `prep` and `summaries` as for `fit_to_data`."""
+def overview(cfg: Config, prep: Any, summaries: Sequence[Any],
+             validation_summaries: Sequence[Any] | None = None) -> dict[str, Any]:
+    """What `medseg memory` shows.
+
+    `rows`: the predicted step peak for AMP {off, the configured mode} × every checkpointing mode
+    at the configured patch and batch, each with `run_total` (the whole run's peak) and, with
+    `train.memory_budget` set, whether the run `fits` it. `run`: the parts of the configured run
+    (`RunReport.to_dict`; without a budget, as if every volume were resident and with the overhead's
+    constant alone). With a budget, `fit`: the configuration `medseg train` runs (`fit_to_data`'s
+    report, or `{"error": ...}` when nothing fits). `prep` and the summaries as for `fit_to_data`.
+    """
     from medseg.models import CHECKPOINTING_MODES
 
     budget = parse_size(cfg.train.memory_budget) if cfg.train.memory_budget else None
+    data = _data(cfg, prep, summaries, validation_summaries)
     amp = "fp16" if cfg.train.amp in ("auto", "fp16") else cfg.train.amp
-    rows = []
+    patch, batch = cfg.train.patch_size, cfg.train.batch_size
+    rows, run = [], None
     for amp_mode in dict.fromkeys(("off", amp)):
+        candidate = cfg.replace(train={"amp": amp_mode})
+        estimates = _Estimates(candidate, prep.channels, prep.num_classes, prep.spacing, budget, OVERHEAD, data)
         for mode in CHECKPOINTING_MODES:
-            candidate = cfg.replace(train={"amp": amp_mode}, model={"checkpointing": mode})
-            report = estimate(candidate, prep.channels, prep.num_classes, prep.spacing)
-            fits = None if budget is None else report.total <= _usable(budget, _MARGIN)
-            rows.append({**report.to_dict(), "fits": fits})
-    result: dict[str, Any] = {"rows": rows, "budget": budget, "margin": _MARGIN}
+            report = estimates.report(patch, batch, mode)
+            if report is None:
+                raise ConfigError(f"'model.checkpointing': {mode!r} cannot be built for this config")
+            fits = None if budget is None else report.total <= budget
+            rows.append({**report.step.to_dict(), "run_total": report.total, "fits": fits})
+            if amp_mode == amp and mode == cfg.model.checkpointing:
+                run = report.to_dict()
+    result: dict[str, Any] = {"rows": rows, "budget": budget, "run": run,
+                              "overhead": {"fraction": OVERHEAD.fraction, "constant": OVERHEAD.constant}}
     if budget is not None:
         try:
-            result["fit"] = fit_to_data(cfg, prep, summaries)[1].to_dict()
+            result["fit"] = fit_to_data(cfg, prep, summaries, validation_summaries)[1].to_dict()
         except MedsegError as exc:
             result["fit"] = {"error": str(exc)}
     return result
+
+
+def _data(cfg: Config, prep: Any, summaries: Sequence[Any], validation_summaries: Sequence[Any] | None) -> RunData:
+    validation = summaries if validation_summaries is None else validation_summaries
+    return run_data(summaries, validation if cfg.validate.every > 0 else (), prep.spacing, prep.channels)
 
 
 def _modes(step_time: Mapping[str, float]) -> list[str]:
@@ -261,12 +319,12 @@ def _modes(step_time: Mapping[str, float]) -> list[str]:
     return modes
 
 
-def _usable(budget_bytes: int, margin: float) -> int:
+def _check_budget(budget_bytes: int, overhead: Overhead) -> None:
     if budget_bytes <= 0:
         raise ConfigError(f"memory budget must be positive, got {budget_bytes} bytes")
-    if not 0 <= margin < 1:
-        raise ConfigError(f"memory margin must be in [0, 1), got {margin}")
-    return int(budget_bytes * (1 - margin))
+    if not 0 <= overhead.fraction < 1 or overhead.constant < 0:
+        raise ConfigError(f"memory overhead must be a fraction in [0, 1) and a constant of at least 0 bytes, "
+                          f"got {overhead}")
 
 
 def _candidate(cfg: Config, patch: Sequence[int], batch: int, mode: str) -> Config:
@@ -328,12 +386,13 @@ def _scaled_patches(base: list[int], unit: Sequence[int], max_scale: float,
     return patches
 
 
-def _nothing_fits(budget_bytes: int, margin: float, smallest: MemoryReport | None) -> str:
-    usable = budget_bytes * (1 - margin)
-    text = (f"nothing fits in {budget_bytes / GiB:.2f} GiB less the {margin:.0%} margin "
-            f"({usable / GiB:.2f} GiB)")
+def _nothing_fits(budget_bytes: int, overhead: Overhead, smallest: RunReport | None) -> str:
+    text = (f"nothing fits in {budget_bytes / GiB:.2f} GiB (of which {overhead.bytes(budget_bytes) / GiB:.2f} GiB "
+            f"are kept free for overhead)")
     if smallest is not None:
         patch = "×".join(str(n) for n in smallest.patch_size)
         text += (f"; the smallest configuration tried (patch {patch}, batch {smallest.batch_size}, "
-                 f"checkpointing {smallest.checkpointing}, amp {smallest.amp}) needs {smallest.total / GiB:.2f} GiB")
+                 f"checkpointing {smallest.checkpointing}, amp {smallest.amp}) needs {smallest.total / GiB:.2f} GiB "
+                 f"for the run (step {smallest.step.total / GiB:.2f}, resident volumes "
+                 f"{smallest.resident_volumes / GiB:.2f}, validation {smallest.validation / GiB:.2f})")
     return text
