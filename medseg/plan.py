@@ -83,7 +83,10 @@ def plan(dataset_path: Path, budget_bytes: int, workers: int | None = None,
     sample = sample_foreground(dataset.cases, channels, max(labels) + 1, samples_per_case, workers=workers)
     patch, largest = growth_limits(summaries, target)
     cfg = base.replace(train={"patch_size": patch, "batch_size": 2})
-    chosen, report = memory.fit(cfg, channels, len(labels), target, budget_bytes, max_patch=patch, max_batch=largest)
+    # The whole run within the budget: every case stands in for the training and the validation volumes.
+    data = memory.run_data(summaries, summaries, target, channels)
+    chosen, report = memory.fit(cfg, channels, len(labels), target, budget_bytes, data=data, max_patch=patch,
+                                max_batch=largest)
     overrides = {
         "data": {"dataset": str(dataset_path), "spacing": list(target),
                  "normalization": normalization_for(base, dataset)},
