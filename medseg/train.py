@@ -24,8 +24,6 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from torch import nn
 
 from medseg import checkpoint, config, distributed
@@ -45,6 +43,7 @@ from medseg.memory import GiB, fit_to_data, parse_size
 from medseg.metrics import dice_per_class
 from medseg.models import build_model
 from medseg.oom import MemoryFallback, agree_on_memory
+from medseg.reporting import RunReport
 from medseg.run_state import RunState
 from medseg.schedule import Schedule
 from medseg.step import GraphedStep, TrainingStep, build_optimizer, compile_for_training, compile_setting, memory_format
@@ -77,16 +76,17 @@ def train(cfg: Config, resume: Path | None = None, console: Console | None = Non
         cfg = config.from_dict(saved["config"])
     context = distributed.start(cfg.train.device)
     try:
-        with RunLock() as lock:  # held for the run; an unexpected error's traceback goes to train.log
-            return _run(cfg, saved, Path(resume) if resume else None, console or Console(), context, lock)
+        # The lock is held for the run; an unexpected error's traceback goes to train.log.
+        with RunLock() as lock, RunReport(console or Console(), main=context.is_main) as report:
+            return _run(cfg, saved, Path(resume) if resume else None, report, context, lock)
     finally:
         distributed.stop(context)
 
 
-def _run(cfg: Config, saved: dict[str, Any] | None, resume: Path | None, console: Console,
+def _run(cfg: Config, saved: dict[str, Any] | None, resume: Path | None, report: RunReport,
          context: distributed.Context, lock: RunLock) -> Path:
     started = time.perf_counter()
-    console = console if context.is_main else Console(quiet=True)
+    console = report.console  # the terminal and train.log (nothing on processes other than the main one)
     _check_settings(cfg, context)
     device = resolve_device(cfg.train.device, context)
     _prepare_device(cfg, device, console)
@@ -97,6 +97,7 @@ def _run(cfg: Config, saved: dict[str, Any] | None, resume: Path | None, console
     cfg, prep, train_cases, val_cases = _prepare_data(cfg, saved, run_dir, context, console)
     if context.is_main:
         lock.hold(run_dir)
+    report.attach(run_dir, cfg, _class_names(prep), prep.spacing)
     mode = compile_setting(cfg, device, context.enabled)
     where = Execution(device, resolve_amp(cfg.train.amp, device), mode, memory_format(cfg, device, mode), context)
     console.print(_banner(cfg, prep, len(train_cases), len(val_cases), where))
@@ -104,6 +105,7 @@ def _run(cfg: Config, saved: dict[str, Any] | None, resume: Path | None, console
     run = _build_run(cfg, prep, train_cases, val_cases, run_dir, where)
     if saved is not None:
         run.load_state_dict(saved)
+    report.choose_previews(run.split, saved.get("split") if saved is not None else None)
     val_data = _validation_data(cfg, prep, val_cases, run_dir, context)
     step = _build_step(run, where, console)
     origin = started - run.schedule.seconds  # a resumed run goes on counting from where it stopped
@@ -117,7 +119,7 @@ def _run(cfg: Config, saved: dict[str, Any] | None, resume: Path | None, console
             steps = cfg.train.iterations_per_epoch - run.steps_done
             description = f"epoch {epoch + 1}/{cfg.train.epochs}"
             train_loss, taken = train_one_epoch(step, run, steps, stop, lambda: time.perf_counter() - origin,
-                                                description, console)
+                                                description, report, epoch)
             train_seconds = time.perf_counter() - epoch_started
             run.steps_done += taken
             if taken < steps and not run.schedule.time_is_up:  # interrupted: keep the progress, say how to continue
@@ -130,16 +132,16 @@ def _run(cfg: Config, saved: dict[str, Any] | None, resume: Path | None, console
                                    "lr": run.optimizer.param_groups[0]["lr"]}
             last = epoch == cfg.train.epochs - 1 or run.schedule.time_is_up
             if val_cases and (last or (cfg.validate.every > 0 and (epoch + 1) % cfg.validate.every == 0)):
-                row.update(_validation_row(validate(run.model, val_data, prep, cfg, where.amp_dtype, context), prep))
-                _print_validation(console, epoch + 1, row, prep)
+                row.update(_validate_epoch(run, val_data, where, report, epoch))
             row.update(_timings(epoch_started, train_seconds, started, device))
             run.epoch, run.steps_done = epoch, 0
             _save(run, run_dir, best=run.record(row))
+            report.epoch_done(run.history)
             if last:
                 if run.schedule.time_is_up:
                     console.print(f"train.max_minutes={cfg.train.max_minutes:g} reached after epoch {epoch + 1}")
                 break
-    console.print(f"done: {run_dir}  (last.pt, best.pt, metrics.csv, config.yaml)")
+    report.finished(run.history)
     return run_dir
 
 
@@ -242,10 +244,11 @@ def _build_step(run: RunState, where: Execution, console: Console) -> TrainingSt
 
 def train_one_epoch(step: TrainingStep, run: RunState, steps: int, stop: Callable[[], bool],
                     clock: Callable[[], float], description: str = "epoch",
-                    console: Console | None = None) -> tuple[float, int]:
+                    report: RunReport | None = None, epoch: int = 0) -> tuple[float, int]:
     """Up to `steps` optimiser steps on `run.sampler`'s batches, fewer if `stop()` turns true or the
     schedule's time is up; returns (mean loss, steps taken). `clock()` gives the seconds the run
-    has been going; the schedule is stepped after every step.
+    has been going; the schedule is stepped after every step. `report` shows the progress bar of
+    epoch `epoch` (0-based).
 
     Steps with a non-finite loss are skipped; `train.max_nonfinite_steps` of them in a row end
     training with an error (noticed within 25 steps), before anything is saved, so the last good
@@ -255,19 +258,16 @@ def train_one_epoch(step: TrainingStep, run: RunState, steps: int, stop: Callabl
     device = next(run.model.parameters()).device
     tally = _LossTally(device, run.cfg.train.max_nonfinite_steps, description)
     taken = 0
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} it/s"), TimeElapsedColumn())
-    started = time.perf_counter()
-    with Progress(*columns, transient=False, console=console) as progress:
-        task = progress.add_task(description, total=steps, loss=float("nan"), rate=0.0)
+    report = report or RunReport(Console(quiet=True), main=False)
+    with report.training(description, steps, run.history, epoch, clock()) as display:
         for batch in itertools.islice(run.sampler, steps):
             image, label = step.inputs(batch)
             loss, finite = step(image, label, where=f"{description}, step {taken + 1}")
             taken += 1
             tally.add(loss, finite)
-            if taken % 25 == 0 or taken == steps:
-                progress.update(task, loss=tally.check(taken), rate=taken / (time.perf_counter() - started))
-            progress.advance(task)
+            if taken % 25 == 0:
+                tally.check(taken)
+            display.step(taken, lambda: tally.check(taken))  # reads the loss only now and then
             # Every process stops at the same step and sets the same learning rate, whichever of
             # them got the signal or has the slowest clock.
             stop_now, seconds = distributed.maximum(run.context, (float(stop()), clock()), device)
@@ -307,31 +307,62 @@ class _LossTally:
         return float(self.total) / max(int(self.finite_steps), 1)
 
 
+@dataclass(frozen=True)
+class Validation:
+    """Scores over the validation volumes: mean Dice per foreground class, mean loss per case."""
+
+    dice: list[float]
+    loss: float
+
+
 def validate(model: nn.Module, volumes: Iterable[dict], prep: Preprocessing, cfg: Config,
-             amp_dtype: torch.dtype | None, context: distributed.Context = distributed.Context()) -> list[float]:
-    """Mean Dice per foreground class over whole validation volumes (at the network's spacing).
+             amp_dtype: torch.dtype | None, context: distributed.Context = distributed.Context(),
+             on_case: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> Validation:
+    """Mean Dice per foreground class over whole validation volumes (at the network's spacing), and
+    the training loss (Dice + CE) of each volume's sliding-window scores, averaged over the volumes.
+    `on_case(name, image, reference, prediction)` is called after each volume.
 
     With several processes each predicts its share of the volumes and the scores are gathered.
     """
     budget = parse_size(cfg.train.memory_budget) if cfg.train.memory_budget else None
+    loss_fn = DiceCELoss(batch_dice=cfg.train.batch_dice)
     scores = []
     for item in volumes:
-        image = torch.as_tensor(item["image"])[None]
+        image, reference = torch.as_tensor(item["image"])[None], torch.as_tensor(item["label"])
         # Blended on the GPU while that is small against its memory (or the budget), else on the host.
         aggregate = aggregation_device(next(model.parameters()).device, image, prep.num_classes, budget)
         class_scores = predict_scores(model, image, cfg.train.patch_size, cfg.validate.overlap,
                                       cfg.validate.sw_batch_size, amp_dtype, aggregate, cfg.validate.mirror)
         prediction = class_scores.argmax(1)[0]
-        scores.append(dice_per_class(prediction, torch.as_tensor(item["label"])[0], prep.num_classes))
+        # Mirrored scores are probabilities: their logarithm is logits with that softmax.
+        logits = class_scores.clamp_min(1e-8).log() if cfg.validate.mirror else class_scores
+        loss = float(loss_fn(logits, reference[None].to(logits.device)))
+        del class_scores, logits
+        scores.append((dice_per_class(prediction, reference[0], prep.num_classes), loss))
+        if on_case is not None:
+            on_case(str(item.get("name", "")), image[0], reference[0], prediction)
     model.train()
     scores = [row for part in distributed.gather(context, scores) for row in part]
     with np.errstate(all="ignore"):
-        return [float(v) for v in np.nanmean(np.array(scores, dtype=float), axis=0)]
+        dice = [float(v) for v in np.nanmean(np.array([d for d, _ in scores], dtype=float), axis=0)]
+    return Validation(dice, float(np.mean([loss for _, loss in scores])) if scores else math.nan)
 
 
-def _validation_row(per_class: list[float], prep: Preprocessing) -> dict[str, float]:
-    """metrics.csv's validation columns: the mean Dice over the classes that occur, and each class's."""
-    row = {"val_dice": float(np.nanmean(per_class)) if not np.all(np.isnan(per_class)) else math.nan}
+def _validate_epoch(run: RunState, volumes: Iterable[dict], where: Execution, report: RunReport,
+                    epoch: int) -> dict[str, float]:
+    """Validate after epoch `epoch` (0-based) with a progress bar and previews: metrics.csv's
+    validation columns."""
+    with report.validation(epoch, len(volumes)) as on_case:  # type: ignore[arg-type]
+        scores = validate(run.model, volumes, run.prep, run.cfg, where.amp_dtype, where.context, on_case)
+    return _validation_row(scores, run.prep)
+
+
+def _validation_row(scores: Validation, prep: Preprocessing) -> dict[str, float]:
+    """metrics.csv's validation columns: the validation loss, the mean Dice over the classes that
+    occur, and each class's Dice."""
+    per_class = scores.dice
+    row = {"val_loss": scores.loss,
+           "val_dice": float(np.nanmean(per_class)) if not np.all(np.isnan(per_class)) else math.nan}
     row.update({f"dice_{name}": value for value, name in zip(per_class, _class_names(prep))})
     return row
 
@@ -448,15 +479,6 @@ def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(path, text.getvalue())
-
-
-def _print_validation(console: Console, epoch: int, row: dict[str, Any], prep: Preprocessing) -> None:
-    table = Table(title=f"validation, epoch {epoch}", title_justify="left")
-    for name in _class_names(prep):
-        table.add_column(name, justify="right")
-    table.add_column("mean Dice", justify="right", style="bold")
-    table.add_row(*[f"{row[f'dice_{n}']:.4f}" for n in _class_names(prep)], f"{row['val_dice']:.4f}")
-    console.print(table)
 
 
 def _fmt(values: Iterable[float]) -> str:

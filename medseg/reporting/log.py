@@ -69,7 +69,8 @@ class TrainLog:
     def __init__(self, terminal: Console, enabled: bool = True) -> None:
         self._file = _LogFile()
         self._log = Console(file=self._file, color_system=None, force_terminal=False, force_jupyter=False,
-                            width=LOG_WIDTH, highlight=False, emoji=False, quiet=not enabled)
+                            width=LOG_WIDTH, soft_wrap=True, highlight=False, emoji=False,
+                            quiet=not enabled)
         self.console: Console = _TeeConsole(self._log, file=terminal.file, quiet=terminal.quiet or not enabled,
                                             color_system=terminal.color_system, highlight=False)
         self.path: Path | None = None

@@ -10,6 +10,8 @@ from typing import Any, Sequence
 from medseg.files import atomic_write
 
 MOVING_AVERAGE = 5  # validations averaged in the smoothed mean Dice
+# Classes' Dice in colours apart from the losses' (blue, red) and the mean Dice's (green).
+CLASS_COLOURS = ("tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 Series = tuple[list[int], list[float]]  # (epochs, values) where the column has a finite value
 
 
@@ -35,6 +37,7 @@ def plot_progress(history: Sequence[dict[str, Any]]) -> Any:
     """A matplotlib Figure of `progress_series(history)`: losses and Dice (second axis), seconds
     per epoch, learning rate. Each line's label is its series' name."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     series = progress_series(history)
     figure = Figure(figsize=(10, 10), dpi=100, layout="constrained")
@@ -44,7 +47,8 @@ def plot_progress(history: Sequence[dict[str, Any]]) -> Any:
         _line(loss_axis, series, key, **style, linewidth=2)
     classes = sorted(key for key in series if key.startswith("dice_"))
     for index, key in enumerate(classes):
-        _line(dice_axis, series, key, color=f"C{(index + 2) % 10}", linestyle=":", marker=".", linewidth=1.2)
+        _line(dice_axis, series, key, color=CLASS_COLOURS[index % len(CLASS_COLOURS)], linestyle=":", marker=".",
+              linewidth=1.4)
     _line(dice_axis, series, "val_dice", color="tab:green", marker="o", linewidth=2)
     _line(dice_axis, series, "val_dice_moving_average", color="tab:green", linestyle="--", linewidth=2)
     loss_axis.set_ylabel("loss (Dice + CE)")
@@ -53,13 +57,14 @@ def plot_progress(history: Sequence[dict[str, Any]]) -> Any:
     handles = loss_axis.get_lines() + dice_axis.get_lines()
     loss_axis.legend(handles, [_legend(line.get_label()) for line in handles], loc="center right", fontsize=9)
     loss_axis.set_title("loss and validation Dice")
-    _line(time_axis, series, "seconds", color="tab:purple", marker=".")
+    _line(time_axis, series, "seconds", color="tab:gray", marker=".")
     time_axis.set_ylabel("seconds per epoch")
     time_axis.set_ylim(bottom=0)
     _line(lr_axis, series, "lr", color="tab:orange", marker=".")
     lr_axis.set_ylabel("learning rate")
     lr_axis.set_xlabel("epoch")
     lr_axis.set_ylim(bottom=0)
+    lr_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     for axis in (loss_axis, time_axis, lr_axis):
         axis.grid(alpha=0.3)
     return figure

@@ -75,22 +75,26 @@ class RunReport:
             self.tracker.close()
         return False
 
-    def start(self, run_dir: Path, cfg: Any, class_names: Sequence[str], spacing: Sequence[float],
-              split: dict[str, list[str]], saved_split: Mapping[str, Any] | None) -> None:
-        """The run directory exists: write train.log there, open the tracker and log the config.
-        The preview cases are the checkpoint's (`saved_split["preview"]`) or chosen now and put
-        into `split`, which the checkpoint saves, so they stay the same for the whole run."""
+    def attach(self, run_dir: Path, cfg: Any, class_names: Sequence[str], spacing: Sequence[float]) -> None:
+        """The run directory exists: write train.log there (with what was printed before), say
+        where the run is, open the tracker `train.logger` names and log the config."""
         self.run_dir, self.epochs, self.max_minutes = Path(run_dir), cfg.train.epochs, cfg.train.max_minutes
-        self.class_names, self.spacing = list(class_names), tuple(spacing)
-        chosen = (saved_split or {}).get("preview")
-        self.previews = list(chosen) if chosen is not None else choose_preview_cases(split.get("validation", []))
-        split["preview"] = self.previews
+        self.class_names, self.spacing = list(class_names), tuple(float(s) for s in spacing)
         if not self.main:
             return
         self.log.attach(self.run_dir)
-        self.console.print(f"run directory {self.run_dir}  (train.log, progress.png, {PREVIEW_DIR}/)")
+        self.console.print(f"run directory {self.run_dir}  (train.log, {PROGRESS_NAME}, {PREVIEW_DIR}/)")
         self.tracker = open_tracker(cfg.train.logger, self.run_dir)
         self.tracker.log_config(_yaml(cfg), _flatten(cfg.to_dict()))
+
+    def choose_previews(self, split: dict[str, list[str]], saved_split: Mapping[str, Any] | None) -> list[str]:
+        """The validation cases previewed after each validation: the checkpoint's
+        (`saved_split["preview"]`) or chosen now; put into `split`, which the checkpoint saves, so
+        they stay the same for the whole run, resumed or not."""
+        chosen = (saved_split or {}).get("preview")
+        self.previews = list(chosen) if chosen is not None else choose_preview_cases(split.get("validation", []))
+        split["preview"] = self.previews
+        return self.previews
 
     @contextmanager
     def training(self, description: str, steps: int, history: Sequence[Mapping[str, Any]], epoch: int,
