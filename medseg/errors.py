@@ -84,7 +84,14 @@ def is_input_error(error: BaseException) -> bool:
     import zlib
 
     kinds = INPUT_ERRORS + (pickle.UnpicklingError, struct.error, zlib.error, zipfile.BadZipFile)
-    return isinstance(error, kinds) or isinstance(root_cause(error), kinds)
+    return isinstance(error, kinds) or isinstance(_innermost(error), kinds)
+
+
+def _innermost(error: BaseException) -> BaseException:
+    # A worker process's error arrives raised from a RemoteTraceback holding the worker's
+    # traceback as text: the error itself is the one to name.
+    chain = [e for e in _chain(error) if type(e).__name__ != "RemoteTraceback"]
+    return chain[-1] if chain else error
 
 
 def describe(error: BaseException) -> str:
@@ -98,7 +105,7 @@ def describe(error: BaseException) -> str:
         if notes:
             where = notes[0][len("medseg: "):]
             break
-    cause = root_cause(error)
+    cause = _innermost(error)
     text = " ".join(str(cause).split()) or "(no message)"
     filename = getattr(cause, "filename", None)
     if filename is not None and str(filename) not in text:

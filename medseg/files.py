@@ -124,7 +124,12 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
 def append_text(path: Path, text: str) -> None:
     """Append `text` to the log file `path` (created if missing; a symlink there is refused, not followed)."""
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(path, flags, 0o666)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DataError(f"{path}: is a symbolic link; medseg does not write through links (remove it)") from None
+        raise DataError(f"{path}: cannot write ({_reason(exc)})") from exc
     try:
         os.write(fd, text.encode("utf-8", errors="replace"))
     finally:

@@ -25,7 +25,7 @@ import numpy as np
 from medseg.data.cases import Case
 from medseg.data.grid import grid_difference
 from medseg.data.io import check_geometry, load_volume, map_cases, read_header, spacing_in_ras
-from medseg.errors import DataError
+from medseg.errors import DataError, doing
 
 __all__ = ["MAX_LABEL", "CaseSummary", "DatasetCheckError", "check_case", "check_dataset", "check_image"]
 
@@ -176,7 +176,8 @@ def check_dataset(
 
     def one(case: Case) -> CaseSummary | str:
         try:
-            return check_case(case, labels, channels)
+            with doing(f"checking case {case.name} ({case.images[0]})"):
+                return check_case(case, labels, channels)
         except DataError as exc:
             return _one_line(str(exc))
 

@@ -22,7 +22,7 @@ from monai.data import ImageReader, NibabelReader
 from monai.utils import MetaKeys, SpaceKeys
 
 from medseg.data.io import PathLike, as_paths, is_sitk_path, sitk_read, sitk_volume, stack_channels
-from medseg.errors import DataError
+from medseg.errors import DataError, doing
 
 __all__ = ["SimpleITKReader", "readers"]
 
@@ -57,7 +57,10 @@ class SimpleITKReader(ImageReader):
         paths = as_paths(data)
         if not paths:
             raise DataError("no image path given")
-        images = [sitk_read(path, self.series_uid) for path in paths]
+        images = []
+        for path in paths:
+            with doing(f"reading {path}"):
+                images.append(sitk_read(path, self.series_uid))
         return images if len(images) > 1 else images[0]
 
     def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
