@@ -168,7 +168,7 @@ def test_best_checkpoint_is_the_epoch_with_the_best_validation_dice(tmp_path, mo
 
     def scripted_validation(*args, **kwargs):
         value = next(scores)
-        return [value, value]  # core and shell
+        return training.Validation(dice=[value, value], loss=1.0 - value)  # core and shell
 
     monkeypatch.setattr(training, "validate", scripted_validation)
     assert _train(tmp_path, "train.epochs=3").exit_code == 0
