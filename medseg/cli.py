@@ -330,8 +330,8 @@ class _user_errors:
         return None
 
     def __exit__(self, kind, error, traceback) -> bool:
-        import click
         from rich.markup import escape
+        from typer.main import get_current_context
 
         if isinstance(error, TrainingInterrupted):
             errors.print(f"interrupted: {error}", highlight=False, soft_wrap=True)
@@ -342,11 +342,11 @@ class _user_errors:
         if isinstance(error, KeyboardInterrupt):
             errors.print("interrupted")
             raise typer.Exit(code=130)
-        if error is None or not isinstance(error, Exception) or isinstance(error, (click.exceptions.Exit, click.ClickException)):
-            return False
+        if error is None or not isinstance(error, Exception) or type(error).__module__.startswith(("typer", "click")):
+            return False  # the command line's own exits and usage errors
         from medseg.errors import describe, is_input_error
 
-        context = click.get_current_context(silent=True)
+        context = get_current_context(silent=True)
         if context is not None and context.meta.get(_DEBUG):
             import traceback as traceback_module
 
@@ -367,5 +367,9 @@ _DEBUG = "medseg.debug"
 
 
 def main() -> None:
-    """Entry point for `python -m medseg`."""
-    app()
+    """Entry point for `python -m medseg`: an error that escapes a command is still one line."""
+    try:
+        with _user_errors():
+            app()
+    except typer.Exit as stop:  # what _user_errors raises outside a command
+        sys.exit(stop.exit_code)
