@@ -169,9 +169,10 @@ class Segmenter:
 
             if affine is not None:
                 raise MedsegError("affine= is for numpy arrays; a SimpleITK image carries its own geometry")
-            staged = folder / "image.mha"  # MetaImage keeps ITK's geometry and voxel type as they are
-            sitk.WriteImage(image, str(staged))
-            return staged, image, sitk_volume(image).affine
+            # Its voxels and RAS affine, staged as an array is: the same image segments the same
+            # whether it comes as a file, an array or a SimpleITK image.
+            volume = sitk_volume(image)
+            return _staged_array(volume.array, volume.affine, folder), image, volume.affine
         raise MedsegError(f"cannot segment a {type(image).__name__}: give a file path, a SimpleITK image "
                           "or a numpy array with its affine")
 

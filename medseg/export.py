@@ -106,7 +106,7 @@ def export(run: Path, fmt: str, out: Path | None = None) -> list[Exported]:
     """Export the run (see `run_checkpoints`) as `fmt` (`zip`, `torchscript` or `onnx`) to `out`.
 
     Default `out`: `model.zip`, `model.torchscript.pt` or `model.onnx` in the run directory (beside a checkpoint
-    file). TorchScript and ONNX exports of several folds are written one per fold, `<out>_fold<k>`.
+    file). TorchScript and ONNX exports of several folds are written one per fold (`model_fold<k>.onnx`).
     """
     if fmt not in FORMATS:
         raise MedsegError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
@@ -128,8 +128,8 @@ def export(run: Path, fmt: str, out: Path | None = None) -> list[Exported]:
     for path in checkpoints:
         state = checkpoint.load(path)
         fold = int(state["config"]["data"]["fold"])
-        stem, suffix = _split_name(out)
-        target = out if len(checkpoints) == 1 else out.with_name(f"{stem}_fold{fold}{suffix}")
+        stem, dot, suffixes = out.name.partition(".")
+        target = out if len(checkpoints) == 1 else out.with_name(f"{stem}_fold{fold}{dot}{suffixes}")
         written.append(export_network(state, target, fmt, fold))
     return written
 
