@@ -61,6 +61,7 @@ def train(
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from last.pt.")] = None,
     gpus: Annotated[int, typer.Option(help="Train on this many GPUs of this machine (starts torchrun).")] = 1,
     gpu_memory: Annotated[Optional[str], typer.Option(help="Fit patch, batch and checkpointing into this much GPU memory, e.g. 24GiB.")] = None,
+    folds: Annotated[Optional[str], typer.Option(help="Cross-validation: train these folds (all, or e.g. 0,1,2) one after another into one folder, then score them and choose the postprocessing.")] = None,
 ) -> None:
     """Train a 3D U-Net on a dataset folder."""
     if config is None and resume is None:
@@ -75,6 +76,10 @@ def train(
     # caching allocator from fragmenting, so what the memory estimator fitted into a budget is what
     # the card must hold. A setting of the user's own is kept.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if folds is not None and (resume is not None or gpus > 1):
+        errors.print("[bold red]error:[/] --folds trains new runs on one device; give it without --resume and --gpus",
+                     highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2)
     if gpus > 1 and "LOCAL_RANK" not in os.environ:
         # The same as `torchrun --nproc-per-node N -m medseg train ...`: PyTorch's own launcher.
         from torch.distributed.run import main as torchrun
@@ -93,6 +98,11 @@ def train(
         if resume is not None and (config is not None or set_):
             raise MedsegError("--resume continues a run with its own config; give no CONFIG or --set with it")
         cfg = None if resume is not None else config_module.load(config, set_ or [])
+        if folds is not None:
+            from medseg.folds import cross_validate, parse_folds
+
+            cross_validate(cfg, parse_folds(folds, cfg.data.folds), console=console)
+            return
         run_training(cfg, resume=resume, console=console)
 
 
@@ -232,46 +242,57 @@ def _run_table(run: dict, title: str):  # type: ignore[no-untyped-def]
 
 @app.command()
 def infer(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by medseg train (best.pt / last.pt).")],
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (best.pt), a run folder (its best.pt), a cross-validation folder (every fold's best.pt: the fold ensemble) or a model.zip.")],
     inputs: Annotated[list[Path], typer.Argument(help="Images (NIfTI, NRRD, MHA), DICOM series folders, or folders of these.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the <name>.nii.gz label maps.")] = Path("predictions"),
-    overlap: Annotated[float, typer.Option(help="Sliding-window overlap (0..1).")] = 0.5,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the label maps (never an input folder).")] = Path("predictions"),
+    format_: Annotated[str, typer.Option("--format", "-f", help="nii.gz | nrrd | mha | dicom-seg (DICOM inputs only).")] = "nii.gz",
+    ensemble: Annotated[Optional[list[Path]], typer.Option("--ensemble", help="Another checkpoint or folder whose models join CHECKPOINT's: their class probabilities are averaged (repeatable).")] = None,
+    include: Annotated[Optional[list[str]], typer.Option("--include", help="In folders, segment only files matching this pattern, e.g. '*.nii.gz' (repeatable).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="In folders, leave out files matching this pattern (repeatable); label-like files (*_label*, *_seg*, *mask*, labelsTr/) are always left out of folders.")] = None,
+    overlap: Annotated[float, typer.Option(help="Sliding-window overlap, in [0, 1).")] = 0.5,
     mirror: Annotated[bool, typer.Option("--mirror", help="Test-time augmentation: average over the 8 axis flips.")] = False,
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write <name>_probabilities.nii.gz.")] = False,
-    largest_component: Annotated[bool, typer.Option("--largest-component", help="Keep only the largest connected component of each class.")] = False,
-    sw_batch_size: Annotated[int, typer.Option(help="Windows evaluated together.")] = 4,
+    preview: Annotated[bool, typer.Option("--preview", help="Also write <name>_preview.png: central slices in three planes with the prediction overlaid.")] = False,
+    largest_component: Annotated[Optional[bool], typer.Option("--largest-component/--no-largest-component", help="Keep only the largest connected component of every class / of none. Default: what the cross-validation chose (postprocessing.json), else none.")] = None,
+    sw_batch_size: Annotated[int, typer.Option(help="Windows evaluated together (at least 1).")] = 4,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
-    """Segment volumes with a trained checkpoint; outputs share each input's grid exactly."""
+    """Segment volumes with a trained model or fold ensemble; outputs share each input's grid exactly."""
     with _user_errors():
+        from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.table import Table
 
-        from medseg.infer import predict
+        from medseg.infer import check_options, predict
 
-        columns = (TextColumn("segmenting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        check_options(overlap, sw_batch_size, device, format_)  # once, before any model or input is read
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task("infer", total=None)
+            task = progress.add_task("segmenting", total=None)
 
-            def report(result):
+            def start(source: str, index: int, total: int) -> None:
+                progress.update(task, total=total, completed=index, description=f"segmenting {escape(source)}")
+
+            def report(result) -> None:
                 if result.error:
-                    errors.print(f"[bold red]error:[/] {result.error}", highlight=False, soft_wrap=True)
-                progress.advance(task)
+                    errors.print(f"[bold red]error:[/] {escape(result.error)}", highlight=False, soft_wrap=True)
 
-            results = predict(checkpoint, inputs, out, overlap=overlap, mirror=mirror,
-                              save_probabilities=save_probabilities, largest_component=largest_component,
-                              sw_batch_size=sw_batch_size, device=device, on_result=report)
+            results = predict([checkpoint, *(ensemble or [])], inputs, out, overlap=overlap, mirror=mirror,
+                              save_probabilities=save_probabilities, largest_component=largest_component, preview=preview,
+                              sw_batch_size=sw_batch_size, device=device, on_result=report, fmt=format_,
+                              include=include or (), exclude=exclude or (), on_start=start,
+                              on_note=lambda line: console.print(escape(line), highlight=False, soft_wrap=True))
         table = Table(title="medseg infer", title_justify="left")
         for column in ("input", "shape", "spacing (mm)", "seconds", "output"):
             table.add_column(column, overflow="fold")
         for r in results:
-            table.add_row(r.source, "×".join(map(str, r.shape)), "×".join(f"{s:.3g}" for s in r.spacing),
-                          f"{r.seconds:.2f}", str(r.output) if r.output else "[red]failed[/]")
+            table.add_row(escape(r.source), "×".join(map(str, r.shape)), "×".join(f"{s:.3g}" for s in r.spacing),
+                          f"{r.seconds:.2f}", escape(str(r.output)) if r.output else "[red]failed[/]")
         console.print(table)
         failed = sum(r.error is not None for r in results)
         if failed:
             errors.print(f"{failed} of {len(results)} inputs failed")
-            raise typer.Exit(code=1)
+            raise typer.Exit(code=2)
 
 
 @app.command()
@@ -279,23 +300,37 @@ def evaluate(
     predictions: Annotated[Path, typer.Argument(help="Folder (or file) of predicted label maps.")],
     references: Annotated[Path, typer.Argument(help="Folder (or file) of reference label maps, matched by case name.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for evaluation.csv and evaluation.json (default: the predictions folder).")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Take class names from this checkpoint.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Take class names from this checkpoint (or run, cross-validation folder, model.zip).")] = None,
+    require_all: Annotated[bool, typer.Option("--require-all", help="Fail when a reference case has no prediction (default: warn and score the cases found).")] = False,
 ) -> None:
     """Dice, HD95 and mean surface distance (mm) and volumes per case and class."""
     with _user_errors():
+        from rich.markup import escape
         from rich.table import Table
 
         from medseg.evaluate import evaluate as run_evaluation
 
         labels = None
         if checkpoint is not None:
-            from medseg import checkpoint as checkpoint_module
+            from medseg.infer import resolve_model
 
-            names = checkpoint_module.load(checkpoint)["preprocessing"]["labels"]
-            labels = {int(k): v for k, v in names.items() if int(k) > 0}
-        result = run_evaluation(predictions, references, labels)
+            from medseg.data.cases import class_name
+
+            prep = resolve_model([checkpoint]).states[0]["preprocessing"]
+            names = {str(k): v for k, v in prep.get("labels", {}).items()}
+            count = int(prep.get("num_classes", 0)) or max((int(k) + 1 for k in names), default=0)
+            labels = {c: names.get(str(c), class_name(c)) for c in range(1, count)}
+        result = run_evaluation(predictions, references, labels, require_all=require_all)
+        if result.missing:
+            shown = ", ".join(result.missing[:5]) + (", ..." if len(result.missing) > 5 else "")
+            errors.print(f"[bold yellow]warning:[/] no prediction for {len(result.missing)} reference case(s) "
+                         f"({escape(shown)}); scored the {len({r['case'] for r in result.rows})} found "
+                         "(--require-all makes this an error)", highlight=False, soft_wrap=True)
         folder = out or (predictions if predictions.is_dir() else predictions.parent)
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MedsegError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
         result.write_csv(folder / "evaluation.csv")
         result.write_json(folder / "evaluation.json")
         table = Table(title=f"medseg evaluate ({len({r['case'] for r in result.rows})} cases)", title_justify="left")
@@ -304,9 +339,31 @@ def evaluate(
         for metric in metrics:
             table.add_column(metric, justify="right")
         for name, summary in result.summary.items():
-            table.add_row(name, *[_mean_std(summary.get(m)) for m in metrics])
+            table.add_row(escape(name), *[_mean_std(summary.get(m)) for m in metrics])
         console.print(table)
         console.print(f"wrote {folder / 'evaluation.csv'} and {folder / 'evaluation.json'}")
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="A run folder (its best.pt), a checkpoint, or a cross-validation folder (fold*/best.pt).")],
+    format_: Annotated[str, typer.Option("--format", "-f", help="zip (model archive for medseg infer) | torchscript | onnx")] = "zip",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="File to write (default: model.zip, model.torchscript.pt or model.onnx in the run folder).")] = None,
+) -> None:
+    """Export a trained model: a model archive `medseg infer` runs anywhere, or a TorchScript or
+    ONNX network (checked against PyTorch on the CPU) with its preprocessing beside it."""
+    with _user_errors():
+        from medseg.export import export as run_export
+        from medseg.export import run_checkpoints
+
+        for path in run_checkpoints(run):
+            console.print(f"exporting {path}", highlight=False)
+        for item in run_export(run, format_, out):
+            line = f"wrote {item.path}"
+            if item.max_difference is not None:
+                line += (f" (fold {item.fold}; largest difference of its logits from PyTorch's on the CPU: "
+                         f"{item.max_difference:.2g}); preprocessing in {item.sidecar}")
+            console.print(line, highlight=False, soft_wrap=True)
 
 
 def _mean_std(value) -> str:

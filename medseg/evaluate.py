@@ -49,6 +49,9 @@ METRICS = ("dice", "hd95_mm", "msd_mm", "volume_pred_ml", "volume_ref_ml")
 COLUMNS = ("case", "class", *METRICS)
 
 _SHOWN_NAMES = 5  # case names listed in an error message
+# A label map holds a few values; an image given as a reference holds hundreds or thousands.
+MAX_LABELS = 1000  # distinct values of a label map without the model's classes to compare with
+LABELS_PER_CLASS = 2  # with the classes known: at most this many times as many values as classes
 _CHUNK = 1 << 24  # voxels per chunk when counting label values
 
 
@@ -63,6 +66,8 @@ class Evaluation:
             defined (NaN left out); ``std`` is the population standard deviation (ddof=0); with
             ``n == 0`` mean and std are NaN.
         unmatched: case names of predictions without a reference (ignored).
+        missing: case names of references without a prediction (not scored; an error with
+            ``require_all``).
         notes: one line per (case, class) whose surface distances are NaN because exactly one
             side is empty.
     """
@@ -70,6 +75,7 @@ class Evaluation:
     rows: list[dict] = field(default_factory=list)
     summary: dict[str, dict[str, tuple[float, float, int]]] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def write_csv(self, path: str | Path) -> None:
@@ -103,6 +109,7 @@ class Evaluation:
                 for name, metrics in self.summary.items()
             },
             "unmatched": list(self.unmatched),
+            "missing": list(self.missing),
             "notes": list(self.notes),
         }
         text = json.dumps(document, indent=2, allow_nan=False) + "\n"
@@ -113,6 +120,7 @@ def evaluate(
     predictions: Path,
     references: Path,
     labels: dict[int, str] | None = None,
+    require_all: bool = False,
 ) -> Evaluation:
     """Compare predicted label maps with reference label maps, case by case and class by class.
 
@@ -123,23 +131,29 @@ def evaluate(
         labels: ``{value: name}`` of the classes to score (value 0, background, is skipped).
             Without it: every value > 0 found in any matched reference or prediction, named
             ``class_<value>``.
+        require_all: a reference without a prediction is an error (default: it is listed in
+            :attr:`Evaluation.missing` and the cases found are scored).
 
     Returns:
         An :class:`Evaluation`; rows sorted by case name, then class value.
 
     Raises:
-        DataError: a path is missing; no references; a reference has no prediction; a pair
-            differs in shape or affine; a label map has several channels or non-integer values.
+        DataError: a path is missing; no references; no prediction for any reference (or, with
+            ``require_all``, for one); a pair differs in shape or affine; a label map has several
+            channels, non-integer or negative values, or far more distinct values than a label
+            map has (more than ``LABELS_PER_CLASS`` x the classes of ``labels``, or
+            ``MAX_LABELS``): an image given as a reference.
     """
     predictions, references = Path(predictions), Path(references)
-    pairs, unmatched = _match(predictions, references)
+    pairs, unmatched, missing = _match(predictions, references, require_all)
     wanted = None if labels is None else sorted(v for v in labels if v != 0)
+    limit = MAX_LABELS if wanted is None else LABELS_PER_CLASS * (len(wanted) + 1)
 
     per_case: list[tuple[str, dict[int, dict[str, float]]]] = []
     notes: list[str] = []
     found: set[int] = set()
     for case, prediction_file, reference_file in pairs:
-        scores = _score_case(prediction_file, reference_file, wanted)
+        scores = _score_case(prediction_file, reference_file, wanted, limit)
         found.update(scores)
         per_case.append((case, scores))
 
@@ -157,33 +171,35 @@ def evaluate(
                     f"{case} {names[value]}: {empty} empty; Dice 0, HD95 and MSD undefined (NaN)"
                 )
     summary = _summarise(rows, [names[v] for v in values])
-    return Evaluation(rows=rows, summary=summary, unmatched=unmatched, notes=notes)
+    return Evaluation(rows=rows, summary=summary, unmatched=unmatched, missing=missing, notes=notes)
 
 
 # ---------------------------------------------------------------------------------------------
 # private helpers
 
 
-def _match(predictions: Path, references: Path) -> tuple[list[tuple[str, Path, Path]], list[str]]:
-    """Pairs ``(case, prediction, reference)`` sorted by case, and unmatched prediction names."""
+def _match(predictions: Path, references: Path,
+           require_all: bool) -> tuple[list[tuple[str, Path, Path]], list[str], list[str]]:
+    """Pairs ``(case, prediction, reference)`` sorted by case, unmatched prediction names and
+    references without a prediction."""
     for path, role in ((predictions, "predictions"), (references, "references")):
         if not path.exists():
             raise DataError(f"{path}: {role} path does not exist")
     if predictions.is_file() and references.is_file():
-        return [(case_name(references), predictions, references)], []
+        return [(case_name(references), predictions, references)], [], []
     predicted = _label_files(predictions)
     referenced = _label_files(references)
     if not referenced:
         raise DataError(f"{references}: no label maps found ({', '.join(IMAGE_SUFFIXES)})")
     missing = sorted(set(referenced) - set(predicted))
-    if missing:
+    if missing and (require_all or len(missing) == len(referenced)):
         shown = ", ".join(missing[:_SHOWN_NAMES]) + (", ..." if len(missing) > _SHOWN_NAMES else "")
         raise DataError(
             f"{predictions}: no prediction for {len(missing)} of {len(referenced)} reference cases ({shown})"
         )
     unmatched = sorted(set(predicted) - set(referenced))
-    pairs = [(case, predicted[case], referenced[case]) for case in sorted(referenced)]
-    return pairs, unmatched
+    pairs = [(case, predicted[case], referenced[case]) for case in sorted(referenced) if case in predicted]
+    return pairs, unmatched, missing
 
 
 def _label_files(path: Path) -> dict[str, Path]:
@@ -202,7 +218,7 @@ def _label_files(path: Path) -> dict[str, Path]:
 
 
 def _score_case(
-    prediction_file: Path, reference_file: Path, wanted: list[int] | None
+    prediction_file: Path, reference_file: Path, wanted: list[int] | None, limit: int
 ) -> dict[int, dict[str, float]]:
     """Metrics of every wanted class (or every class present) of one pair: value -> metrics."""
     reference, reference_affine = _load_labels(reference_file)
@@ -214,6 +230,8 @@ def _score_case(
 
     pred_counts = _value_counts(prediction)
     ref_counts = _value_counts(reference)
+    _check_label_values(reference_file, ref_counts, limit, wanted)
+    _check_label_values(prediction_file, pred_counts, limit, wanted)
     if wanted is None:
         values = sorted(v for v in set(pred_counts) | set(ref_counts) if v > 0)
     else:
@@ -264,6 +282,17 @@ def _load_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if low < np.iinfo(np.int32).min or high > np.iinfo(np.int32).max:
         raise DataError(f"{path}: label values {low:g}..{high:g} are out of range")
     return array.astype(np.int32), affine
+
+
+def _check_label_values(path: Path, counts: dict[int, int], limit: int, wanted: list[int] | None) -> None:
+    """DataError if the values of `path` cannot be a label map: negative ones, or far more distinct
+    values than classes (an image passed as a label map)."""
+    if min(counts, default=0) < 0:
+        raise DataError(f"{path}: holds negative values (e.g. {min(counts)}); not a label map")
+    if len(counts) > limit:
+        of = f"the {len(wanted) + 1} classes (background included)" if wanted is not None else "a label map"
+        raise DataError(f"{path}: holds {len(counts)} distinct values (up to {max(counts)}), far more than {of} "
+                        f"(at most {limit}); not a label map")
 
 
 def _check_grid(

@@ -2,7 +2,9 @@
 
 `predict(checkpoint, inputs, out_dir)` segments NIfTI/NRRD/MetaImage files and DICOM series with a
 trained checkpoint alone (no config file): the checkpoint carries the model config and the
-preprocessing. Each prediction is resampled back from the network's spacing and orientation with
+preprocessing. Several checkpoints (the folds of a cross-validation) form an `Ensemble` whose class
+probabilities are averaged; the postprocessing chosen on the cross-validation is applied
+(`medseg.postprocessing`) and the label maps written in the format asked for (`medseg.outputs`). Each prediction is resampled back from the network's spacing and orientation with
 MONAI's inverse transforms, so the written label map has exactly the input's shape and geometry.
 """
 
@@ -23,6 +25,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from medseg.errors import DataError, MedsegError, root_cause
+from medseg.postprocessing import keep_largest_component  # noqa: F401  (public here since the first release)
 
 
 @dataclass
@@ -35,6 +38,74 @@ class Prediction:
     spacing: tuple[float, ...] = ()
     seconds: float = 0.0
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class Options:
+    """How `medseg infer` segments: sliding window, test-time mirroring, the postprocessing (the
+    classes whose largest component alone is kept) and the output format (`medseg.outputs`)."""
+
+    overlap: float = 0.5
+    mirror: bool = False
+    sw_batch_size: int = 4
+    save_probabilities: bool = False
+    largest_component: tuple[int, ...] = ()
+    fmt: str = "nii.gz"
+    preview: bool = False  # also write <name>_preview.png (medseg.reporting.preview)
+
+
+def check_options(overlap: float, sw_batch_size: int, device: str, fmt: str = "nii.gz") -> None:
+    """ConfigError for an option out of range, before any model or input is read."""
+    from medseg.device import resolve_device
+    from medseg.errors import ConfigError
+    from medseg.outputs import check_format
+
+    if not 0.0 <= overlap < 1.0:  # 1.0 makes the sliding window's step zero
+        raise ConfigError(f"--overlap must be in [0, 1), got {overlap:g}")
+    if sw_batch_size < 1:
+        raise ConfigError(f"--sw-batch-size must be at least 1, got {sw_batch_size}")
+    try:
+        resolve_device(device)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("'train.device'", "--device")) from None
+    check_format(fmt)
+
+
+@dataclass(frozen=True)
+class Model:
+    """What CHECKPOINT names: the checkpoint-like states of its members (one per fold or
+    checkpoint), where each came from, and the postprocessing recorded with them."""
+
+    states: tuple[dict[str, Any], ...]
+    sources: tuple[str, ...]
+    postprocessing: dict[str, Any] | None = None
+    postprocessing_source: str | None = None
+
+
+def resolve_model(paths: Sequence[Path]) -> Model:
+    """Read the members `paths` name: a checkpoint file; a run folder (its best.pt); a
+    cross-validation folder (every fold's best.pt, and its postprocessing.json); a model archive
+    (`medseg export`, every fold it holds, and its postprocessing). A postprocessing decision is
+    taken only from a single path (several paths: members of different origins)."""
+    from medseg import checkpoint, postprocessing
+    from medseg.export import is_model_archive, load_model_archive, run_checkpoints
+
+    states, sources, decisions = [], [], []
+    for path in map(Path, paths):
+        if is_model_archive(path):
+            archive = load_model_archive(path)
+            states += archive.checkpoints
+            sources += [f"{path} (fold {s.get('fold', k)})" for k, s in enumerate(archive.checkpoints)]
+            decisions.append((archive.postprocessing, str(path)) if archive.postprocessing else None)
+            continue
+        files = run_checkpoints(path)
+        states += [checkpoint.load(f) for f in files]
+        sources += [str(f) for f in files]
+        recorded = path / postprocessing.FILE_NAME if path.is_dir() else None
+        decisions.append((postprocessing.read(recorded), str(recorded))
+                         if recorded is not None and recorded.is_file() else None)
+    decision, where = decisions[0] if len(paths) == 1 and decisions[0] else (None, None)
+    return Model(tuple(states), tuple(sources), decision, where)
 
 
 @dataclass(frozen=True)
@@ -51,24 +122,30 @@ class Predictor:
     def from_checkpoint(cls, path: Path, device: str = "auto") -> "Predictor":
         """Load a checkpoint or a one-fold model archive (`medseg export`; safely: weights and plain
         data only) and build its model."""
-        from medseg import config
-        from medseg.data.transforms import Preprocessing
         from medseg.errors import CheckpointError
         from medseg.export import load_states
-        from medseg.models import build_model
-        from medseg.device import amp_dtype, resolve_device
 
         states = load_states(path)
         if len(states) > 1:
             raise CheckpointError(f"{path}: holds {len(states)} folds; this predictor runs one network")
-        state = states[0]
+        return cls.from_state(states[0], device, str(path))
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: str = "auto", source: str = "checkpoint") -> "Predictor":
+        """Build the model a loaded checkpoint (or one fold of a model archive) describes."""
+        from medseg import config
+        from medseg.data.transforms import Preprocessing
+        from medseg.device import amp_dtype, resolve_device
+        from medseg.errors import CheckpointError
+        from medseg.models import build_model
+
         try:
             cfg = config.from_dict(state["config"])
             prep = Preprocessing.from_dict(state["preprocessing"])
             model = build_model(cfg.replace(model={"checkpointing": "off"}), prep.channels, prep.num_classes, prep.spacing)
             model.load_state_dict(state["model"])
         except (KeyError, TypeError, RuntimeError, MedsegError) as exc:
-            raise CheckpointError(f"{path}: checkpoint does not describe a medseg model ({exc.__class__.__name__})") from None
+            raise CheckpointError(f"{source}: checkpoint does not describe a medseg model ({exc.__class__.__name__})") from None
         torch_device = resolve_device(device)
         model.to(torch_device).eval()
         return cls(model, prep, tuple(cfg.train.patch_size), torch_device, amp_dtype("auto", torch_device))
@@ -80,31 +157,11 @@ class Predictor:
 
     def segment(self, image: MetaTensor, chain: T.Compose, output: Path, overlap: float = 0.5,
                 mirror: bool = False, sw_batch_size: int = 4, save_probabilities: bool = False,
-                largest_component: bool = False) -> Path:
-        """Predict one preprocessed image and write its label map on the input's own grid."""
-        from medseg.data.io import write_nifti
-
-        scores = self.scores(image, overlap, mirror, sw_batch_size)
-        probabilities = scores if mirror else scores.softmax(0)
-        del scores
-        restored = None
-        if save_probabilities:  # all classes mapped back at once; the labels are their arg-max
-            mapped = _restore_grid(probabilities.cpu(), image, chain, nearest=False)
-            affine = np.asarray(mapped.affine, dtype=np.float64)
-            restored = mapped.as_tensor()
-            # Outside the cropped box the restored scores are all zero: that region is background.
-            restored[0] = 1 - restored[1:].sum(0)
-            labels = restored.argmax(0).to(torch.uint8).numpy()
-        else:
-            labels, affine = _restore_labels(probabilities, image, chain)
-        if largest_component:
-            labels = keep_largest_component(labels, range(1, self.prep.num_classes))
-        write_nifti(labels, affine, output)
-        if restored is not None:
-            name = output.name.removesuffix(".nii.gz")
-            write_nifti(restored.movedim(0, -1).numpy().astype(np.float32), affine,
-                        output.with_name(f"{name}_probabilities.nii.gz"))
-        return output
+                largest_component: bool | Iterable[int] = False) -> Path:
+        """Predict one preprocessed image and write its label map (NIfTI) on the input's own grid."""
+        classes = range(1, self.prep.num_classes) if largest_component is True else (largest_component or ())
+        options = Options(overlap, mirror, sw_batch_size, save_probabilities, tuple(classes))
+        return Ensemble((self,)).segment(image, chain, output, options)
 
     @torch.no_grad()
     def scores(self, image: MetaTensor, overlap: float = 0.5, mirror: bool = False,
@@ -118,40 +175,179 @@ class Predictor:
         return predict_scores(self.model, volume, self.patch_size, overlap, sw_batch_size, self.amp_dtype,
                               aggregate, mirror)[0]
 
+    def probabilities(self, image: MetaTensor, overlap: float = 0.5, mirror: bool = False,
+                      sw_batch_size: int = 4) -> torch.Tensor:
+        """Class probabilities (K, ...) on the network's grid (the softmax of `scores`)."""
+        scores = self.scores(image, overlap, mirror, sw_batch_size)
+        return scores if mirror else scores.softmax(0)
 
-def predict(checkpoint_path: Path, inputs: Sequence[Path], out_dir: Path, overlap: float = 0.5,
-            mirror: bool = False, save_probabilities: bool = False, largest_component: bool = False,
-            sw_batch_size: int = 4, device: str = "auto",
-            on_result: Callable[[Prediction], None] | None = None) -> list[Prediction]:
-    """Segment every input; write `<name>.nii.gz` label maps (and probabilities) into `out_dir`.
 
-    A failing input is reported in its `Prediction.error` and the others still run. Loading and
-    preprocessing of the next input run in a background thread while the current one is predicted.
+@dataclass(frozen=True)
+class Ensemble:
+    """Networks of one preprocessing (the folds of a cross-validation, or any checkpoints that
+    agree on it) whose class probabilities are averaged; one member is a plain model."""
+
+    members: tuple[Predictor, ...]
+
+    @classmethod
+    def from_model(cls, model: Model, device: str = "auto") -> "Ensemble":
+        """Build every member of `model`; CheckpointError in one line if they disagree on the
+        preprocessing (spacing, normalisation, channels, classes): their outputs could not be averaged."""
+        members = tuple(Predictor.from_state(s, device, source) for s, source in zip(model.states, model.sources))
+        first = members[0].prep.to_dict()
+        for member, source in zip(members[1:], model.sources[1:]):
+            other = member.prep.to_dict()
+            keys = [k for k in sorted(set(first) | set(other)) if first.get(k) != other.get(k)]
+            if keys:
+                from medseg.errors import CheckpointError
+
+                raise CheckpointError(f"{source}: its {keys[0]} ({other.get(keys[0])}) differs from {model.sources[0]}'s "
+                                      f"({first.get(keys[0])}); ensemble members need the same preprocessing")
+        return cls(members)
+
+    @property
+    def prep(self) -> Any:
+        """The members' common preprocessing (`medseg.data.transforms.Preprocessing`)."""
+        return self.members[0].prep
+
+    def class_names(self) -> list[str]:
+        """Class names indexed by label value (0 = background)."""
+        from medseg.data.cases import class_name
+
+        return [self.prep.labels.get(c, class_name(c)) for c in range(self.prep.num_classes)]
+
+    def prepare(self, case: Any) -> tuple[MetaTensor, T.Compose]:
+        """Read and preprocess one input (`Predictor.prepare`; every member takes the same input)."""
+        return self.members[0].prepare(case)
+
+    @torch.no_grad()
+    def probabilities(self, image: MetaTensor, overlap: float = 0.5, mirror: bool = False,
+                      sw_batch_size: int = 4) -> torch.Tensor:
+        """The members' mean class probabilities (K, ...) on the network's grid."""
+        total = None
+        for member in self.members:
+            probabilities = member.probabilities(image, overlap, mirror, sw_batch_size)
+            total = probabilities if total is None else total.add_(probabilities.to(total.device))
+            del probabilities
+        assert total is not None
+        return total if len(self.members) == 1 else total.div_(len(self.members))
+
+    def segment(self, image: MetaTensor, chain: T.Compose, output: Path, options: Options = Options(),
+                source: Any = None) -> Path:
+        """Predict one preprocessed image and write its label map on the input's own grid in
+        `options.fmt` (DICOM SEG: `source` is the DICOM input it references)."""
+        from medseg.data.io import write_nifti
+        from medseg.outputs import write_labels
+        from medseg.postprocessing import keep_largest_component
+
+        probabilities = self.probabilities(image, options.overlap, options.mirror, options.sw_batch_size)
+        if options.preview:
+            from medseg.reporting.preview import write_prediction_preview
+
+            write_prediction_preview(image, probabilities.argmax(0), self.class_names()[1:], output)
+        restored = None
+        if options.save_probabilities:  # all classes mapped back at once; the labels are their arg-max
+            mapped = _restore_grid(probabilities.cpu(), image, chain, nearest=False)
+            affine = np.asarray(mapped.affine, dtype=np.float64)
+            restored = mapped.as_tensor()
+            # Outside the cropped box the restored scores are all zero: that region is background.
+            restored[0] = 1 - restored[1:].sum(0)
+            labels = restored.argmax(0).to(torch.uint8).numpy()
+        else:
+            labels, affine = _restore_labels(probabilities, image, chain)
+        del probabilities
+        if options.largest_component:
+            labels = keep_largest_component(labels, options.largest_component)
+        write_labels(labels, affine, output, options.fmt, source, self.class_names())
+        if restored is not None:
+            write_nifti(restored.movedim(0, -1).numpy().astype(np.float32), affine, probabilities_path(output))
+        return output
+
+
+def probabilities_path(output: Path) -> Path:
+    """Where `--save-probabilities` writes the probabilities of the label map `output` (NIfTI)."""
+    from medseg.data.cases import case_name
+
+    return output.with_name(f"{case_name(output) if not output.name.endswith('.dcm') else output.stem}"
+                            "_probabilities.nii.gz")
+
+
+def output_path(out_dir: Path, case: Any, fmt: str) -> Path:
+    """The label map file of one input in `out_dir`: `<name><suffix of fmt>`."""
+    from medseg.outputs import SUFFIXES
+
+    return Path(out_dir) / f"{case.name}{SUFFIXES[fmt]}"
+
+
+def predict(checkpoint_path: Path | Sequence[Path], inputs: Sequence[Path], out_dir: Path, overlap: float = 0.5,
+            mirror: bool = False, save_probabilities: bool = False,
+            largest_component: bool | Sequence[int] | None = None, sw_batch_size: int = 4, device: str = "auto",
+            on_result: Callable[[Prediction], None] | None = None, fmt: str = "nii.gz",
+            include: Sequence[str] = (), exclude: Sequence[str] = (),
+            on_start: Callable[[str, int, int], None] | None = None,
+            on_note: Callable[[str], None] | None = None, preview: bool = False) -> list[Prediction]:
+    """Segment every input with the model (or ensemble) `checkpoint_path` names (`resolve_model`);
+    write `<name>.<fmt>` label maps (and probabilities) into `out_dir`.
+
+    `largest_component`: True (every class), False (none), the classes, or None: what the model
+    recorded (`postprocessing.json`). Options are checked before anything is read; outputs that
+    would overwrite an input refuse the run before anything is written. An input that cannot be
+    found or segmented is reported in its `Prediction.error` and the others still run. `on_note`
+    hears what was chosen (the members, the postprocessing) and what was left out; `on_start`
+    hears (input, index, count) before each input. The next input loads in a background thread
+    while the current one is predicted. `preview`: also `<name>_preview.png`, the image's central
+    slices with the prediction overlaid.
     """
-    from medseg.data.cases import find_inputs
+    from medseg.inputs import find_inputs
 
-    predictor = Predictor.from_checkpoint(checkpoint_path, device)
-    cases = find_inputs(list(inputs), predictor.prep.channels)
-    if not cases:
-        raise DataError(f"{', '.join(map(str, inputs))}: no images or DICOM series found")
+    check_options(overlap, sw_batch_size, device, fmt)
+    note = on_note or (lambda line: None)
+    paths = [Path(checkpoint_path)] if isinstance(checkpoint_path, (str, Path)) else [Path(p) for p in checkpoint_path]
+    model = resolve_model(paths)
+    ensemble = Ensemble.from_model(model, device)
+    classes = _postprocessing_classes(largest_component, model, ensemble.prep.num_classes)
+    _describe(model, paths, classes, ensemble, note)
     out_dir = Path(out_dir)
-    _make_output_folder(out_dir)
+    found = find_inputs(list(inputs), ensemble.prep.channels, include, exclude, skip=[out_dir])
+    for line in found.notes:
+        note(line)
+    if not found.inputs and not found.problems:
+        raise DataError(f"{', '.join(map(str, inputs))}: no images or DICOM series found")
+    _check_outputs(found.inputs, inputs, out_dir, fmt, save_probabilities)
+    results = [Prediction(problem.split(": ", 1)[0], error=problem) for problem in found.problems]
+    for result in results:
+        if on_result is not None:
+            on_result(result)
+    if found.inputs:
+        _make_output_folder(out_dir)
+        options = Options(overlap, mirror, sw_batch_size, save_probabilities, classes, fmt, preview)
+        results += segment_inputs(ensemble, found.inputs, out_dir, options, on_result, on_start)
+    return results
+
+
+def segment_inputs(ensemble: Ensemble, cases: Sequence[Any], out_dir: Path, options: Options,
+                   on_result: Callable[[Prediction], None] | None = None,
+                   on_start: Callable[[str, int, int], None] | None = None) -> list[Prediction]:
+    """Segment `cases` (`medseg.data.cases.InferenceInput`) into `out_dir`, one `Prediction` each;
+    a failing case is reported in its `error` and the others still run."""
     results = []
     written: dict[str, str] = {}
-    for case, loaded in _prefetch(cases, predictor):
+    for index, (case, loaded) in enumerate(_prefetch(list(cases), ensemble)):
+        if on_start is not None:
+            on_start(case.source, index, len(cases))
         started = time.perf_counter()
         result = Prediction(case.source)
+        output = output_path(out_dir, case, options.fmt)
         try:
-            if case.name in written:
-                raise DataError(f"{case.source}: output {case.name}.nii.gz is already the prediction of "
-                                f"{written[case.name]}; give inputs with different names")
-            written[case.name] = case.source
+            if output.name in written:
+                raise DataError(f"{case.source}: output {output.name} is already the prediction of "
+                                f"{written[output.name]}; give inputs with different names")
+            written[output.name] = case.source
             image, chain = loaded.result()
             original_affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
             result.shape = tuple(int(n) for n in image.meta["spatial_shape"])
             result.spacing = tuple(float(s) for s in np.linalg.norm(original_affine[:3, :3], axis=0))
-            result.output = predictor.segment(image, chain, out_dir / f"{case.name}.nii.gz", overlap, mirror,
-                                              sw_batch_size, save_probabilities, largest_component)
+            result.output = ensemble.segment(image, chain, output, options, case)
         except MedsegError as exc:
             result.error = str(exc)
         except (RuntimeError, ValueError, OSError) as exc:
@@ -165,18 +361,52 @@ def predict(checkpoint_path: Path, inputs: Sequence[Path], out_dir: Path, overla
     return results
 
 
-def keep_largest_component(labels: np.ndarray, classes: Iterable[int]) -> np.ndarray:
-    """Keep only the largest 26-connected component of each class; the rest becomes background."""
-    from scipy import ndimage
+def _postprocessing_classes(choice: bool | Sequence[int] | None, model: Model, num_classes: int) -> tuple[int, ...]:
+    from medseg.postprocessing import largest_component_classes
 
-    result = labels.copy()
-    for cls in classes:
-        components, count = ndimage.label(labels == cls, structure=np.ones((3, 3, 3), dtype=bool))
-        if count > 1:
-            sizes = np.bincount(components.ravel())
-            sizes[0] = 0
-            result[(components != 0) & (components != sizes.argmax())] = 0
-    return result
+    if choice is None:
+        return tuple(largest_component_classes(model.postprocessing))
+    if choice is True:
+        return tuple(range(1, num_classes))
+    return tuple(choice or ())
+
+
+def _describe(model: Model, paths: Sequence[Path], classes: tuple[int, ...], ensemble: Ensemble,
+              note: Callable[[str], None]) -> None:
+    """Say which checkpoints run (a folder stands for its best.pt files) and which postprocessing."""
+    if len(model.sources) > 1:
+        note(f"ensemble of {len(model.sources)} models (mean class probabilities): {', '.join(model.sources)}")
+    elif Path(paths[0]).is_dir():
+        note(f"{paths[0]}: using {model.sources[0]}")
+    names = ensemble.class_names()
+    if classes:
+        where = f" (recorded in {model.postprocessing_source})" if model.postprocessing_source else ""
+        note(f"postprocessing: largest component kept for {', '.join(names[c] if c < len(names) else str(c) for c in classes)}{where}")
+    elif model.postprocessing_source:
+        note(f"postprocessing: none ({model.postprocessing_source} keeps every component)")
+
+
+def _check_outputs(cases: Sequence[Any], given: Sequence[Path], out_dir: Path, fmt: str,
+                   save_probabilities: bool) -> None:
+    """DataError, before anything is written, if an output would overwrite an input or land in an
+    input folder the run reads, or if dicom-seg is asked for an input that is not a DICOM series."""
+    resolved_out = out_dir.resolve()
+    for path in map(Path, given):
+        if path.is_dir() and path.resolve() == resolved_out:
+            raise DataError(f"{out_dir}: the output folder is the input folder {path}; write the outputs elsewhere "
+                            "(-o), they would mix with or overwrite the inputs")
+    inputs = {p.resolve() for case in cases for p in case.images}
+    for case in cases:
+        if fmt == "dicom-seg" and not case.images[0].is_dir():
+            raise DataError(f"{case.source}: --format dicom-seg is for DICOM series inputs only; choose nii.gz, "
+                            "nrrd or mha")
+        output = output_path(out_dir, case, fmt)
+        targets = [output, probabilities_path(output)] if save_probabilities else [output]
+        for target in targets:
+            resolved = target.resolve()
+            if resolved in inputs or resolved.parent in {p for p in inputs if p.is_dir()}:
+                raise DataError(f"{target}: would overwrite or write into the input {case.source}; "
+                                "choose another output folder (-o)")
 
 
 @torch.no_grad()
@@ -233,9 +463,11 @@ def predict_scores(model: nn.Module, image: torch.Tensor, patch_size: Sequence[i
     return total / len(flips)
 
 
-def _prefetch(cases: list, predictor: Predictor) -> Iterator[tuple[Any, Future]]:
+def _prefetch(cases: list, predictor: "Predictor | Ensemble") -> Iterator[tuple[Any, Future]]:
     """Yield each case with a future of (preprocessed image, preprocessing chain); the next case
     loads in a background thread while the caller predicts the current one."""
+    if not cases:
+        return
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(_load_case, cases[0], predictor)
         for index, case in enumerate(cases):
@@ -245,7 +477,7 @@ def _prefetch(cases: list, predictor: Predictor) -> Iterator[tuple[Any, Future]]
             yield case, current
 
 
-def _load_case(case: Any, predictor: Predictor) -> tuple[MetaTensor, T.Compose]:
+def _load_case(case: Any, predictor: "Predictor | Ensemble") -> tuple[MetaTensor, T.Compose]:
     from medseg.data.transforms import preprocessing
 
     from medseg.data.checks import check_image

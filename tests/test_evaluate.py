@@ -207,11 +207,81 @@ def test_tiny_affine_difference_is_tolerated(tmp_path: Path) -> None:
     assert evaluate(tmp_path / "pred", tmp_path / "ref").rows[0]["dice"] == 1.0
 
 
-def test_reference_without_prediction_is_an_error(tmp_path: Path) -> None:
+def test_references_without_prediction_are_listed_and_the_rest_scored(tmp_path: Path) -> None:
     for name in ("a", "b", "c"):
         _save(tmp_path / "ref" / f"{name}.nii.gz", _box((2, 2, 2), (6, 6, 6)))
     _save(tmp_path / "pred" / "b.nii.gz", _box((2, 2, 2), (6, 6, 6)))
+    result = evaluate(tmp_path / "pred", tmp_path / "ref")
+    assert result.missing == ["a", "c"]
+    assert [(r["case"], r["dice"]) for r in result.rows] == [("b", 1.0)]
     with pytest.raises(DataError, match=r"no prediction for 2 of 3 reference cases \(a, c\)"):
+        evaluate(tmp_path / "pred", tmp_path / "ref", require_all=True)
+
+
+def test_no_prediction_at_all_is_an_error(tmp_path: Path) -> None:
+    _save(tmp_path / "ref" / "a.nii.gz", _box((2, 2, 2), (6, 6, 6)))
+    _save(tmp_path / "pred" / "z.nii.gz", _box((2, 2, 2), (6, 6, 6)))
+    with pytest.raises(DataError, match=r"no prediction for 1 of 1 reference cases \(a\)"):
+        evaluate(tmp_path / "pred", tmp_path / "ref")
+
+
+def _evaluate_cli(*args: object):
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+
+    return CliRunner().invoke(app, ["evaluate", *map(str, args)])
+
+
+def test_evaluate_command_warns_naming_the_missing_cases_and_require_all_fails(tmp_path: Path) -> None:
+    for name in ("a", "b", "c"):
+        _save(tmp_path / "ref" / f"{name}.nii.gz", _box((2, 2, 2), (6, 6, 6)))
+    _save(tmp_path / "pred" / "b.nii.gz", _box((2, 2, 2), (6, 6, 6)))
+    result = _evaluate_cli(tmp_path / "pred", tmp_path / "ref")
+    assert result.exit_code == 0, result.output
+    assert "warning" in result.stderr and "a, c" in result.stderr and "--require-all" in result.stderr
+    document = json.loads((tmp_path / "pred" / "evaluation.json").read_text())
+    assert document["missing"] == ["a", "c"] and {r["case"] for r in document["rows"]} == {"b"}
+    (tmp_path / "pred" / "evaluation.json").unlink()
+    result = _evaluate_cli(tmp_path / "pred", tmp_path / "ref", "--require-all")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no prediction for 2 of 3" in lines[0] and "Traceback" not in result.output
+    assert not (tmp_path / "pred" / "evaluation.json").exists()
+
+
+def _image_like(rng: np.random.Generator) -> np.ndarray:
+    """Integer-valued MR-like intensities: what a folder of images given as references holds."""
+    return rng.integers(0, 3000, size=SHAPE).astype(np.int16)
+
+
+def test_images_given_as_references_are_refused_in_one_line(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    _save(tmp_path / "pred" / "a.nii.gz", _box((2, 2, 2), (6, 6, 6)))
+    image = _save(tmp_path / "ref" / "a.nii.gz", _image_like(rng), dtype=np.int16)
+    result = _evaluate_cli(tmp_path / "pred", tmp_path / "ref")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(image) in lines[0] and "not a label map" in lines[0], result.stderr
+    assert not (tmp_path / "pred" / "evaluation.csv").exists()
+
+
+def test_references_with_far_more_values_than_the_classes_are_refused(tmp_path: Path) -> None:
+    reference = np.zeros(SHAPE, np.uint8)
+    for value in range(1, 8):  # 8 values for a model of 3 classes
+        reference[value, :, :] = value
+    _save(tmp_path / "pred" / "a.nii.gz", _box((2, 2, 2), (6, 6, 6)))
+    _save(tmp_path / "ref" / "a.nii.gz", reference)
+    with pytest.raises(DataError, match="8 distinct values"):
+        evaluate(tmp_path / "pred", tmp_path / "ref", {1: "liver", 2: "tumour"})
+    # Without the classes, 8 values are a plausible label map.
+    assert len(evaluate(tmp_path / "pred", tmp_path / "ref").rows) == 7
+
+
+def test_negative_reference_values_are_refused(tmp_path: Path) -> None:
+    _save(tmp_path / "pred" / "a.nii.gz", _box((2, 2, 2), (6, 6, 6)))
+    _save(tmp_path / "ref" / "a.nii.gz", _box((2, 2, 2), (6, 6, 6)).astype(np.int16) - 1000, dtype=np.int16)
+    with pytest.raises(DataError, match="negative values"):
         evaluate(tmp_path / "pred", tmp_path / "ref")
 
 
@@ -245,7 +315,7 @@ def test_csv_and_json_round_trip(tmp_path: Path) -> None:
     assert rows[1]["dice"] == "0" and rows[1]["hd95_mm"] == "" and rows[1]["msd_mm"] == ""
 
     document = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(document) == {"rows", "summary", "unmatched", "notes"}
+    assert set(document) == {"rows", "summary", "unmatched", "missing", "notes"}
     assert tuple(document["rows"][1]) == COLUMNS
     assert document["rows"][1]["hd95_mm"] is None and document["rows"][1]["dice"] == 0.0
     assert document["summary"]["class_2"]["hd95_mm"] == {"mean": None, "std": None, "n": 0}
