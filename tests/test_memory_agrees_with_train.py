@@ -2,10 +2,9 @@
 --gpu-memory N` then runs: for the sample config, a config `medseg plan` writes for a folder of
 image/label pairs without dataset.json, and (where the data is there) a plan of the hippocampus.
 
-The budget is each config's own step estimate at its configured patch and batch without
-checkpointing plus the overhead margin's constant: that configuration does not fit once the rest of
-the run (the margin's fraction, the batch rendered ahead, volumes, validation) is counted, so the
-fit has to search.
+The budget leaves, after the overhead margin, each config's own step estimate at its configured
+patch and batch without checkpointing: that configuration does not fit once the rest of the run
+(the batch rendered ahead, volumes, validation) is counted, so the fit has to search.
 """
 
 from __future__ import annotations
@@ -29,8 +28,8 @@ SMALL = ["--set", "model.base_width=8", "--set", "model.max_width=32"]
 
 
 def _budget(config_path: Path, overrides: list[str]) -> str:
-    """The step estimate of the configuration as given (checkpointing off) plus the overhead's
-    constant, in bytes, as a size."""
+    """The budget whose overhead margin leaves exactly the step estimate of the configuration as
+    given (checkpointing off), in bytes, as a size."""
     from medseg.data.fingerprint import plan_preprocessing, training_cases
 
     cfg = config.load(config_path, [item for item in overrides if item != "--set"])
@@ -38,7 +37,8 @@ def _budget(config_path: Path, overrides: list[str]) -> str:
     cases = training_cases(cfg, workers=1)
     prep = plan_preprocessing(cfg, cases)
     step = memory.estimate(cfg, prep.channels, prep.num_classes, prep.spacing).total
-    return f"{step + memory.OVERHEAD.constant}B"
+    # The step and the overhead alone fill it: with the rest of the run the configuration is too large.
+    return f"{int((step + memory.OVERHEAD.constant) / (1 - memory.OVERHEAD.fraction))}B"
 
 
 def _agree(config_path: Path, overrides: list[str], tmp_path: Path) -> None:
