@@ -215,3 +215,14 @@ def test_missing_tracking_package_is_one_line_error(tmp_path, monkeypatch):
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert "pip install 'medseg[tensorboard]'" in result.output and "Traceback" not in result.output
+
+
+def test_infer_preview_writes_a_png_per_input(run, tmp_path):
+    images = sorted((ROOT / "sample_data" / "imagesTr").iterdir())[:2]
+    result = runner.invoke(app, ["infer", str(run[0] / "best.pt"), *map(str, images), "-o", str(tmp_path / "out"),
+                                 "--preview", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    for image in images:
+        name = image.name.removesuffix(".nii.gz")
+        assert (tmp_path / "out" / f"{name}.nii.gz").is_file()
+        _check_png(tmp_path / "out" / f"{name}_preview.png")

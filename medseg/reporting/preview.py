@@ -91,3 +91,24 @@ def _planes(centre: Sequence[int], spacing: Sequence[float]) -> list[tuple[str, 
     return [(f"axial (z={z})", (slice(None), slice(None), z), sy / sx),
             (f"coronal (y={y})", (slice(None), y, slice(None)), sz / sx),
             (f"sagittal (x={x})", (x, slice(None), slice(None)), sz / sy)]
+
+
+def preview_path(output: Path) -> Path:
+    """Where `medseg infer --preview` puts the preview of the label map `output`: `<name>_preview.png`."""
+    from medseg.data.cases import case_name
+
+    output = Path(output)
+    return output.with_name(f"{output.stem if output.name.endswith('.dcm') else case_name(output)}_preview.png")
+
+
+def write_prediction_preview(image: Any, labels: Any, class_names: Sequence[str], output: Path) -> Path:
+    """The preview of one inference input beside its label map `output`: the preprocessed image's
+    first channel (a MetaTensor (C, x, y, z) on the network's grid) and `labels` on that grid."""
+    import torch
+
+    path = preview_path(output)
+    volume = image[0].detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)[0]
+    prediction = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    spacing = [float(s) for s in getattr(image, "pixdim", (1.0, 1.0, 1.0))]
+    write_preview(volume, {"prediction": prediction}, class_names, path, spacing, title=path.stem.removesuffix("_preview"))
+    return path
