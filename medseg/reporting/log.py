@@ -71,8 +71,10 @@ class TrainLog:
         self._log = Console(file=self._file, color_system=None, force_terminal=False, force_jupyter=False,
                             width=LOG_WIDTH, soft_wrap=True, highlight=False, emoji=False,
                             quiet=not enabled)
-        self.console: Console = _TeeConsole(self._log, file=terminal.file, quiet=terminal.quiet or not enabled,
-                                            color_system=terminal.color_system, highlight=False)
+        self.console: Console = _TeeConsole(
+            self._log, file=terminal.file, quiet=terminal.quiet or not enabled, color_system=terminal.color_system,
+            force_terminal=terminal.is_terminal, width=None if terminal.is_terminal else terminal.width,
+            highlight=False)
         self.path: Path | None = None
 
     def attach(self, run_dir: Path) -> Path:

@@ -109,7 +109,8 @@ class RunReport:
         time_left = self.max_minutes * 60 - run_seconds if self.max_minutes else None
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[status]}"), TimeElapsedColumn())
-        with Progress(*columns, console=self.console, transient=True) as progress:
+        # Bars on a terminal only: a log or a pipe gets the line per epoch instead.
+        with Progress(*columns, console=self.console, transient=True, disable=not self.console.is_terminal) as progress:
             task = progress.add_task(description, total=steps, status="first step...")
             yield StepDisplay(progress, task, steps, later, time_left)
 
@@ -119,7 +120,7 @@ class RunReport:
         validate() calls after each case (name, image (C, x, y, z), reference, prediction), which
         also writes the case's preview if it is one of the chosen."""
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=self.console, transient=True) as progress:
+        with Progress(*columns, console=self.console, transient=True, disable=not self.console.is_terminal) as progress:
             task = progress.add_task(f"validation, epoch {epoch + 1}", total=total)
 
             def on_case(name: str, image: Any, reference: Any, prediction: Any) -> None:
