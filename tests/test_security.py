@@ -334,20 +334,30 @@ def _record_beyond_file(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("make", ["bomb", "claims", "beyond", "not_zip"])
-def test_hostile_checkpoints_are_refused_before_allocating(tmp_path, make):
+@pytest.mark.parametrize("make", ["claims", "beyond", "not_zip", "truncated"])
+def test_hostile_checkpoints_are_refused(tmp_path, make):
     run = tmp_path / "runs" / "run"
     run.mkdir(parents=True)
     last = run / "last.pt"
-    if make == "bomb":
-        _deflate_bomb(last, 1 << 27)  # 512 MiB once inflated
-        assert last.stat().st_size < 1 << 20
-    elif make == "claims":
+    if make == "claims":
         _storage_claims(last, 1 << 30)
     elif make == "beyond":
         _record_beyond_file(last)
-    else:
+    elif make == "not_zip":
         last.write_bytes(b"PK\x03\x04" + os.urandom(1000))
+    else:
+        last.write_bytes(_tiny_checkpoint()[:-200])
+    before = _tree(tmp_path)
+    result = runner.invoke(app, ["train", "--resume", str(run)])
+    _one_line_error(result, str(last))
+    assert _tree(tmp_path) == before
+
+
+def test_deflate_bomb_checkpoint_is_refused_before_inflating(tmp_path):
+    run = tmp_path / "runs" / "run"
+    run.mkdir(parents=True)
+    last = _deflate_bomb(run / "last.pt", 1 << 26)  # 256 MiB once inflated
+    assert last.stat().st_size < 1 << 20
     before = _tree(tmp_path)
     # A fresh process, so that its peak memory is this load's alone.
     script = ("import resource, sys\nfrom medseg.cli import main\nimport medseg.train\n"
@@ -362,7 +372,8 @@ def test_hostile_checkpoints_are_refused_before_allocating(tmp_path, make):
     assert code == "2", done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and str(last) in lines[0] and "Traceback" not in done.stderr, done.stderr
-    assert int(grown_kib) < 64 * 1024  # KiB: well under the 512 MiB the bomb inflates to
+    assert "compressed" in lines[0]
+    assert int(grown_kib) < 64 * 1024  # KiB: well under the 256 MiB the bomb inflates to
     assert _tree(tmp_path) == before
 
 
@@ -410,12 +421,12 @@ def test_second_process_on_a_locked_run_refuses(trained, tmp_path):
 def test_shared_cache_dir_is_keyed_by_preprocessing(tmp_path):
     dataset = _dataset(tmp_path / "data")
     cache = tmp_path / "cache"
-    for name, spacing in (("a", "[1,1,1]"), ("b", "[2,2,2]"), ("c", "[1,1,1]")):
+    for name, spacing in (("a", "[1,1,1]"), ("b", "[2,2,2]")):
         result = _train(dataset, tmp_path / "runs", "data.cache=disk", f"data.cache_dir={cache}",
-                        f"data.spacing={spacing}", "data.fold=-1", name=name)
+                        f"data.spacing={spacing}", "data.fold=-1", "train.iterations_per_epoch=1", name=name)
         assert result.exit_code == 0, result.output
-    # Two preprocessings, two folders; the third run (same as the first) reuses the first's.
-    assert len([p for p in cache.iterdir() if p.name.startswith("prep-")]) == 2
+    folders = [p for p in cache.iterdir() if p.name.startswith("prep-")]
+    assert len(folders) == 2 and all(any(p.rglob("*.pt")) for p in folders)
 
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -430,7 +441,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
         return real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    result = _train(dataset, tmp_path / "runs", "train.epochs=2")
+    result = _train(dataset, tmp_path / "runs", "train.epochs=2", "data.fold=-1", "train.iterations_per_epoch=1")
     _one_line_error(result, "last.pt", "no space left on device")
     run = tmp_path / "runs" / "run"
     assert checkpoint.load(run / "last.pt")["epoch"] == 0  # the first epoch's, complete
