@@ -70,9 +70,19 @@ class ClipAndStandardized(T.MapTransform):
 
 def load(keys: tuple[str, ...] = ("image", "label"), series_uid: str | None = None) -> list:
     """Read files into channel-first MetaTensors in RAS orientation (no resampling)."""
+    import logging
+    import warnings
+
+    # With pydicom installed (highdicom, for DICOM SEG output), LoadImaged builds MONAI's optional
+    # nvImageCodec DICOM reader, which warns on every construction that nvImageCodec is missing;
+    # medseg reads DICOM through its own readers, so that warning says nothing to the user.
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+        loader = T.LoadImaged(keys, reader=readers(series_uid), image_only=True, ensure_channel_first=True,
+                              allow_missing_keys=True)
     return [
-        T.LoadImaged(keys, reader=readers(series_uid), image_only=True, ensure_channel_first=True,
-                     allow_missing_keys=True),
+        loader,
         T.Orientationd(keys, axcodes="RAS", labels=None, allow_missing_keys=True),
     ]
 
