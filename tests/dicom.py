@@ -10,8 +10,9 @@ UID_ROOT = "1.2.826.0.1.3680043.8.498.77"
 
 
 def write_series(image: sitk.Image, directory: Path, series: str = "1", modality: str = "CT",
-                 uid_root: str = UID_ROOT) -> Path:
-    """One int16 file per slice of the 3D `image` into `directory` (one series, number `series`)."""
+                 uid_root: str = UID_ROOT, description: str | None = None) -> Path:
+    """One int16 file per slice of the 3D `image` into `directory` (one series, number `series`;
+    with `description` as its SeriesDescription)."""
     directory.mkdir(parents=True, exist_ok=True)
     image = sitk.Cast(image, sitk.sitkInt16)
     d = image.GetDirection()
@@ -30,6 +31,7 @@ def write_series(image: sitk.Image, directory: Path, series: str = "1", modality
             "0010|0020": "TEST",
             "0020|000d": f"{uid_root}.1",  # StudyInstanceUID
             "0020|000e": f"{uid_root}.{series}.2",  # SeriesInstanceUID
+            "0020|0052": f"{uid_root}.{series}.4",  # FrameOfReferenceUID (DICOM SEG references it)
             "0020|0011": series,  # SeriesNumber
             "0020|0013": str(k + 1),  # InstanceNumber
             "0020|0032": "\\".join(f"{v:.10g}" for v in position),  # ImagePositionPatient
@@ -37,6 +39,8 @@ def write_series(image: sitk.Image, directory: Path, series: str = "1", modality
             "0028|0030": f"{spacing[1]:.10g}\\{spacing[0]:.10g}",  # PixelSpacing: row\column
             "0018|0050": f"{spacing[2]:.10g}",  # SliceThickness
         }
+        if description is not None:
+            tags["0008|103e"] = description  # SeriesDescription
         for tag, value in tags.items():
             slice_.SetMetaData(tag, value)
         writer.SetFileName(str(directory / f"s{series}_{k:03d}.dcm"))
