@@ -14,6 +14,8 @@ Arrays follow nibabel's convention: `array[i, j, k]` is the voxel at `affine @ (
 world coordinates (mm); `nibabel.load(f).get_fdata()` and `.affine` are such a pair. Every input
 takes the one inference path of `medseg infer` (`medseg.infer.Predictor`): images that are not
 files are written to a temporary file first, so they segment exactly as the same file would.
+A cross-validation folder or a model archive of several folds is their ensemble, and the
+postprocessing recorded with the model is applied, as `medseg infer` applies them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from medseg.config import Config
     from medseg.evaluate import Evaluation
-    from medseg.infer import Predictor
+    from medseg.infer import Ensemble
 
 # ITK's world axes are LPS, nibabel's RAS: the first two axes change sign between them.
 _LPS = np.diag([-1.0, -1.0, 1.0])
@@ -97,32 +99,28 @@ class Segmentation:
 
 
 class Segmenter:
-    """A trained model for segmenting images from Python; see the module docstring."""
+    """A trained model (one network or a fold ensemble) for segmenting images from Python; see the
+    module docstring. It segments as `medseg infer` does (`medseg.infer.Ensemble`)."""
 
-    def __init__(self, predictor: "Predictor") -> None:
-        self.predictor = predictor
-        labels = predictor.prep.labels
-        self.class_names = [labels.get(c, "background" if c == 0 else f"class_{c}")
-                            for c in range(predictor.prep.num_classes)]
+    def __init__(self, ensemble: "Ensemble", largest_component: tuple[int, ...] = ()) -> None:
+        self.ensemble = ensemble
+        self.largest_component = tuple(largest_component)  # the postprocessing recorded with the model
+        self.class_names = ensemble.class_names()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "Segmenter":
-        """Load a model: a checkpoint file, a run folder (its `best.pt`) or a `medseg export` model
-        archive (`model.zip`), safely (weights and plain data only). `device`: auto, cpu, cuda[:N]."""
-        from medseg.export import is_model_archive, run_checkpoints
-        from medseg.infer import Predictor
+        """Load a model as `medseg infer` does: a checkpoint file, a run folder (its `best.pt`), a
+        cross-validation folder (every fold's `best.pt`: their ensemble) or a `medseg export` model
+        archive, safely (weights and plain data only), with the postprocessing recorded with it.
+        `device`: auto, cpu, cuda or cuda:N."""
+        from medseg.infer import Ensemble, resolve_model
+        from medseg.postprocessing import largest_component_classes
 
-        path = Path(path)
-        if not is_model_archive(path):
-            found = run_checkpoints(path)
-            if len(found) > 1:
-                raise MedsegError(f"{path}: a cross-validation folder of {len(found)} folds; give one fold's "
-                                  "folder or the model.zip `medseg export` writes")
-            path = found[0]
-        return cls(Predictor.from_checkpoint(path, device))
+        model = resolve_model([Path(path)])
+        return cls(Ensemble.from_model(model, device), tuple(largest_component_classes(model.postprocessing)))
 
     def predict(self, image: Any, affine: np.ndarray | None = None, probabilities: bool = False,
-                mirror: bool = False, overlap: float = 0.5) -> Segmentation:
+                mirror: bool = False, overlap: float = 0.5, largest_component: bool | None = None) -> Segmentation:
         """Segment `image` and return the result on the image's own grid.
 
         Args:
@@ -132,18 +130,23 @@ class Segmenter:
             probabilities: also return each class's probability on the input's grid.
             mirror: test-time augmentation, the mean over the 8 flips of the axes (as `--mirror`).
             overlap: sliding-window overlap (0..1).
+            largest_component: None: the model's recorded postprocessing; True: keep only the
+                largest component of every class; False: no postprocessing.
         """
+        from medseg.infer import Options, probabilities_path
+
+        classes = (self.largest_component if largest_component is None
+                   else tuple(range(1, len(self.class_names))) if largest_component else ())
         with tempfile.TemporaryDirectory(prefix="medseg-") as folder:
             source, reference, known_affine = self._staged(image, affine, Path(folder))
             case = self._one_input(source)
-            prepared, chain = self.predictor.prepare(case)
+            prepared, chain = self.ensemble.prepare(case)
             output = Path(folder) / "labels.nii.gz"
-            self.predictor.segment(prepared, chain, output, overlap=overlap, mirror=mirror,
-                                   save_probabilities=probabilities)
+            options = Options(overlap=overlap, mirror=mirror, save_probabilities=probabilities,
+                              largest_component=classes)
+            self.ensemble.segment(prepared, chain, output, options)
             labels, written_affine = _read_nifti(output)
-            scores = None
-            if probabilities:
-                scores = np.moveaxis(_read_nifti(output.with_name("labels_probabilities.nii.gz"))[0], -1, 0)
+            scores = np.moveaxis(_read_nifti(probabilities_path(output))[0], -1, 0) if probabilities else None
         if known_affine is None:
             from medseg.data.io import read_header
 
@@ -177,13 +180,14 @@ class Segmenter:
                           "or a numpy array with its affine")
 
     def _one_input(self, source: Path) -> Any:
-        from medseg.data.cases import find_inputs
+        from medseg.inputs import find_inputs
 
-        cases = find_inputs([source], self.predictor.prep.channels)
-        if len(cases) != 1:
-            what = "no image or DICOM series" if not cases else f"{len(cases)} images or series"
-            raise DataError(f"{source}: {what} found; predict segments one at a time")
-        return cases[0]
+        found = find_inputs([source], self.ensemble.prep.channels)
+        if found.problems:
+            raise DataError(found.problems[0])
+        if len(found.inputs) != 1:
+            raise DataError(f"{source}: {len(found.inputs)} images or series found; predict segments one at a time")
+        return found.inputs[0]
 
 
 def train(config: "str | Path | Config", **overrides: Any) -> Path:

