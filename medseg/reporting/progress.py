@@ -55,8 +55,9 @@ def plot_progress(history: Sequence[dict[str, Any]]) -> Any:
     dice_axis.set_ylabel("validation Dice")
     dice_axis.set_ylim(0, 1)
     handles = loss_axis.get_lines() + dice_axis.get_lines()
-    loss_axis.legend(handles, [_legend(line.get_label()) for line in handles], loc="center right", fontsize=9)
-    loss_axis.set_title("loss and validation Dice")
+    # Above the panel, where no curve runs.
+    loss_axis.legend(handles, [_legend(line.get_label()) for line in handles], loc="lower center",
+                     bbox_to_anchor=(0.5, 1.01), ncol=3, fontsize=9, frameon=False)
     _line(time_axis, series, "seconds", color="tab:gray", marker=".")
     time_axis.set_ylabel("seconds per epoch")
     time_axis.set_ylim(bottom=0)
