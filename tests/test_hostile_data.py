@@ -413,7 +413,7 @@ def test_infer_refuses_unusable_input_and_writes_the_good_one(tmp_path, trained,
     before = _snapshot(tmp_path / "in")
     out = tmp_path / "out"
     result = _infer(trained, [bad, good], out)
-    _assert_one_line(result, bad, *words, code=1)
+    _assert_one_line(result, bad, *words, code=2)  # infer: exit 2 when any input failed
     assert sorted(p.name for p in out.iterdir()) == ["good.nii.gz"]
     assert _snapshot(tmp_path / "in") == before
 

@@ -256,7 +256,7 @@ def test_predict_oblique_anisotropic_nifti(model: Path, scan: dict, tmp_path: Pa
 def test_predict_nrrd_and_dicom_keep_the_input_grid(model: Path, scan: dict, tmp_path: Path, kind: str) -> None:
     [result] = predict(model, [scan[kind]], tmp_path, device="cpu")
     assert result.error is None, result.error
-    assert result.output.name == ("oblique.nii.gz" if kind == "nrrd" else "oblique_dicom.nii.gz")
+    assert result.output.name == ("oblique.nii.gz" if kind == "nrrd" else f"{UID}.1.2.nii.gz")
     reference = sitk.ReadImage(str(scan[kind])) if kind == "nrrd" else _read_dicom(scan[kind])
     output = sitk.ReadImage(str(result.output))
     _assert_same_grid(output, reference, kind)
@@ -283,8 +283,8 @@ def test_study_with_two_series_gives_two_outputs(model: Path, scan: dict, tmp_pa
     results = predict(model, [study], tmp_path / "out", device="cpu")
     assert [r.error for r in results] == [None, None]
     outputs = sorted(r.output.name for r in results)
-    assert outputs == (["t1.nii.gz", "t1_moved.nii.gz"] if layout == "subfolders"
-                       else ["study_series0.nii.gz", "study_series1.nii.gz"])
+    # Named after each series' SeriesInstanceUID (the series carry no SeriesDescription).
+    assert outputs == [f"{UID}.1.2.nii.gz", f"{UID}.2.2.nii.gz"]
     found = set()
     for result in results:
         label, affine = _sitk_labels(sitk.ReadImage(str(result.output)))
@@ -398,7 +398,7 @@ def test_cli_reports_a_bad_input_and_segments_the_good_one(model: Path, scan: di
     bad.write_text("this is not an image\n")
     out = tmp_path / "out"
     result = _infer(model, scan["nifti"], bad, "-o", out)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output
     assert (out / "oblique.nii.gz").is_file()
     assert not (out / "bad.nii.gz").exists()
     error_lines = [line for line in result.stderr.splitlines() if "bad.nii.gz" in line]
