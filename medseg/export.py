@@ -30,7 +30,7 @@ import re
 import warnings
 import zipfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -77,7 +77,6 @@ class Exported:
     fold: int | None = None
     max_difference: float | None = None
     sidecar: Path | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def is_model_archive(path: Path | str) -> bool:
