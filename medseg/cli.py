@@ -58,7 +58,7 @@ def train(
     ctx: typer.Context,
     config: Annotated[Optional[Path], typer.Argument(help="Experiment config (overrides of the packaged defaults; `medseg plan` writes one).")] = None,
     set_: SetOption = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from last.pt.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from last.pt (--set may change only train.epochs, train.max_minutes, data.dataset and validate.*).")] = None,
     gpus: Annotated[int, typer.Option(help="Train on this many GPUs of this machine (starts torchrun).")] = 1,
     gpu_memory: Annotated[Optional[str], typer.Option(help="Fit patch, batch and checkpointing into this much GPU memory, e.g. 24GiB.")] = None,
     folds: Annotated[Optional[str], typer.Option(help="Cross-validation: train these folds (all, or e.g. 0,1,2) one after another into one folder, then score them and choose the postprocessing.")] = None,
@@ -95,15 +95,16 @@ def train(
         from medseg import config as config_module
         from medseg.train import train as run_training
 
-        if resume is not None and (config is not None or set_):
-            raise MedsegError("--resume continues a run with its own config; give no CONFIG or --set with it")
+        if resume is not None and config is not None:
+            raise MedsegError("--resume continues a run with its own config; give no CONFIG with it "
+                              "(--set may change what a resumed run allows)")
         cfg = None if resume is not None else config_module.load(config, set_ or [])
         if folds is not None:
             from medseg.folds import cross_validate, parse_folds
 
             cross_validate(cfg, parse_folds(folds, cfg.data.folds), console=console)
             return
-        run_training(cfg, resume=resume, console=console)
+        run_training(cfg, resume=resume, console=console, overrides=set_ or [] if resume is not None else [])
 
 
 @app.command()

@@ -216,9 +216,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the experiment file at `path`, then `section.key=value` overrides."""
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+         base: dict[str, Any] | None = None) -> Config:
+    """Defaults (updated with `base`, a saved run's config), then the experiment file at `path`,
+    then `section.key=value` overrides."""
     merged = default_values()
+    if base is not None:
+        _merge(merged, base, source="config")
     if path is not None:
         _merge(merged, _read_yaml(Path(path)), source=str(path))
         _check(merged, source=str(path))

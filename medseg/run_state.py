@@ -6,14 +6,16 @@ import ast
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from medseg import distributed
+from medseg import config, distributed
 from medseg.config import Config
+from medseg.errors import ConfigError
 from medseg.data.transforms import Preprocessing
 from medseg.schedule import Schedule
 
@@ -25,6 +27,11 @@ class RunState:
     in the epoch after it), the random number generators, each process's batch sampler, the
     history of epochs (metrics.csv's rows) and, for reading the checkpoint on its own, the config,
     preprocessing and the cases trained and validated on.
+
+    `pending` is the metrics row of an epoch whose training was done but whose validation was
+    interrupted (with its "train_seconds"): the checkpoint then has `steps_done` equal to the
+    epoch's steps, and a resumed run validates that epoch (the weights it validates are the same)
+    before going on. None otherwise.
 
     `sampler` is the training batch source; one with `state_dict()` (the device sampler) is
     saved and restored, so a resumed run draws the patches the uninterrupted run would have.
@@ -42,6 +49,7 @@ class RunState:
     epoch: int = -1
     steps_done: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    pending: dict[str, Any] | None = None
 
     @property
     def best(self) -> float:
@@ -72,6 +80,7 @@ class RunState:
             "preprocessing": self.prep.to_dict(),
             "split": self.split,
             "history": self.history,
+            "pending": self.pending,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -83,6 +92,7 @@ class RunState:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.steps_done = int(state["epoch"]), int(state.get("steps_done", 0))
         self.history = list(state["history"])
+        self.pending = dict(state["pending"]) if state.get("pending") else None
         samplers = state.get("sampler") or []
         rank, world = self.context.rank, self.context.world_size
         if hasattr(self.sampler, "load_state_dict") and len(samplers) == world and samplers[rank] is not None:
@@ -115,3 +125,40 @@ def _numpy_state() -> list[Any]:
     # Plain types only: checkpoints are loaded with weights_only=True.
     kind, keys, position, has_gauss, cached = np.random.get_state()
     return [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)]
+
+
+# What `medseg train --resume RUN --set KEY=VALUE` may change ("section.*": every key of the
+# section); every other setting is the run's own, fixed when it started.
+ADJUSTABLE_ON_RESUME = ("train.epochs", "train.max_minutes", "data.dataset", "validate.*")
+
+
+def adjustable_on_resume(key: str) -> bool:
+    """Whether `--set key=...` may change a resumed run (ADJUSTABLE_ON_RESUME)."""
+    return any(key == rule or (rule.endswith(".*") and key.startswith(rule[:-1])) for rule in ADJUSTABLE_ON_RESUME)
+
+
+def resumed_config(saved: dict[str, Any], overrides: Sequence[str], run_dir: Path) -> Config:
+    """The config a resumed run continues with: the checkpoint's, with `overrides` (checked like
+    any --set first, then refused unless ADJUSTABLE_ON_RESUME allows the key)."""
+    cfg = config.load(overrides=list(overrides), base=saved["config"])
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if not adjustable_on_resume(key):
+            raise ConfigError(f"--set {key}: cannot be changed when resuming {run_dir} (the run keeps its own "
+                              f"config); a resumed run may change only {', '.join(ADJUSTABLE_ON_RESUME)}")
+    return cfg
+
+
+def finished(saved: dict[str, Any], cfg: Config, run_dir: Path) -> str | None:
+    """What to say when the checkpoint `saved` ends the run `cfg` describes (all its epochs done,
+    or `train.max_minutes` spent); None when there is training left."""
+    if saved.get("pending") or int(saved.get("steps_done", 0)):
+        return None
+    done = int(saved["epoch"]) + 1
+    if done >= cfg.train.epochs:
+        return f"{run_dir} already finished {done} epochs; extend with --set train.epochs={2 * done}"
+    seconds = float(saved.get("schedule", {}).get("seconds", 0.0))
+    if cfg.train.max_minutes is not None and seconds >= cfg.train.max_minutes * 60:
+        return (f"{run_dir} already used its train.max_minutes={cfg.train.max_minutes:g} ({done} epochs); "
+                f"extend with --set train.max_minutes={2 * cfg.train.max_minutes:g}")
+    return None

@@ -1,20 +1,63 @@
-"""Stop requests: SIGINT and SIGTERM ask training to stop after the current step."""
+"""Stop requests: SIGINT and SIGTERM ask training to stop at the next safe point and save.
+
+The handler only records the request and says so (it never writes a file): a signal that arrives
+while a checkpoint is written lets the write finish. Where training is at decides what "at once"
+means, and the acknowledgement says it:
+
+- setting up (reading and caching the data, before the first step): nothing is saved yet, the
+  run ends at once (`TrainingInterrupted` raised from the handler);
+- training: the current step finishes, then the run saves a checkpoint and ends;
+- validating: validation is abandoned before its next case; the epoch's training is saved;
+- saving: the checkpoint being written is finished, then the run ends.
+
+A second signal ends the run at once (`StoppedAtOnce`, raised from the handler), whatever it is
+doing; the files written so far stay complete because every write is atomic.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
 import signal
+import sys
 import threading
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from medseg.errors import TrainingInterrupted
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+# What each stage's acknowledgement says; {signal} is the signal's name.
+_ACKNOWLEDGEMENTS = {
+    "setup": "{signal}: stopping (nothing to save yet)",
+    "training": "{signal}: stopping after this step... (again to stop at once)",
+    "validation": "{signal}: stopping: validation interrupted, saving the epoch's training... (again to stop at once)",
+    "saving": "{signal}: stopping once this checkpoint is written... (again to stop at once)",
+}
+
+
+class StoppedAtOnce(TrainingInterrupted):
+    """A second SIGINT or SIGTERM: the run ended without saving; earlier checkpoints are complete."""
 
 
 class StopRequests:
-    """While active (a context manager), SIGINT and SIGTERM ask training to stop after the current
-    step (a second SIGINT stops at once). Calling the object tells whether a stop was asked for;
-    `reason` names the signal."""
+    """While active (a context manager), SIGINT and SIGTERM ask training to stop. Calling the
+    object tells whether a stop was asked for; `reason` names the signal. `notify(text)` prints the
+    acknowledgement (stderr by default); `stage` (set with `during`) is where training is;
+    `run_dir`, once set, is named in the message of a second signal.
 
-    def __init__(self) -> None:
+    Processes forked meanwhile inherit the handler; there it does what the signal did before, except
+    that SIGINT is ignored (the training process shuts its children down): a terminal's Ctrl-C
+    reaches the whole process group. DataLoader workers ignore both (`ignore_in_worker`).
+    """
+
+    def __init__(self, notify: Callable[[str], None] | None = None) -> None:
         self.reason: str | None = None
+        self.stage = "setup"
+        self.run_dir: Path | None = None
+        self.notify = notify or _to_stderr
         self._previous: dict[int, Any] = {}
         self._owner = os.getpid()
 
@@ -26,7 +69,7 @@ class StopRequests:
         # running training) the process's own handling stays.
         self._owner = os.getpid()
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -35,17 +78,39 @@ class StopRequests:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    @contextlib.contextmanager
+    def during(self, stage: str) -> Iterator["StopRequests"]:
+        """Within the block training is at `stage` ("training", "validation", "saving"); a request
+        made before it (in the setup) is honoured as the block starts."""
+        assert stage in _ACKNOWLEDGEMENTS, stage
+        previous, self.stage = self.stage, stage
+        try:
+            yield self
+        finally:
+            self.stage = previous
+
     def _handle(self, number: int, frame: Any) -> None:
         if os.getpid() != self._owner:
-            # A process forked meanwhile (a DataLoader worker) inherits the handler; there the
-            # signal keeps its previous meaning, so that terminating a worker ends it.
-            self._pass_on(number, frame)
+            self._in_child(number, frame)
             return
-        if self.reason is not None and number == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.reason = signal.Signals(number).name
+        name = signal.Signals(number).name
+        if self.reason is not None:
+            raise StoppedAtOnce(f"stopped at once by a second {name}; {self._left()}")
+        self.reason = name
+        self.notify(_ACKNOWLEDGEMENTS[self.stage].format(signal=name))
+        if self.stage == "setup":
+            raise TrainingInterrupted(f"stopped by {name} before training started; nothing was saved")
 
-    def _pass_on(self, number: int, frame: Any) -> None:
+    def _left(self) -> str:
+        if self.run_dir is not None and (self.run_dir / "last.pt").is_file():
+            return f"the last complete checkpoint is kept; continue with: {resume_command(self.run_dir)}"
+        return "no checkpoint was written yet"
+
+    def _in_child(self, number: int, frame: Any) -> None:
+        # A forked helper (a case-reading pool) keeps SIGTERM's previous meaning, so that its pool
+        # can terminate it; the training process deals with Ctrl-C.
+        if number == signal.SIGINT:
+            return
         previous = self._previous.get(number, signal.SIG_DFL)
         if callable(previous):
             previous(number, frame)
@@ -53,3 +118,33 @@ class StopRequests:
         signal.signal(number, previous)
         if previous == signal.SIG_DFL:
             os.kill(os.getpid(), number)
+
+
+def ignore_in_worker(*_: Any) -> None:
+    """A DataLoader worker's `worker_init_fn`: SIGINT and SIGTERM (sent to the whole process group
+    by a terminal or a scheduler) are ignored; the training process stops and shuts the workers
+    down. Workers are started with both blocked (`signals_blocked`), so none arrives before this."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+
+
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """SIGINT and SIGTERM held back in the block (children forked in it start with them blocked);
+    one that arrived meanwhile is delivered as the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in `run_dir`, from any folder."""
+    return f"medseg train --resume {shlex.quote(os.path.abspath(run_dir))}"
+
+
+def _to_stderr(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()

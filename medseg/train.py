@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -44,10 +44,10 @@ from medseg.metrics import dice_per_class
 from medseg.models import build_model
 from medseg.oom import MemoryFallback, agree_on_memory
 from medseg.reporting import RunReport
-from medseg.run_state import RunState
+from medseg.run_state import RunState, finished, resumed_config
 from medseg.schedule import Schedule
 from medseg.step import GraphedStep, TrainingStep, build_optimizer, compile_for_training, compile_setting, memory_format
-from medseg.stopping import StopRequests
+from medseg.stopping import StopRequests, resume_command
 
 
 @dataclass(frozen=True)
@@ -62,29 +62,43 @@ class Execution:
     context: distributed.Context
 
 
-def train(cfg: Config, resume: Path | None = None, console: Console | None = None) -> Path:
+def train(cfg: Config, resume: Path | None = None, console: Console | None = None,
+          overrides: Sequence[str] = ()) -> Path:
     """Train the model `cfg` describes; returns the run directory.
 
-    With `resume`, continue the run in that directory from its last checkpoint (its own config).
+    With `resume`, continue the run in that directory from its last checkpoint (its own config,
+    with `overrides` of the keys `run_state.ADJUSTABLE_ON_RESUME` names); a run that has finished
+    is said to be so and left as it is. The dataset is recorded by its absolute path, so that a run
+    resumes from any folder. SIGINT or SIGTERM stops the run as medseg.stopping describes.
     Started by torchrun (several processes), it trains with DistributedDataParallel: the global
     `train.batch_size` is split evenly over the processes, so a run on N GPUs takes the same
     optimiser steps over the same number of samples as on one, N times faster at best.
     """
     saved = None
+    console = console or Console()
     if resume is not None:
         saved = checkpoint.load_for_resume(Path(resume))
-        cfg = config.from_dict(saved["config"])
+        cfg = resumed_config(saved, overrides, Path(resume))
+        if (message := finished(saved, cfg, Path(resume))) is not None:
+            console.print(message, highlight=False)
+            return Path(resume)
+        if not Path(cfg.data.dataset).is_dir():
+            raise DataError(f"{cfg.data.dataset}: the run's dataset folder does not exist; if it moved, "
+                            f"give its new place: medseg train --resume {resume} --set data.dataset=FOLDER")
+    else:
+        cfg = cfg.replace(data={"dataset": os.path.abspath(cfg.data.dataset)})
     context = distributed.start(cfg.train.device)
     try:
         # The lock is held for the run; an unexpected error's traceback goes to train.log.
-        with RunLock() as lock, RunReport(console or Console(), main=context.is_main) as report:
-            return _run(cfg, saved, Path(resume) if resume else None, report, context, lock)
+        with RunLock() as lock, RunReport(console, main=context.is_main) as report, \
+                StopRequests(report.console.print) as stop:
+            return _run(cfg, saved, Path(resume) if resume else None, report, context, lock, stop)
     finally:
         distributed.stop(context)
 
 
 def _run(cfg: Config, saved: dict[str, Any] | None, resume: Path | None, report: RunReport,
-         context: distributed.Context, lock: RunLock) -> Path:
+         context: distributed.Context, lock: RunLock, stop: StopRequests) -> Path:
     started = time.perf_counter()
     console = report.console  # the terminal and train.log (nothing on processes other than the main one)
     _check_settings(cfg, context)
@@ -92,6 +106,7 @@ def _run(cfg: Config, saved: dict[str, Any] | None, resume: Path | None, report:
     _prepare_device(cfg, device, console)
     # Checked before reading the data, so a bad output_dir fails at once; one name for all ranks.
     run_dir = resume if resume is not None else distributed.broadcast(context, _run_dir_name(cfg))
+    stop.run_dir = run_dir
     if context.is_main and resume is not None:
         lock.hold(run_dir)  # a second --resume of this run refuses here, before any work
     cfg, prep, train_cases, val_cases = _prepare_data(cfg, saved, run_dir, context, console)
@@ -110,39 +125,78 @@ def _run(cfg: Config, saved: dict[str, Any] | None, resume: Path | None, report:
     step = _build_step(run, where, console)
     origin = started - run.schedule.seconds  # a resumed run goes on counting from where it stopped
 
-    with StopRequests() as stop:
+    with stop.during("training"):
         # Said once stop requests are honoured: from here on SIGINT or SIGTERM saves a checkpoint.
         at = f"epoch {run.epoch + 2}" + (f", step {run.steps_done + 1}" if run.steps_done else "")
         console.print(f"{'resuming' if saved is not None else 'training'} {run_dir} at {at}")
         for epoch in range(run.epoch + 1, cfg.train.epochs):
             epoch_started = time.perf_counter()
-            steps = cfg.train.iterations_per_epoch - run.steps_done
-            description = f"epoch {epoch + 1}/{cfg.train.epochs}"
-            train_loss, taken = train_one_epoch(step, run, steps, stop, lambda: time.perf_counter() - origin,
-                                                description, report, epoch)
-            train_seconds = time.perf_counter() - epoch_started
-            run.steps_done += taken
-            if taken < steps and not run.schedule.time_is_up:  # interrupted: keep the progress, say how to continue
-                _save(run, run_dir, best=False)
-                raise TrainingInterrupted(
-                    f"stopped by {stop.reason} at epoch {epoch + 1}, step {run.steps_done}; "
-                    f"saved {run_dir / 'last.pt'}; continue with: medseg train --resume {run_dir}")
-            row: dict[str, Any] = {"epoch": epoch + 1, "steps": taken,
-                                   "train_loss": distributed.mean(context, train_loss, device),
-                                   "lr": run.optimizer.param_groups[0]["lr"]}
+            if run.pending is None:
+                row, train_seconds = _train_epoch(step, run, epoch, stop, origin, report, run_dir)
+            else:  # the epoch's training was done; its validation was interrupted: validate it now
+                row, run.pending = dict(run.pending), None
+                train_seconds = row.pop("train_seconds")
+                epoch_started -= train_seconds
             last = epoch == cfg.train.epochs - 1 or run.schedule.time_is_up
             if val_cases and (last or (cfg.validate.every > 0 and (epoch + 1) % cfg.validate.every == 0)):
-                row.update(_validate_epoch(run, val_data, where, report, epoch))
+                try:
+                    with stop.during("validation"):
+                        row.update(_validate_epoch(run, val_data, where, report, epoch, stop))
+                except _ValidationStopped:
+                    run.pending = {**row, "train_seconds": train_seconds}
+                    with stop.during("saving"):
+                        _save(run, run_dir, best=False)
+                    raise _interrupted(stop, f"in the validation of epoch {epoch + 1} (its training is saved; "
+                                             "resuming validates it)", run_dir) from None
             row.update(_timings(epoch_started, train_seconds, started, device))
             run.epoch, run.steps_done = epoch, 0
-            _save(run, run_dir, best=run.record(row))
+            with stop.during("saving"):
+                _save(run, run_dir, best=run.record(row))
             report.epoch_done(run.history)
             if last:
                 if run.schedule.time_is_up:
                     console.print(f"train.max_minutes={cfg.train.max_minutes:g} reached after epoch {epoch + 1}")
                 break
+            if stop():  # asked while the epoch ended: its checkpoint is written
+                raise _interrupted(stop, f"after epoch {epoch + 1}", run_dir)
     report.finished(run.history)
     return run_dir
+
+
+def _train_epoch(step: TrainingStep, run: RunState, epoch: int, stop: StopRequests, origin: float,
+                 report: RunReport, run_dir: Path) -> tuple[dict[str, Any], float]:
+    """Epoch `epoch`'s training steps (those left of it in a resumed run): its metrics row so far
+    and the seconds it took. Stopped by a request, it saves last.pt and raises TrainingInterrupted."""
+    started = time.perf_counter()
+    steps = run.cfg.train.iterations_per_epoch - run.steps_done
+    description = f"epoch {epoch + 1}/{run.cfg.train.epochs}"
+    train_loss, taken = train_one_epoch(step, run, steps, stop, lambda: time.perf_counter() - origin,
+                                        description, report, epoch)
+    run.steps_done += taken
+    if taken < steps and not run.schedule.time_is_up:  # interrupted: keep the progress, say how to continue
+        with stop.during("saving"):
+            _save(run, run_dir, best=False)
+        raise _interrupted(stop, f"at epoch {epoch + 1}, step {run.steps_done}", run_dir)
+    device = next(run.model.parameters()).device
+    row = {"epoch": epoch + 1, "steps": taken, "train_loss": distributed.mean(run.context, train_loss, device),
+           "lr": run.optimizer.param_groups[0]["lr"]}
+    return row, time.perf_counter() - started
+
+
+class _ValidationStopped(Exception):
+    """A stop request came during validation (raised between two validation cases)."""
+
+
+def _until_stopped(volumes: Iterable[dict], stop: Callable[[], bool]) -> Iterator[dict]:
+    for item in volumes:
+        if stop():
+            raise _ValidationStopped
+        yield item
+
+
+def _interrupted(stop: StopRequests, moment: str, run_dir: Path) -> TrainingInterrupted:
+    return TrainingInterrupted(f"stopped by {stop.reason} {moment}; saved {run_dir / 'last.pt'}; "
+                               f"continue with: {resume_command(run_dir)}")
 
 
 def _check_settings(cfg: Config, context: distributed.Context) -> None:
@@ -349,11 +403,17 @@ def validate(model: nn.Module, volumes: Iterable[dict], prep: Preprocessing, cfg
 
 
 def _validate_epoch(run: RunState, volumes: Iterable[dict], where: Execution, report: RunReport,
-                    epoch: int) -> dict[str, float]:
+                    epoch: int, stop: Callable[[], bool] = lambda: False) -> dict[str, float]:
     """Validate after epoch `epoch` (0-based) with a progress bar and previews: metrics.csv's
-    validation columns."""
-    with report.validation(epoch, len(volumes)) as on_case:  # type: ignore[arg-type]
-        scores = validate(run.model, volumes, run.prep, run.cfg, where.amp_dtype, where.context, on_case)
+    validation columns. A stop request abandons it before the next case (_ValidationStopped);
+    with several processes validation ends first (they gather the scores together)."""
+    total = len(volumes)  # type: ignore[arg-type]
+    checked = volumes if where.context.enabled else _until_stopped(volumes, stop)
+    with report.validation(epoch, total) as on_case:
+        try:
+            scores = validate(run.model, checked, run.prep, run.cfg, where.amp_dtype, where.context, on_case)
+        finally:
+            run.model.train()
     return _validation_row(scores, run.prep)
 
 

@@ -31,7 +31,7 @@ SLOW = [
 ]
 
 
-RUN_FILES = {"last.pt", "best.pt", "metrics.csv", "config.yaml", "preprocessing.json"}
+RUN_FILES = {"last.pt", "best.pt", "metrics.csv", "config.yaml", "preprocessing.json", "train.log", "progress.png", ".lock"}
 
 
 def _command(tmp_path: Path, *extra: str, name: str = "run") -> list[str]:
@@ -101,7 +101,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
         # A write cut short leaves at most a hidden temporary file (never read), not a partial file
         # under a name medseg reads.
         leftovers = [p.name for p in run_dir.iterdir() if p.is_file() and p.name not in RUN_FILES]
-        assert all(re.fullmatch(r"\.(last\.pt|best\.pt|metrics\.csv)\..+\.tmp", name) for name in leftovers), leftovers
+        assert all(re.fullmatch(r"\.(last\.pt|best\.pt|metrics\.csv|progress\.png)\..+\.tmp(\.png)?", name) for name in leftovers), leftovers
         process = subprocess.Popen([sys.executable, "-m", "medseg", "train", "--resume", str(run_dir)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
     _, err = process.communicate(timeout=300)
@@ -248,15 +248,27 @@ def test_out_of_memory_with_nothing_left_is_a_one_line_error(tmp_path, monkeypat
     assert "Traceback" not in result.output
 
 
-def test_a_process_forked_during_training_still_ends_on_sigterm():
-    # DataLoader workers are forked while the stop handler is installed and inherit it; there SIGTERM
-    # must still end the process (multiprocessing terminates workers at exit and then waits for them).
+def test_a_process_forked_during_training_ignores_sigint_and_ends_on_sigterm():
+    # Processes forked while the stop handler is installed (the pool that reads and caches cases)
+    # inherit it: there Ctrl-C, which a terminal sends to the whole process group, is ignored (the
+    # training process shuts its children down), and SIGTERM still ends the process (a pool's
+    # terminate() at exit waits for that).
     from medseg.stopping import StopRequests
 
     ready_read, ready_write = os.pipe()
-    with StopRequests() as stop:
+    with StopRequests() as stop, stop.during("training"):
         child = os.fork()
-        if child == 0:  # the worker: say it runs (a signal before that is dropped by fork), then wait
+        if child == 0:  # the child: say it runs (a signal before that is dropped by fork), then wait
+            os.write(ready_write, b"1")
+            time.sleep(0.5)
+            os._exit(0)
+        assert os.read(ready_read, 1) == b"1"
+        os.kill(child, signal.SIGINT)
+        _, status = os.waitpid(child, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0  # outlived the Ctrl-C
+
+        child = os.fork()
+        if child == 0:
             os.write(ready_write, b"1")
             time.sleep(60)
             os._exit(0)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
 import pickle
-import signal
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -18,6 +18,7 @@ from medseg.data.cases import Case
 from medseg.data.device_sampler import DevicePatchSampler
 from medseg.data.io import map_cases, usable_cpus
 from medseg.data.transforms import Preprocessing, preprocessing
+from medseg.stopping import ignore_in_worker, signals_blocked
 
 
 def training_batches(cases: Sequence[Case], prep: Preprocessing, cfg: Config, cache_dir: Path | None,
@@ -56,6 +57,12 @@ def training_batches(cases: Sequence[Case], prep: Preprocessing, cfg: Config, ca
     )
     workers = train.workers if sampler == "workers" else 0
     return SampledBatches(patches, train.iterations_per_epoch, workers, pin_memory=device.type == "cuda")
+
+
+def usable_workers(requested: int) -> int:
+    """`train.workers` held to the cores this process may use: more worker processes than cores
+    only compete for them (and the DataLoader warns about it)."""
+    return max(0, min(requested, usable_cpus()))
 
 
 def training_volumes(cases: Sequence[Case], prep: Preprocessing, cfg: Config,
@@ -109,10 +116,16 @@ class SampledBatches:
             return iter(self.sampler)
         # Worker processes are forked with the volumes (copy-on-write) and live as long as the
         # iterator, across epochs: no per-epoch start-up. Each worker runs torch on one thread.
+        # Workers ignore SIGINT and SIGTERM (sent to the whole process group by a terminal or a
+        # scheduler): the training process stops and shuts them down; a worker killed by the signal
+        # would end training with the DataLoader's error instead. They are forked with the signals
+        # blocked, so that none reaches them before they ignore it.
         loader = torch.utils.data.DataLoader(_BatchStream(self.sampler, start), batch_size=None,
                                              num_workers=self.workers, pin_memory=self.pin_memory,
-                                             worker_init_fn=_default_stop_signals)
-        return iter(loader)
+                                             worker_init_fn=ignore_in_worker,
+                                             multiprocessing_context="fork" if hasattr(os, "fork") else None)
+        with signals_blocked():
+            return iter(loader)
 
 
 def _counted(batches: Iterator[dict], handed_out: list[int]) -> Iterator[dict]:
@@ -121,14 +134,6 @@ def _counted(batches: Iterator[dict], handed_out: list[int]) -> Iterator[dict]:
     for batch in batches:
         handed_out[0] += 1
         yield batch
-
-
-def _default_stop_signals(worker: int) -> None:
-    # A forked worker inherits training's stop handlers, which would make it outlive a SIGTERM
-    # (a terminate() at exit would then wait for it forever). Ctrl-C reaches the whole process
-    # group: the training process handles it and shuts its workers down.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _BatchStream(torch.utils.data.IterableDataset):
