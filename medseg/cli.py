@@ -6,6 +6,7 @@ Heavy imports (torch, MONAI) live inside the commands so that `medseg --help` is
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -64,6 +65,9 @@ def train(
     folds: Annotated[Optional[str], typer.Option(help="Cross-validation: train these folds (all, or e.g. 0,1,2) one after another into one folder, then score them and choose the postprocessing.")] = None,
 ) -> None:
     """Train a 3D U-Net on a dataset folder."""
+    # Until training installs its stop handler (medseg.stopping), SIGTERM ends the command as
+    # Ctrl-C does: exit code 130, no traceback.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if config is None and resume is None:
         # The defaults alone describe no dataset of the user's: show how to start instead.
         console.print(ctx.get_help())

@@ -31,7 +31,7 @@ from medseg.config import Config
 from medseg.data.cases import Case
 from medseg.data.fingerprint import plan_preprocessing, training_cases
 from medseg.data.io import usable_cpus
-from medseg.data.loader import training_batches, validation_dataset
+from medseg.data.loader import training_batches, usable_workers, validation_dataset
 from medseg.data.transforms import Preprocessing
 from medseg.device import amp_dtype as resolve_amp
 from medseg.device import amp_name, resolve_device
@@ -44,6 +44,7 @@ from medseg.metrics import dice_per_class
 from medseg.models import build_model
 from medseg.oom import MemoryFallback, agree_on_memory
 from medseg.reporting import RunReport
+from medseg.quiet import hide_known_warnings
 from medseg.run_state import RunState, finished, resumed_config
 from medseg.schedule import Schedule
 from medseg.step import GraphedStep, TrainingStep, build_optimizer, compile_for_training, compile_setting, memory_format
@@ -74,6 +75,7 @@ def train(cfg: Config, resume: Path | None = None, console: Console | None = Non
     `train.batch_size` is split evenly over the processes, so a run on N GPUs takes the same
     optimiser steps over the same number of samples as on one, N times faster at best.
     """
+    hide_known_warnings()
     saved = None
     console = console or Console()
     if resume is not None:
@@ -102,6 +104,7 @@ def _run(cfg: Config, saved: dict[str, Any] | None, resume: Path | None, report:
     started = time.perf_counter()
     console = report.console  # the terminal and train.log (nothing on processes other than the main one)
     _check_settings(cfg, context)
+    cfg = _held_workers(cfg, console)
     device = resolve_device(cfg.train.device, context)
     _prepare_device(cfg, device, console)
     # Checked before reading the data, so a bad output_dir fails at once; one name for all ranks.
@@ -197,6 +200,15 @@ def _until_stopped(volumes: Iterable[dict], stop: Callable[[], bool]) -> Iterato
 def _interrupted(stop: StopRequests, moment: str, run_dir: Path) -> TrainingInterrupted:
     return TrainingInterrupted(f"stopped by {stop.reason} {moment}; saved {run_dir / 'last.pt'}; "
                                f"continue with: {resume_command(run_dir)}")
+
+
+def _held_workers(cfg: Config, console: Console) -> Config:
+    """`train.workers` held to the usable CPU cores (medseg.data.loader.usable_workers), with a note."""
+    workers = usable_workers(cfg.train.workers)
+    if workers == cfg.train.workers:
+        return cfg
+    console.print(f"train.workers={cfg.train.workers} held to {workers}: the CPU cores this process may use")
+    return cfg.replace(train={"workers": workers})
 
 
 def _check_settings(cfg: Config, context: distributed.Context) -> None:
