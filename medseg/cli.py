@@ -116,15 +116,19 @@ def plan(
     dataset: Annotated[Path, typer.Argument(help="Dataset folder (dataset.json + imagesTr/labelsTr, or image/label pairs).")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the planned config (overrides) here.")] = None,
     gpu_memory: Annotated[str, typer.Option(help="GPU memory to plan for, e.g. 24GiB.")] = "8GiB",
+    modality: Annotated[Optional[str], typer.Option(help="The images' modality (CT, MR, ...), in place of dataset.json's; CT is clipped to its foreground percentiles before z-scoring.")] = None,
 ) -> None:
     """Fingerprint a dataset (checking every case) and write a training config for it."""
     with _user_errors():
+        from rich.markup import escape
         from rich.table import Table
 
         from medseg.memory import parse_size
         from medseg.plan import plan as make_plan
 
-        result = make_plan(dataset, parse_size(gpu_memory))
+        if modality is not None and not modality.strip():
+            raise MedsegError("--modality: give a modality such as CT or MR")
+        result = make_plan(dataset, parse_size(gpu_memory), modality=modality)
         table = Table(title=f"medseg plan: {result.cases} cases", title_justify="left", show_header=False)
         table.add_row("channels", f"{result.channels} ({', '.join(result.modalities) or 'unknown modality'})")
         table.add_row("median shape (RAS)", "×".join(map(str, result.median_shape)))
@@ -136,6 +140,8 @@ def plan(
                           ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
         table.add_row("memory", result.memory)
         console.print(table)
+        for warning in result.warnings:
+            errors.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
         text = result.to_yaml()
         if out is None:
             console.print(text, highlight=False, markup=False)

@@ -122,3 +122,67 @@ def test_plan_command_does_not_import_monai(tmp_path):
                 if line.startswith("import time:")]
     assert "medseg.plan" in imported and "medseg.data.io" in imported  # -X importtime did report
     assert not [name for name in imported if name.split(".")[0] == "monai"]
+
+
+def _pairs(folder, cases: int = 3, values=(1,)):
+    """A folder of image/label pairs (no dataset.json) with a bright labelled block."""
+    rng = np.random.default_rng(1)
+    folder.mkdir()
+    for case in range(cases):
+        label = np.zeros((16, 16, 8), np.uint8)
+        for offset, value in enumerate(values):
+            label[2 + 4 * offset:5 + 4 * offset, 5:11, 2:6] = value
+        image = rng.normal(-500.0, 50.0, label.shape).astype(np.float32) + 900.0 * (label > 0)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), folder / f"case{case}.nii.gz")
+        nib.save(nib.Nifti1Image(label, np.eye(4)), folder / f"case{case}_label.nii.gz")
+    return folder
+
+
+def _warnings(output: str) -> str:
+    return " ".join(line for line in output.splitlines() if line.startswith("warning:"))
+
+
+def test_plan_warns_about_folds_modality_and_ignored_folders(tmp_path):
+    dataset = _pairs(tmp_path / "pairs")
+    (dataset / "masks").mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 8), np.uint8), np.eye(4)), dataset / "masks" / "case0.nii.gz")
+    out = tmp_path / "planned.yaml"
+    result = runner.invoke(app, ["plan", str(dataset), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    warned = _warnings(result.output)
+    assert "3 cases are fewer than data.folds=5" in warned and "data.fold=-1" in warned
+    assert "modality is unknown" in warned and "--modality CT" in warned
+    assert "ignored (no case uses them): masks/" in warned
+    assert config.load(out).data.normalization == "zscore"
+    assert "# warning: 3 cases are fewer" in out.read_text(encoding="utf-8")
+
+
+def test_plan_modality_ct_chooses_ct_normalisation(tmp_path):
+    dataset = _pairs(tmp_path / "pairs", cases=5)
+    out = tmp_path / "planned.yaml"
+    result = runner.invoke(app, ["plan", str(dataset), "-o", str(out), "--modality", "CT"])
+    assert result.exit_code == 0, result.output
+    assert _warnings(result.output) == ""  # enough cases for 5 folds, a known modality, nothing ignored
+    assert config.load(out).data.normalization == "ct"
+    assert "CT" in result.output
+
+
+def test_plan_warns_about_declared_classes_no_label_holds(tmp_path):
+    import json
+
+    dataset = tmp_path / "msd"
+    pairs = _pairs(tmp_path / "pairs", cases=5)
+    (dataset / "imagesTr").mkdir(parents=True)
+    (dataset / "labelsTr").mkdir()
+    for case in range(5):
+        (dataset / "imagesTr" / f"case{case}.nii.gz").write_bytes((pairs / f"case{case}.nii.gz").read_bytes())
+        (dataset / "labelsTr" / f"case{case}.nii.gz").write_bytes((pairs / f"case{case}_label.nii.gz").read_bytes())
+    (dataset / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "MR"}, "labels": {"0": "background", "1": "liver", "2": "tumour", "3": "vessel"},
+        "training": [{"image": f"./imagesTr/case{c}.nii.gz", "label": f"./labelsTr/case{c}.nii.gz"} for c in range(5)],
+    }), encoding="utf-8")
+    result = runner.invoke(app, ["plan", str(dataset)])
+    assert result.exit_code == 0, result.output
+    warned = _warnings(result.output)
+    assert "2 of the 3 classes dataset.json declares occur in no label file (tumour, vessel)" in warned
+    assert "modality" not in warned
