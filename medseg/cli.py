@@ -21,6 +21,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's own help layout: a boolean option shows as the flag it is ("--mirror"), where Typer's
+    # panels give every option, flags included, a type column ("--mirror <bool>").
+    rich_markup_mode=None,
 )
 console = Console()
 errors = Console(stderr=True)

@@ -277,3 +277,17 @@ def test_known_harmless_pytorch_notes_are_hidden_and_nothing_else(caplog):
                        "Please make sure the checkpointed region does not contain in-place ops (e.g. torch.relu_).\n")
         logger.warning("another note")
     assert [r.getMessage() for r in caplog.records] == ["another note"]
+
+
+@pytest.mark.parametrize("command", ["train", "plan", "memory", "infer", "evaluate"])
+def test_boolean_options_show_as_flags_in_help(command):
+    import click
+    import typer.main
+
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "<bool>" not in result.output and "BOOLEAN" not in result.output
+    options = typer.main.get_command(app).commands[command].params
+    for option in options:
+        if isinstance(option, click.Option) and option.is_flag:
+            assert option.opts[0] in result.output  # listed, as the bare flag
