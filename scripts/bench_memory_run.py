@@ -100,7 +100,10 @@ def one_budget(config_path: str, budget_gib: float, steps: int, overrides: list[
     except torch.OutOfMemoryError as exc:
         run_dir, row["train_result"] = None, f"OUT OF MEMORY: {str(exc).splitlines()[0]}"
     log = console.export_text()
-    row["oom_fallback"] = [line.strip() for line in log.splitlines() if "out of memory" in line]
+    if run_dir is not None and (Path(run_dir) / "train.log").exists():
+        # The step's out-of-memory notes go to the run's log, not only to the console passed in.
+        log += (Path(run_dir) / "train.log").read_text(encoding="utf-8")
+    row["oom_fallback"] = [line.strip() for line in log.splitlines() if "out of memory at" in line]
     row["train_allocated"] = torch.cuda.max_memory_allocated(device)
     row["train_reserved"] = torch.cuda.max_memory_reserved(device)
     if run_dir is not None:
