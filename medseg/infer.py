@@ -238,7 +238,6 @@ class Ensemble:
         `options.fmt` (DICOM SEG: `source` is the DICOM input it references)."""
         from medseg.data.io import write_nifti
         from medseg.outputs import write_labels
-        from medseg.postprocessing import keep_largest_component
 
         probabilities = self.probabilities(image, options.overlap, options.mirror, options.sw_batch_size)
         if options.preview:
