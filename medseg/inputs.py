@@ -22,14 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from medseg.data.cases import IMAGE_SUFFIXES, InferenceInput, case_name, image_suffix
+from medseg.data.cases import CHANNEL, IMAGE_SUFFIXES, InferenceInput, case_name, image_suffix
 
 # File names in folders that are segmentations rather than images (matched case-insensitively).
 LABEL_PATTERNS = ("*_label*", "*_labels*", "*_seg*", "*mask*")
 LABEL_FOLDERS = ("labelsTr", "labelsTs")
 # Files that are certainly not DICOM slices: a folder of only these is not scanned for a series.
 NOT_DICOM = (".json", ".txt", ".csv", ".md", ".yaml", ".yml", ".png", ".jpg", ".pt", ".gz", ".zip", ".py")
-CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 MAX_NAME = 120  # characters of a DICOM output name taken from its tags
 
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from medseg import checkpoint, postprocessing
 from medseg.cli import app
-from medseg.data.cases import find_inputs
+from medseg.inputs import find_inputs
 from medseg.export import OnnxNetwork, load_model_archive
 from medseg.infer import Predictor
 from tests.trained_run import SAMPLE, trained_run
@@ -86,7 +86,7 @@ def test_exported_networks_give_pytorch_labels(run, exported):
     none do, and at most 0.1 % of voxels may."""
     reference = dataclasses.replace(Predictor.from_checkpoint(run / "best.pt", "cpu"), amp_dtype=None)
     networks = {"torchscript": torch.jit.load(str(exported["torchscript"])), "onnx": OnnxNetwork(exported["onnx"])}
-    for case in find_inputs([SAMPLE / "imagesTr" / f"{CASES[0]}.nii.gz"], 1):
+    for case in find_inputs([SAMPLE / "imagesTr" / f"{CASES[0]}.nii.gz"], 1).inputs:
         image, _ = reference.prepare(case)
         expected = reference.scores(image).argmax(0)
         for fmt, network in networks.items():

@@ -17,8 +17,8 @@ from medseg.errors import DataError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 LABEL_SUFFIXES = ("_label", "_labels", "_seg", "_mask")
-_NOT_DICOM = (".json", ".txt", ".csv", ".md", ".yaml", ".yml", ".png", ".jpg", ".pt", ".gz", ".zip")
-_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+# nnU-Net's channel files: <case>_0000, <case>_0001, ... (names without their suffix).
+CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 # dataset.json is a small text file; a larger one is not a dataset description.
 MAX_DATASET_JSON_BYTES = 64 << 20
 
@@ -266,55 +266,3 @@ class InferenceInput:
         """The dictionary MONAI transforms work on."""
         image: str | list[str] = str(self.images[0]) if len(self.images) == 1 else [str(p) for p in self.images]
         return {"name": self.name, "image": image}
-
-
-def find_inputs(paths: list[Path], channels: int) -> list[InferenceInput]:
-    """Volumes to segment from files and folders.
-
-    Files: NIfTI, NRRD, MetaImage. Folders: every such file inside, every DICOM series (one output
-    per series; a study folder of several series gives several), recursively. nnU-Net-style channel
-    files `<case>_0000.nii.gz`, `<case>_0001.nii.gz` ... are grouped into one `channels`-channel case.
-    """
-    found: list[InferenceInput] = []
-    files: list[Path] = []
-    for path in paths:
-        path = Path(path)
-        if not path.exists():
-            raise DataError(f"{path}: input does not exist")
-        if path.is_dir():
-            found += _inputs_in_folder(path, channels)
-        elif image_suffix(path):
-            files.append(path)
-        else:
-            raise DataError(f"{path}: not a supported image ({', '.join(IMAGE_SUFFIXES)}) or a DICOM folder")
-    # Files given one by one are grouped like files in a folder (channel files of one case together).
-    return _group_channels(files, channels) + found
-
-
-def _inputs_in_folder(folder: Path, channels: int) -> list[InferenceInput]:
-    found: list[InferenceInput] = []
-    series: tuple[str, ...] = ()
-    if any(p.is_file() and not image_suffix(p) and p.suffix.lower() not in _NOT_DICOM for p in folder.iterdir()):
-        # Only folders with candidate files are scanned: GDCM prints a warning for folders without.
-        import SimpleITK as sitk
-
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    for index, uid in enumerate(sorted(series)):
-        name = folder.name if len(series) == 1 else f"{folder.name}_series{index}"
-        found.append(InferenceInput(name, (folder,), uid if len(series) > 1 else None))
-    found += _group_channels(sorted(p for p in folder.iterdir() if p.is_file() and image_suffix(p)), channels)
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        found += _inputs_in_folder(sub, channels)
-    return found
-
-
-def _group_channels(files: list[Path], channels: int) -> list[InferenceInput]:
-    groups: dict[str, list[Path]] = {}
-    for path in files:
-        match = _CHANNEL.match(case_name(path))
-        if match and (channels > 1 or match["channel"] == "0000"):
-            groups.setdefault(str(path.parent / match["case"]), []).append(path)
-        else:
-            groups[str(path.parent / case_name(path))] = [path]
-    # A wrong number of channel files is reported when the case is loaded, per input.
-    return [InferenceInput(Path(key).name, tuple(sorted(members))) for key, members in groups.items()]
