@@ -6,7 +6,6 @@ Heavy imports (torch, MONAI) live inside the commands so that `medseg --help` is
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -68,9 +67,6 @@ def train(
     folds: Annotated[Optional[str], typer.Option(help="Cross-validation: train these folds (all, or e.g. 0,1,2) one after another into one folder, then score them and choose the postprocessing.")] = None,
 ) -> None:
     """Train a 3D U-Net on a dataset folder."""
-    # Until training installs its stop handler (medseg.stopping), SIGTERM ends the command as
-    # Ctrl-C does: exit code 130, no traceback.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if config is None and resume is None:
         # The defaults alone describe no dataset of the user's: show how to start instead.
         console.print(ctx.get_help())
@@ -98,7 +94,11 @@ def train(
             arguments += ["--resume", str(resume)]
         torchrun(["--standalone", "--nproc-per-node", str(gpus), "-m", "medseg", "train", *arguments])
         return
-    with _user_errors():
+    from medseg.stopping import stopping_while_starting
+
+    # Until training installs its stop handler (medseg.stopping), SIGINT and SIGTERM end the
+    # command at once: exit code 130, no traceback.
+    with _user_errors(), stopping_while_starting():
         from medseg import config as config_module
         from medseg.train import train as run_training
 

@@ -48,3 +48,16 @@ def amp_name(dtype: torch.dtype | None) -> str:
 
 def _cpu_has_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def aggregation_device(device: torch.device, volume: torch.Tensor, num_classes: int,
+                       memory_bytes: int | None = None) -> torch.device:
+    """Where to blend the window scores of `volume` (B, C, ...): on the GPU only while they (float32,
+    one per class and voxel) and a softmax copy take at most a quarter of its memory (or of
+    `memory_bytes`, a budget the process keeps to), in host memory beyond that: bounded GPU memory
+    for any volume size."""
+    if device.type != "cuda":
+        return device
+    score_bytes = num_classes * volume[0, 0].numel() * 4
+    total = memory_bytes or torch.cuda.get_device_properties(device).total_memory
+    return device if 2 * score_bytes <= total // 4 else torch.device("cpu")

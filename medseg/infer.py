@@ -24,6 +24,7 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from medseg.device import aggregation_device
 from medseg.errors import DataError, MedsegError, root_cause
 from medseg.postprocessing import keep_largest_component  # noqa: F401  (public here since the first release)
 
@@ -426,19 +427,6 @@ def predict_logits(model: nn.Module, image: torch.Tensor, patch_size: Sequence[i
             sw_device=device, device=aggregate_device or device,
         )
     return logits.float()
-
-
-def aggregation_device(device: torch.device, volume: torch.Tensor, num_classes: int,
-                       memory_bytes: int | None = None) -> torch.device:
-    """Where to blend the window scores of `volume` (B, C, ...): on the GPU only while they (float32,
-    one per class and voxel) and a softmax copy take at most a quarter of its memory (or of
-    `memory_bytes`, a budget the process keeps to), in host memory beyond that: bounded GPU memory
-    for any volume size."""
-    if device.type != "cuda":
-        return device
-    score_bytes = num_classes * volume[0, 0].numel() * 4
-    total = memory_bytes or torch.cuda.get_device_properties(device).total_memory
-    return device if 2 * score_bytes <= total // 4 else torch.device("cpu")
 
 
 def predict_scores(model: nn.Module, image: torch.Tensor, patch_size: Sequence[int], overlap: float = 0.5,

@@ -140,6 +140,27 @@ def signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+@contextlib.contextmanager
+def stopping_while_starting() -> Iterator[None]:
+    """In the block (in the main thread), SIGINT and SIGTERM end the command at once with
+    `TrainingInterrupted` (exit code 130): for the start of `medseg train`, before `StopRequests`
+    takes over. Not KeyboardInterrupt: one raised inside the code torch runs while it is imported
+    makes Python end with SIGINT even after it was caught. The previous handling is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _end_while_starting) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _end_while_starting(number: int, frame: Any) -> None:
+    raise TrainingInterrupted(f"stopped by {signal.Signals(number).name} while starting; nothing was saved")
+
+
 def resume_command(run_dir: Path) -> str:
     """The command that continues the run in `run_dir`, from any folder."""
     return f"medseg train --resume {shlex.quote(os.path.abspath(run_dir))}"

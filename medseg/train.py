@@ -33,11 +33,11 @@ from medseg.data.fingerprint import plan_preprocessing, training_cases
 from medseg.data.io import usable_cpus
 from medseg.data.loader import training_batches, usable_workers, validation_dataset
 from medseg.data.transforms import Preprocessing
-from medseg.device import amp_dtype as resolve_amp
+from medseg.device import aggregation_device, amp_dtype as resolve_amp
 from medseg.device import amp_name, resolve_device
 from medseg.errors import CheckpointError, ConfigError, DataError, MedsegError, TrainingInterrupted
 from medseg.files import RunLock, atomic_write_text, cache_key, check_path_component
-from medseg.infer import aggregation_device, predict_scores
+from medseg.infer import predict_scores
 from medseg.losses import DiceCELoss, deep_supervision_weights
 from medseg.memory import GiB, fit_to_data, parse_size
 from medseg.metrics import dice_per_class

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import os
 import subprocess
 import sys
@@ -61,7 +62,10 @@ def test_two_processes_train_identically_and_write_once(tmp_path):
         torch.testing.assert_close(first[key], second[key], rtol=0, atol=0, msg=key)
     run_dir = tmp_path / "run"
     assert sorted(p.name for p in run_dir.iterdir() if p.is_file()) == [
-        "best.pt", "config.yaml", "last.pt", "metrics.csv", "preprocessing.json"]
+        ".lock", "best.pt", "config.yaml", "last.pt", "metrics.csv", "preprocessing.json", "progress.png", "train.log"]
+    # One process writes the log: each epoch's summary appears once.
+    log = (run_dir / "train.log").read_text()
+    assert len(re.findall(r"^.*epoch 2\b.*loss", log, re.M)) == 1, log
     assert [r["epoch"] for r in csv.DictReader((run_dir / "metrics.csv").open())] == ["1", "2"]
     # The saved network is the one both processes trained.
     saved = checkpoint.load(run_dir / "last.pt")["model"]

@@ -77,7 +77,7 @@ def test_validation_buffers_follow_where_the_scores_are_blended():
     shape, patch = (200, 200, 100), (64, 64, 64)
     on_gpu = validation_buffer_bytes(shape, patch, 1, 5, 2, mirror=False, budget=80 * 2**30)
     mirrored = validation_buffer_bytes(shape, patch, 1, 5, 2, mirror=True, budget=80 * 2**30)
-    # A small budget: medseg.infer.aggregation_device blends on the host, the scores are not on the GPU.
+    # A small budget: medseg.device.aggregation_device blends on the host, the scores are not on the GPU.
     on_host = validation_buffer_bytes(shape, patch, 1, 5, 2, mirror=False, budget=64 * MiB)
     scores = 5 * math.prod(shape) * 4
     assert on_gpu - on_host >= scores and mirrored - on_gpu == 2 * scores

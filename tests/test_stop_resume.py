@@ -61,13 +61,13 @@ def _stopped(process: subprocess.Popen, run_dir: Path) -> str:
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 130, output
     assert "Traceback" not in output and "killed by signal" not in output, output
-    # Acknowledged (or, before training installs its handler, ended as by Ctrl-C).
-    assert "SIGTERM: stopping" in output or output.strip().endswith("interrupted"), output
+    # Acknowledged (or, before training installs its handler, ended at once).
+    assert "SIGTERM: stopping" in output or "stopped by SIGTERM while starting" in output, output
     if (run_dir / "last.pt").exists():
         state = checkpoint.load(run_dir / "last.pt")  # complete, whatever the moment
         assert -1 <= state["epoch"] and 0 <= state["steps_done"] <= STEPS
         assert state["schedule"]["steps"] == (state["epoch"] + 1) * STEPS + state["steps_done"]
-    if "stopped by SIGTERM" in output and "before training started" not in output:
+    if "stopped by SIGTERM" in output and "started" not in output and "starting" not in output:
         assert f"continue with: medseg train --resume {run_dir}" in output
     return output
 
@@ -89,7 +89,7 @@ def test_sigterm_to_the_process_group_at_ten_moments_then_resume_from_elsewhere(
     # moments 3-10: at seeded random delays after the start, from setting up to saving (from half a
     # second on: the interpreter's own start-up, before medseg runs, keeps SIGTERM's default).
     moments = [lambda: any(p.name.startswith(".last.pt.") for p in run_dir.iterdir())]
-    moments += [(lambda delay: lambda: time.monotonic() - started > delay)(chooser.uniform(0.5, 5.0)) for _ in range(8)]
+    moments += [(lambda delay: lambda: time.monotonic() - started > delay)(chooser.uniform(0.5, 4.0)) for _ in range(8)]
     for ready in moments:
         started = time.monotonic()
         process = _start(["--resume", str(run_dir)], cwd=tmp_path)

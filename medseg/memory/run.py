@@ -6,7 +6,7 @@ Besides the step (`medseg.memory.estimator.estimate`), `medseg train` on CUDA pl
 - the preprocessed training volumes, resident when they take at most a fifth of the budget (or of
   the GPU without one: `resident_allowance`, the rule `medseg.data.loader` passes to the sampler);
 - between epochs, validation: the network's inference activations for `validate.sw_batch_size`
-  windows, the volume on the GPU, the window outputs, and, where `medseg.infer.aggregation_device`
+  windows, the volume on the GPU, the window outputs, and, where `medseg.device.aggregation_device`
   blends on the GPU, the aggregated scores (`validation_buffer_bytes`), beside the parameters, the
   optimiser state and the ahead batch (gradients are freed between steps);
 - what none of these model: cuDNN's workspaces (allocated through the caching allocator), the
@@ -107,13 +107,13 @@ def validation_buffer_bytes(shape: Sequence[int], patch: Sequence[int], channels
     """GPU bytes of validating one volume of `shape` besides the network's own activations.
 
     The image on the GPU and its copy padded to at least the patch; each batch of windows'
-    float32 outputs and their Gaussian-weighted copy; and where `medseg.infer.aggregation_device`
+    float32 outputs and their Gaussian-weighted copy; and where `medseg.device.aggregation_device`
     blends on the GPU (for `budget`), the float32 score sums with their count map, with `mirror`
     the softmax of one flip and the running sum, and the argmax.
     """
     import torch
 
-    from medseg.infer import aggregation_device
+    from medseg.device import aggregation_device
 
     voxels = math.prod(shape)
     padded = math.prod(max(s, p) for s, p in zip(shape, patch))
