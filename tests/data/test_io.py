@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -294,14 +296,18 @@ def test_failed_write_keeps_existing_file(tmp_path: Path, monkeypatch: pytest.Mo
         write_nifti(np.ones(SHAPE, np.uint8), RAS_AFFINE, tmp_path / "missing" / "x.nii.gz")
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores directory permissions")
-def test_unwritable_directory(tmp_path: Path) -> None:
+def test_unwritable_directory(tmp_path: Path, monkeypatch) -> None:
     directory = tmp_path / "locked"
     directory.mkdir()
     path = directory / "label.nii.gz"
     write_nifti(np.ones(SHAPE, np.uint8), RAS_AFFINE, path)
     before = path.read_bytes()
     directory.chmod(0o500)
+    if os.geteuid() == 0:  # root ignores directory permissions: refuse the temporary file as the OS would
+        def refused(*args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied", kwargs.get("dir"))
+
+        monkeypatch.setattr(tempfile, "mkstemp", refused)
     try:
         with pytest.raises(DataError, match="label.nii.gz"):
             write_nifti(np.zeros(SHAPE, np.uint8), RAS_AFFINE, path)
