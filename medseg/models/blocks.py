@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from medseg.models.network import CHECKPOINTING_MODES
+
+if TYPE_CHECKING:
+    from medseg.models.unet import NetworkPlan
 
 __all__ = ["CheckpointedLevels", "ConvBlock", "DecoderStage", "KEEP_CONVOLUTIONS", "StagedNetwork",
            "checkpoint_keeping_convolutions", "decoder_stages", "init_weights",
@@ -90,9 +94,10 @@ def segmentation_heads(widths: tuple[int, ...], num_classes: int) -> nn.ModuleLi
 
 
 class StagedNetwork(nn.Module):
-    """An encoder-decoder network of stages: `encoder` (finest first), `decoder` and `heads` (deepest
-    first, from `decoder_stages` and `segmentation_heads`). Subclasses build these three lists and
-    call `_finish_init`; `_forward_selective` is their `selective` checkpointing.
+    """An encoder-decoder network of stages, built from a `medseg.models.unet.NetworkPlan`:
+    `encoder` (finest first; each stage from the subclass's `encoder_stage`), `decoder` and `heads`
+    (deepest first, from `decoder_stages` with `decoder_convs` convolutions a stage, and
+    `segmentation_heads`). `_forward_selective` is the subclass's `selective` checkpointing.
 
     `checkpointed_levels`: the finest levels that `stage` checkpointing covers. `per_sample`: a
     checkpointed stage is recomputed one sample at a time (instance and group norm keep samples
@@ -104,13 +109,32 @@ class StagedNetwork(nn.Module):
     decoder: nn.ModuleList
     heads: nn.ModuleList
 
-    def __init__(self, deep_supervision: bool, checkpointed_levels: CheckpointedLevels, per_sample: bool) -> None:
+    decoder_convs = 2
+
+    def __init__(self, in_channels: int, num_classes: int, plan: "NetworkPlan", norm: str = "instance",
+                 deep_supervision: bool = True, checkpointing: str = "off",
+                 checkpointed_levels: CheckpointedLevels = CheckpointedLevels(), per_sample: bool = True) -> None:
         super().__init__()
         self.deep_supervision = deep_supervision
         self.checkpointed_levels = checkpointed_levels
         self.per_sample = per_sample
         self.checkpointing = "off"
         self._recompile_limit: int | None = None  # set by compile_stages
+        self.plan = plan
+        self.encoder = nn.ModuleList()
+        channels = in_channels
+        for level, (width, kernel, stride) in enumerate(zip(plan.widths, plan.kernels, plan.strides)):
+            self.encoder.append(self.encoder_stage(level, channels, width, kernel, stride, norm))
+            channels = width
+        self.decoder = decoder_stages(plan.widths, plan.kernels, plan.strides, norm, convs=self.decoder_convs)
+        self.heads = segmentation_heads(plan.widths, num_classes)
+        self.set_checkpointing(checkpointing)
+        self.apply(init_weights)
+
+    def encoder_stage(self, level: int, in_channels: int, out_channels: int, kernel: Triple, stride: Triple,
+                      norm: str) -> nn.Module:
+        """Encoder stage `level` (0 = finest)."""
+        raise NotImplementedError
 
     def set_checkpointing(self, mode: str) -> None:
         """Switch activation checkpointing to `mode` (see the subclass for what each mode keeps)."""

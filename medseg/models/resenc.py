@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medseg.models.blocks import (CheckpointedLevels, ConvBlock, StagedNetwork, checkpoint_keeping_convolutions,
-                                  decoder_stages, init_weights, norm_layer, segmentation_heads)
+from medseg.models.blocks import CheckpointedLevels, ConvBlock, StagedNetwork, checkpoint_keeping_convolutions, norm_layer
 from medseg.models.unet import NetworkPlan
 
 __all__ = ["BLOCKS_PER_STAGE", "ResEncUNet", "ResidualBlock", "ResidualStage", "blocks_per_stage"]
@@ -90,28 +89,24 @@ class ResEncUNet(StagedNetwork):
     `checkpointed_levels` and `per_sample` as in `medseg.models.UNet3D`.
     """
 
+    decoder_convs = 1
+
     def __init__(self, in_channels: int, num_classes: int, plan: NetworkPlan, norm: str = "instance",
                  deep_supervision: bool = True, checkpointing: str = "off",
                  checkpointed_levels: CheckpointedLevels = CheckpointedLevels(), per_sample: bool = True) -> None:
-        super().__init__(deep_supervision, checkpointed_levels, per_sample)
-        self.plan = plan
-        widths = plan.widths
-        self.encoder = nn.ModuleList()
-        channels = in_channels
-        for level, (width, kernel, stride, blocks) in enumerate(
-                zip(widths, plan.kernels, plan.strides, blocks_per_stage(len(widths)))):
-            self.encoder.append(ResidualStage(channels, width, kernel, stride, norm, blocks, stem=level == 0))
-            channels = width
-        self.decoder = decoder_stages(widths, plan.kernels, plan.strides, norm, convs=1)
-        self.heads = segmentation_heads(widths, num_classes)
-        self.set_checkpointing(checkpointing)
-        self.apply(init_weights)
+        super().__init__(in_channels, num_classes, plan, norm, deep_supervision, checkpointing, checkpointed_levels,
+                         per_sample)
         for module in self.modules():
             if isinstance(module, ResidualBlock) and getattr(module.conv2[1], "weight", None) is not None:
                 # Each block starts as the identity on its residual path (nnU-Net and Goyal et
                 # al. 2017): deep stacks of blocks then train from the start like shallow ones.
                 nn.init.zeros_(module.conv2[1].weight)
                 nn.init.zeros_(module.conv2[1].bias)
+
+    def encoder_stage(self, level: int, in_channels: int, out_channels: int, kernel: Triple, stride: Triple,
+                      norm: str) -> nn.Module:
+        blocks = blocks_per_stage(len(self.plan.widths))[level]
+        return ResidualStage(in_channels, out_channels, kernel, stride, norm, blocks, stem=level == 0)
 
     def set_checkpointing(self, mode: str) -> None:
         """Choose what is recomputed in backward instead of being kept from forward.

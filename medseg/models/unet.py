@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from medseg.models.blocks import (CheckpointedLevels, ConvBlock, DecoderStage, StagedNetwork, checkpoint_keeping_convolutions,
-                                  decoder_stages, init_weights, segmentation_heads)
+                                  init_weights)
 from medseg.models.network import CHECKPOINTING_MODES
 
 __all__ = ["CHECKPOINTING_MODES", "CheckpointedLevels", "NetworkPlan", "UNet3D", "init_weights", "plan_network"]
@@ -110,21 +110,9 @@ class UNet3D(StagedNetwork):
     independent), which halves the backward's temporaries of the stage.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, plan: NetworkPlan, norm: str = "instance",
-                 deep_supervision: bool = True, checkpointing: str = "off",
-                 checkpointed_levels: CheckpointedLevels = CheckpointedLevels(), per_sample: bool = True) -> None:
-        super().__init__(deep_supervision, checkpointed_levels, per_sample)
-        self.plan = plan
-        widths = plan.widths
-        self.encoder = nn.ModuleList()
-        channels = in_channels
-        for width, kernel, stride in zip(widths, plan.kernels, plan.strides):
-            self.encoder.append(EncoderStage(channels, width, kernel, stride, norm))
-            channels = width
-        self.decoder = decoder_stages(widths, plan.kernels, plan.strides, norm, convs=2)
-        self.heads = segmentation_heads(widths, num_classes)
-        self.set_checkpointing(checkpointing)
-        self.apply(init_weights)
+    def encoder_stage(self, level: int, in_channels: int, out_channels: int, kernel: tuple[int, int, int],
+                      stride: tuple[int, int, int], norm: str) -> nn.Module:
+        return EncoderStage(in_channels, out_channels, kernel, stride, norm)
 
     def set_checkpointing(self, mode: str) -> None:
         """Choose what is recomputed in backward instead of being kept from forward.
