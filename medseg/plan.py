@@ -10,6 +10,7 @@ train computes for the same dataset without `data.spacing`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -146,9 +147,10 @@ def plan_warnings(dataset: DatasetInfo, summaries: Sequence[CaseSummary], cfg: c
 def unused_folders(dataset: DatasetInfo) -> list[str]:
     """The dataset's sub-folders no case reads from (a masks/ folder, say); imagesTs/, which holds
     images for inference, and hidden folders are not counted."""
-    used = {path for case in dataset.cases for path in case.images}
-    used |= {path.parent for case in dataset.cases for path in (*case.images, case.label) if path is not None}
-    return sorted(entry.name for entry in dataset.root.iterdir()
+    paths = [Path(os.path.abspath(p)) for case in dataset.cases for p in (*case.images, case.label) if p is not None]
+    used = set(paths) | {path.parent for path in paths}
+    root = Path(os.path.abspath(dataset.root))
+    return sorted(entry.name for entry in root.iterdir()
                   if entry.is_dir() and entry not in used and entry.name != "imagesTs"
                   and not entry.name.startswith("."))
 

@@ -186,3 +186,12 @@ def test_plan_warns_about_declared_classes_no_label_holds(tmp_path):
     warned = _warnings(result.output)
     assert "2 of the 3 classes dataset.json declares occur in no label file (tumour, vessel)" in warned
     assert "modality" not in warned
+
+
+def test_plan_of_a_relative_dataset_path_ignores_no_folder_it_reads(tmp_path, monkeypatch):
+    # The case paths are absolute; a dataset named relative to the working folder must still count
+    # imagesTr/ and labelsTr/ as used.
+    monkeypatch.chdir(ROOT)
+    result = runner.invoke(app, ["plan", "sample_data", "-o", str(tmp_path / "planned.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "ignored" not in _warnings(result.output), result.output
