@@ -385,7 +385,8 @@ def test_resume_removes_only_its_own_stale_temporaries(trained, tmp_path):
         (run / name).write_bytes(b"x" * 1000)
     (tmp_path / "target").write_text("kept")
     (run / ".link.abcdefgh.tmp").symlink_to(tmp_path / "target")  # removed, its target untouched
-    result = runner.invoke(app, ["train", "--resume", str(run)])
+    # Extended by an epoch: a finished run resumed as it is only says so.
+    result = runner.invoke(app, ["train", "--resume", str(run), "--set", "train.epochs=2"])
     assert result.exit_code == 0, result.output
     assert not [n for n in stale + [".link.abcdefgh.tmp"] if (run / n).exists() or (run / n).is_symlink()]
     assert all((run / n).is_file() for n in kept)
@@ -413,7 +414,7 @@ def test_second_process_on_a_locked_run_refuses(trained, tmp_path):
     with open(run / ".lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running `medseg train` holds it
         before = _tree(tmp_path)
-        result = runner.invoke(app, ["train", "--resume", str(run)])
+        result = runner.invoke(app, ["train", "--resume", str(run), "--set", "train.epochs=2"])
         _one_line_error(result, str(run), "another medseg process")
         assert _tree(tmp_path) == before
 
