@@ -61,3 +61,37 @@ def aggregation_device(device: torch.device, volume: torch.Tensor, num_classes: 
     score_bytes = num_classes * volume[0, 0].numel() * 4
     total = memory_bytes or torch.cuda.get_device_properties(device).total_memory
     return device if 2 * score_bytes <= total // 4 else torch.device("cpu")
+
+
+# Mapping class probabilities back onto an input's grid (medseg.infer), in bytes per voxel of that
+# grid. Fixed: the running best probability (float32), the label map (uint8), the mask of voxels a
+# class wins (bool) and the sampling grid (three float32 coordinates). Per class mapped at once: its
+# resampled values, their copy padded back to the uncropped grid, and the reoriented copy (float32).
+RESTORE_FIXED_BYTES = 4 + 1 + 1 + 3 * 4
+RESTORE_CLASS_BYTES = 3 * 4
+# Bytes of classes (float32 on the input's grid) mapped back at once. More classes per resampling call
+# save only that call's own overhead (the sampling grid, the metadata), small beside each class's
+# memory traffic, so chunks stop growing there: GPU memory stays bounded (about 6 GiB of working set
+# at this size) whatever the GPU has free. On the host: the chunk medseg has always used.
+RESTORE_GPU_CHUNK_BYTES = 2 << 30
+RESTORE_HOST_CHUNK_BYTES = 1 << 30
+
+
+def restore_device(device: torch.device, voxels: int, memory_bytes: int | None = None) -> tuple[torch.device, int]:
+    """Where to map class probabilities back onto an input's grid of `voxels` voxels, and how many
+    bytes of classes (float32 on that grid) to map at once: on the GPU `device` while the fixed
+    working set and one class fit in `memory_bytes` (default: half the GPU memory free now, counting
+    what PyTorch's cache holds unused), in chunks sized to what is left (at most
+    RESTORE_GPU_CHUNK_BYTES); on the host beyond that (chunks of RESTORE_HOST_CHUNK_BYTES), as on a
+    machine without a GPU. The host path is bounded by host memory alone, for any volume size."""
+    host = (torch.device("cpu"), RESTORE_HOST_CHUNK_BYTES)
+    if device.type != "cuda":
+        return host
+    if memory_bytes is None:
+        free, _ = torch.cuda.mem_get_info(device)
+        memory_bytes = (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)) // 2
+    voxels = max(int(voxels), 1)
+    classes = (memory_bytes - RESTORE_FIXED_BYTES * voxels) // (RESTORE_CLASS_BYTES * voxels)
+    if classes < 1:
+        return host
+    return device, 4 * voxels * max(1, min(classes, RESTORE_GPU_CHUNK_BYTES // (4 * voxels)))

@@ -6,6 +6,12 @@ preprocessing. Several checkpoints (the folds of a cross-validation) form an `En
 probabilities are averaged; the postprocessing chosen on the cross-validation is applied
 (`medseg.postprocessing`) and the label maps written in the format asked for (`medseg.outputs`). Each prediction is resampled back from the network's spacing and orientation with
 MONAI's inverse transforms, so the written label map has exactly the input's shape and geometry.
+
+With the model on a GPU, the work on the input's own grid runs there too while it fits
+(`medseg.device.restore_device`, one rule for both): preprocessing after the file is read, and
+mapping the class probabilities back, a few classes at a time, with the running best probability and
+the label map kept on the GPU. Beyond that (or without a GPU) both run on the host, as they always
+have; the label maps are the same either way (to float32 rounding).
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from __future__ import annotations
 import itertools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -24,7 +31,7 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from medseg.device import aggregation_device
+from medseg.device import aggregation_device, restore_device
 from medseg.errors import DataError, MedsegError, root_cause
 from medseg.postprocessing import keep_largest_component  # noqa: F401  (public here since the first release)
 
@@ -39,6 +46,9 @@ class Prediction:
     spacing: tuple[float, ...] = ()
     seconds: float = 0.0
     error: str | None = None
+    # Seconds of each stage: reading, preprocessing, network, restoring (onto the input's grid),
+    # writing; postprocessing and preview when asked for.
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -211,6 +221,11 @@ class Ensemble:
         """The members' common preprocessing (`medseg.data.transforms.Preprocessing`)."""
         return self.members[0].prep
 
+    @property
+    def device(self) -> torch.device:
+        """Where the members run (`from_model` puts them all on one device)."""
+        return self.members[0].device
+
     def class_names(self) -> list[str]:
         """Class names indexed by label value (0 = background)."""
         from medseg.data.cases import class_name
@@ -234,33 +249,35 @@ class Ensemble:
         return total if len(self.members) == 1 else total.div_(len(self.members))
 
     def segment(self, image: MetaTensor, chain: T.Compose, output: Path, options: Options = Options(),
-                source: Any = None) -> Path:
+                source: Any = None, stages: dict[str, float] | None = None) -> Path:
         """Predict one preprocessed image and write its label map on the input's own grid in
-        `options.fmt` (DICOM SEG: `source` is the DICOM input it references)."""
+        `options.fmt` (DICOM SEG: `source` is the DICOM input it references). `stages`, if given,
+        receives the seconds of each stage (network, restoring, writing, ...)."""
         from medseg.data.io import write_nifti
         from medseg.outputs import write_labels
 
-        probabilities = self.probabilities(image, options.overlap, options.mirror, options.sw_batch_size)
+        with _timed(stages, "network", self.device):
+            probabilities = self.probabilities(image, options.overlap, options.mirror, options.sw_batch_size)
         if options.preview:
             from medseg.reporting.preview import write_prediction_preview
 
-            write_prediction_preview(image, probabilities.argmax(0), self.class_names()[1:], output)
-        restored = None
-        if options.save_probabilities:  # all classes mapped back at once; the labels are their arg-max
-            mapped = _restore_grid(probabilities.cpu(), image, chain, nearest=False)
-            affine = np.asarray(mapped.affine, dtype=np.float64)
-            restored = mapped.as_tensor()
-            # Outside the cropped box the restored scores are all zero: that region is background.
-            restored[0] = 1 - restored[1:].sum(0)
-            labels = restored.argmax(0).to(torch.uint8).numpy()
-        else:
-            labels, affine = _restore_labels(probabilities, image, chain)
+            with _timed(stages, "preview"):
+                write_prediction_preview(image, probabilities.argmax(0), self.class_names()[1:], output)
+        with _timed(stages, "restoring"):
+            where, chunk_bytes = restore_device(self.device, _input_voxels(image))
+            restored = None
+            if options.save_probabilities:
+                labels, affine, restored = _restore_probabilities(probabilities, image, chain, chunk_bytes, where)
+            else:
+                labels, affine = _restore_labels(probabilities, image, chain, chunk_bytes, where)
         del probabilities
         if options.largest_component:
-            labels = keep_largest_component(labels, options.largest_component)
-        write_labels(labels, affine, output, options.fmt, source, self.class_names())
-        if restored is not None:
-            write_nifti(restored.movedim(0, -1).numpy().astype(np.float32), affine, probabilities_path(output))
+            with _timed(stages, "postprocessing"):
+                labels = keep_largest_component(labels, options.largest_component)
+        with _timed(stages, "writing"):
+            write_labels(labels, affine, output, options.fmt, source, self.class_names())
+            if restored is not None:
+                write_nifti(restored.movedim(0, -1).numpy().astype(np.float32), affine, probabilities_path(output))
         return output
 
 
@@ -332,11 +349,11 @@ def segment_inputs(ensemble: Ensemble, cases: Sequence[Any], out_dir: Path, opti
     a failing case is reported in its `error` and the others still run."""
     results = []
     written: dict[str, str] = {}
-    for index, (case, loaded) in enumerate(_prefetch(list(cases), ensemble)):
+    for index, (case, loaded, stages) in enumerate(_prefetch(list(cases), ensemble)):
         if on_start is not None:
             on_start(case.source, index, len(cases))
         started = time.perf_counter()
-        result = Prediction(case.source)
+        result = Prediction(case.source, stages=stages)
         output = output_path(out_dir, case, options.fmt)
         try:
             if output.name in written:
@@ -347,7 +364,7 @@ def segment_inputs(ensemble: Ensemble, cases: Sequence[Any], out_dir: Path, opti
             original_affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
             result.shape = tuple(int(n) for n in image.meta["spatial_shape"])
             result.spacing = tuple(float(s) for s in np.linalg.norm(original_affine[:3, :3], axis=0))
-            result.output = ensemble.segment(image, chain, output, options, case)
+            result.output = ensemble.segment(image, chain, output, options, case, stages)
         except MedsegError as exc:
             result.error = str(exc)
         except (RuntimeError, ValueError, OSError) as exc:
@@ -450,63 +467,133 @@ def predict_scores(model: nn.Module, image: torch.Tensor, patch_size: Sequence[i
     return total / len(flips)
 
 
-def _prefetch(cases: list, predictor: "Predictor | Ensemble") -> Iterator[tuple[Any, Future]]:
-    """Yield each case with a future of (preprocessed image, preprocessing chain); the next case
-    loads in a background thread while the caller predicts the current one."""
+def _prefetch(cases: list, predictor: "Predictor | Ensemble") -> Iterator[tuple[Any, Future, dict[str, float]]]:
+    """Yield each case with a future of (preprocessed image, preprocessing chain) and the dict that
+    receives its reading and preprocessing seconds; the next case loads in a background thread
+    while the caller predicts the current one."""
     if not cases:
         return
+    stages: list[dict[str, float]] = [{} for _ in cases]
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_load_case, cases[0], predictor)
+        pending = pool.submit(_load_case, cases[0], predictor, stages[0])
         for index, case in enumerate(cases):
             current = pending
             if index + 1 < len(cases):
-                pending = pool.submit(_load_case, cases[index + 1], predictor)
-            yield case, current
+                pending = pool.submit(_load_case, cases[index + 1], predictor, stages[index + 1])
+            yield case, current, stages[index]
 
 
-def _load_case(case: Any, predictor: "Predictor | Ensemble") -> tuple[MetaTensor, T.Compose]:
-    from medseg.data.transforms import preprocessing
-
+def _load_case(case: Any, predictor: "Predictor | Ensemble",
+               stages: dict[str, float] | None = None) -> tuple[MetaTensor, T.Compose]:
+    """Read and preprocess one input. The file is read on the host; the rest of the chain runs on
+    the predictor's GPU where `_preprocessing_device` allows (the inverse that maps the prediction
+    back reads the steps the image recorded, wherever they ran)."""
     from medseg.data.checks import check_image
+    from medseg.data.transforms import preprocessing
 
     check_image(case.images, case.series_uid)  # medseg's own message for a 2D or unusable header
     chain = preprocessing(predictor.prep, with_label=False, series_uid=case.series_uid)
+    read = 1 + next(i for i, step in enumerate(chain.transforms) if isinstance(step, T.LoadImaged))
     try:
-        image = chain(case.as_dict())["image"]
+        with _timed(stages, "reading"):
+            data = chain(case.as_dict(), end=read)
+        with _timed(stages, "preprocessing"):
+            data["image"] = data["image"].to(_preprocessing_device(predictor, data["image"]))
+            image = chain(data, start=read)["image"]
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         cause = root_cause(exc)
+        if isinstance(cause, torch.cuda.OutOfMemoryError):
+            raise cause from None  # not a problem of this input: segment_inputs lets it through
         if isinstance(cause, MedsegError):
             raise DataError(str(cause)) from None
         raise DataError(f"{case.source}: cannot read ({cause.__class__.__name__}: {_first_line(cause)})") from None
     if image.shape[0] != predictor.prep.channels:
         raise DataError(f"{case.source}: {image.shape[0]} channel(s), the model expects {predictor.prep.channels}")
-    if not torch.isfinite(image.as_tensor()).all():
+    with _timed(stages, "preprocessing"):
+        finite = bool(torch.isfinite(image.as_tensor()).all())
+    if not finite:
         # A NaN anywhere spreads through normalisation: the prediction would be all background.
         raise DataError(f"{case.source}: NaN or infinite intensities; fix or replace them before inference")
     return image, chain
 
 
+def _preprocessing_device(predictor: "Predictor | Ensemble", image: MetaTensor) -> torch.device:
+    """Where preprocessing runs after reading `image` (C, ...): where restoring would run
+    (`restore_device`) on the larger of the input's and the network's grids, if restoring could take
+    all C channels at once there. Preprocessing's working set per voxel of that grid (the image, its
+    reoriented and cropped copies, the sampling grid, the resampled image) is about restoring's."""
+    voxels = int(np.prod(image.shape[1:]))
+    spacing = [float(s) for s in image.pixdim]
+    network_voxels = voxels * float(np.prod(spacing)) / float(np.prod(predictor.prep.spacing))
+    size = max(voxels, int(network_voxels))
+    where, chunk_bytes = restore_device(predictor.device, size)
+    return where if chunk_bytes >= 4 * size * image.shape[0] else torch.device("cpu")
+
+
+def _input_voxels(image: MetaTensor) -> int:
+    """Voxels of the grid the input was read on (before cropping and resampling)."""
+    return int(np.prod([int(n) for n in image.meta["spatial_shape"]]))
+
+
+def _restored_chunks(probabilities: torch.Tensor, image: MetaTensor, chain: T.Compose, chunk_bytes: int,
+                     device: torch.device | str) -> Iterator[tuple[int, torch.Tensor, np.ndarray]]:
+    """(first class, its classes' values (k, ...) on `device` and on the input's grid, that grid's
+    affine) for each chunk of classes: at most `chunk_bytes` of them (float32 on the input's grid)
+    mapped back at once (one resampling call for several classes costs little more than for one)."""
+    step = max(1, chunk_bytes // (4 * _input_voxels(image)))
+    for start in range(0, probabilities.shape[0], step):
+        chunk = probabilities[start:start + step].to(device, torch.float32)
+        restored = _restore_grid(chunk, image, chain, nearest=False)
+        yield start, restored.as_tensor(), _affine(restored)
+
+
 def _restore_labels(probabilities: torch.Tensor, image: MetaTensor, chain: T.Compose,
-                    chunk_bytes: int = 1 << 30) -> tuple[np.ndarray, np.ndarray]:
+                    chunk_bytes: int = 1 << 30, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """The label map on the input's grid and that grid's affine: each class's probability mapped
     back (interpolated linearly where the grids differ), then the most probable class per voxel,
     as nnU-Net does. Mapping back the network grid's label map instead (nearest neighbour) would
-    give staircase boundaries wherever the grids differ. The classes are mapped back a few at a
-    time, at most `chunk_bytes` of them at once on the input's grid (one resampling call for
-    several classes costs little more than for one). Outside the box cropped before the network
-    every class restores to 0, and the tie goes to class 0, the background."""
-    first = _restore_grid(probabilities[:1].float().cpu(), image, chain, nearest=False)
-    best = first.as_tensor()[0].clone()
-    affine = np.asarray(first.affine, dtype=np.float64)
-    labels = torch.zeros(best.shape, dtype=torch.uint8)
-    step = max(1, chunk_bytes // (4 * best.numel()))
-    for start in range(1, probabilities.shape[0], step):
-        chunk = probabilities[start:start + step].float().cpu()
-        for offset, values in enumerate(_restore_grid(chunk, image, chain, nearest=False).as_tensor()):
-            better = values > best
-            best[better] = values[better]
-            labels[better] = start + offset
-    return labels.numpy(), affine
+    give staircase boundaries wherever the grids differ. The classes are mapped back on `device` a
+    few at a time (`_restored_chunks`), with the running best probability and the labels kept
+    there. Outside the box cropped before the network every class restores to 0, and the tie goes
+    to class 0, the background (strictly better classes win: the arg-max of all classes at once)."""
+    best = labels = affine = None
+    for start, values, affine in _restored_chunks(probabilities, image, chain, chunk_bytes, device):
+        if best is None:
+            best = torch.full(values.shape[1:], -torch.inf, dtype=torch.float32, device=values.device)
+            labels = torch.zeros(values.shape[1:], dtype=torch.uint8, device=values.device)
+        for offset, class_values in enumerate(values):
+            better = class_values > best
+            labels.masked_fill_(better, start + offset)
+            torch.where(better, class_values, best, out=best)
+    assert labels is not None and affine is not None
+    return _host_labels(labels), affine
+
+
+def _restore_probabilities(probabilities: torch.Tensor, image: MetaTensor, chain: T.Compose, chunk_bytes: int,
+                           device: torch.device | str) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """Labels, affine and every class's probability (K, ...) on the input's grid, in host memory
+    (for `--save-probabilities`); mapped back in chunks as `_restore_labels` maps them. Outside the
+    cropped box the restored probabilities are all zero: that region is background (class 0 takes
+    what the others leave), and the labels are the arg-max."""
+    restored = affine = None
+    for start, values, affine in _restored_chunks(probabilities, image, chain, chunk_bytes, device):
+        if restored is None:
+            restored = torch.empty((probabilities.shape[0], *values.shape[1:]), dtype=torch.float32)
+        restored[start:start + len(values)] = values.cpu()
+    assert restored is not None and affine is not None
+    restored[0] = 1 - restored[1:].sum(0)
+    return _host_labels(restored.argmax(0).to(torch.uint8)), affine, restored
+
+
+def _host_labels(labels: torch.Tensor) -> np.ndarray:
+    """`labels` (x, y, z) as a host array in NIfTI's own (Fortran) order, transposed where they are
+    (on the GPU: at no cost), so that writing them is a plain copy."""
+    return labels.permute(2, 1, 0).contiguous().cpu().numpy().transpose(2, 1, 0)
+
+
+def _affine(image: MetaTensor) -> np.ndarray:
+    """The 4x4 affine of `image` as float64 on the host (resampling on a GPU may leave it there)."""
+    return torch.as_tensor(image.affine).detach().cpu().numpy().astype(np.float64)
 
 
 def _restore_grid(values: torch.Tensor, image: MetaTensor, chain: T.Compose, nearest: bool) -> MetaTensor:
@@ -514,6 +601,19 @@ def _restore_grid(values: torch.Tensor, image: MetaTensor, chain: T.Compose, nea
     prediction = MetaTensor(values, meta=dict(image.meta))
     inverter = T.Invertd("prediction", transform=chain, orig_keys="image", nearest_interp=nearest)
     return inverter({"image": image, "prediction": prediction})["prediction"]
+
+
+@contextmanager
+def _timed(stages: dict[str, float] | None, name: str, device: torch.device | None = None) -> Iterator[None]:
+    """Add the seconds the block takes to `stages[name]` (when `stages` is given); with a CUDA
+    `device`, the work the block queued there is waited for first, so it counts in this stage."""
+    started = time.perf_counter()
+    yield
+    if stages is None:
+        return
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    stages[name] = stages.get(name, 0.0) + time.perf_counter() - started
 
 
 def _make_output_folder(out_dir: Path) -> None:
