@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from medseg.errors import MedsegError, TrainingInterrupted
+from medseg.errors import MedsegError, StopSignal, TrainingInterrupted
 
 app = typer.Typer(
     help="Train 3D medical image segmentation networks and run them on new scans.",
@@ -404,7 +404,7 @@ class _user_errors:
         from rich.markup import escape
         from typer.main import get_current_context
 
-        if isinstance(error, TrainingInterrupted):
+        if isinstance(error, (TrainingInterrupted, StopSignal)):
             errors.print(f"interrupted: {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=130)
         if isinstance(error, MedsegError):

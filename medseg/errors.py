@@ -21,6 +21,13 @@ class TrainingInterrupted(MedsegError):
     """SIGINT/SIGTERM stopped training after a checkpoint was saved; the message says how to resume."""
 
 
+class StopSignal(BaseException):
+    """SIGINT/SIGTERM ended a command at once, raised from the signal handler wherever the program
+    was (an import, a reader, a library's loop): a BaseException, so that no `except Exception` on
+    the way (MONAI's optional imports have one) swallows the stop. The message says what was kept.
+    The CLI prints it like TrainingInterrupted, exit code 130."""
+
+
 def _chain(error: BaseException) -> list[BaseException]:
     """`error`, then the exception it was raised from or during, and so on."""
     chain: list[BaseException] = []

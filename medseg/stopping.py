@@ -5,7 +5,7 @@ while a checkpoint is written lets the write finish. Where training is at decide
 means, and the acknowledgement says it:
 
 - setting up (reading and caching the data, before the first step): nothing is saved yet, the
-  run ends at once (`TrainingInterrupted` raised from the handler);
+  run ends at once (`StopSignal` raised from the handler);
 - training: the current step finishes, then the run saves a checkpoint and ends;
 - validating: validation is abandoned before its next case; the epoch's training is saved;
 - saving: the checkpoint being written is finished, then the run ends.
@@ -17,6 +17,7 @@ doing; the files written so far stay complete because every write is atomic.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shlex
 import signal
@@ -25,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from medseg.errors import TrainingInterrupted
+from medseg.errors import StopSignal
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -38,7 +39,7 @@ _ACKNOWLEDGEMENTS = {
 }
 
 
-class StoppedAtOnce(TrainingInterrupted):
+class StoppedAtOnce(StopSignal):
     """A second SIGINT or SIGTERM: the run ended without saving; earlier checkpoints are complete."""
 
 
@@ -48,9 +49,9 @@ class StopRequests:
     acknowledgement (stderr by default); `stage` (set with `during`) is where training is;
     `run_dir`, once set, is named in the message of a second signal.
 
-    Processes forked meanwhile inherit the handler; there it does what the signal did before, except
-    that SIGINT is ignored (the training process shuts its children down): a terminal's Ctrl-C
-    reaches the whole process group. DataLoader workers ignore both (`ignore_in_worker`).
+    Processes forked meanwhile inherit the handler; there SIGINT is ignored (a terminal's Ctrl-C
+    reaches the whole process group; the training process shuts its children down) and SIGTERM
+    ends the process at once (`_as_a_child`). DataLoader workers ignore both (`ignore_in_worker`).
     """
 
     def __init__(self, notify: Callable[[str], None] | None = None) -> None:
@@ -99,7 +100,7 @@ class StopRequests:
         self.reason = name
         self.notify(_ACKNOWLEDGEMENTS[self.stage].format(signal=name))
         if self.stage == "setup":
-            raise TrainingInterrupted(f"stopped by {name} before training started; nothing was saved")
+            raise StopSignal(f"stopped by {name} before training started; nothing was saved")
 
     def _left(self) -> str:
         if self.run_dir is not None and (self.run_dir / "last.pt").is_file():
@@ -107,17 +108,7 @@ class StopRequests:
         return "no checkpoint was written yet"
 
     def _in_child(self, number: int, frame: Any) -> None:
-        # A forked helper (a case-reading pool) keeps SIGTERM's previous meaning, so that its pool
-        # can terminate it; the training process deals with Ctrl-C.
-        if number == signal.SIGINT:
-            return
-        previous = self._previous.get(number, signal.SIG_DFL)
-        if callable(previous):
-            previous(number, frame)
-            return
-        signal.signal(number, previous)
-        if previous == signal.SIG_DFL:
-            os.kill(os.getpid(), number)
+        _as_a_child(number)
 
 
 def ignore_in_worker(*_: Any) -> None:
@@ -143,13 +134,14 @@ def signals_blocked() -> Iterator[None]:
 @contextlib.contextmanager
 def stopping_while_starting() -> Iterator[None]:
     """In the block (in the main thread), SIGINT and SIGTERM end the command at once with
-    `TrainingInterrupted` (exit code 130): for the start of `medseg train`, before `StopRequests`
-    takes over. Not KeyboardInterrupt: one raised inside the code torch runs while it is imported
-    makes Python end with SIGINT even after it was caught. The previous handling is restored after."""
+    `StopSignal` (exit code 130): for the start of `medseg train`, before `StopRequests` takes
+    over. Not KeyboardInterrupt: one raised inside the code torch runs while it is imported makes
+    Python end with SIGINT even after it was caught. The previous handling is restored after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, _end_while_starting) for sig in SIGNALS}
+    handler = functools.partial(_end_while_starting, os.getpid())
+    previous = {sig: signal.signal(sig, handler) for sig in SIGNALS}
     try:
         yield
     finally:
@@ -157,8 +149,22 @@ def stopping_while_starting() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _end_while_starting(number: int, frame: Any) -> None:
-    raise TrainingInterrupted(f"stopped by {signal.Signals(number).name} while starting; nothing was saved")
+def _end_while_starting(owner: int, number: int, frame: Any) -> None:
+    if os.getpid() != owner:  # a process forked meanwhile
+        _as_a_child(number)
+        return
+    raise StopSignal(f"stopped by {signal.Signals(number).name} while starting; nothing was saved")
+
+
+def _as_a_child(number: int) -> None:
+    """A process forked with medseg's handler installed (a helper the training process shuts
+    down): Ctrl-C, which a terminal sends to the whole process group, is ignored; SIGTERM ends it
+    at once, quietly, as if no handler had been installed. Never an exception: raised inside the
+    child's own start-up or a queue's lock it would leave its pool waiting forever."""
+    if number == signal.SIGINT:
+        return
+    signal.signal(number, signal.SIG_DFL)
+    os.kill(os.getpid(), number)
 
 
 def resume_command(run_dir: Path) -> str:

@@ -247,3 +247,49 @@ def test_a_process_forked_during_training_ignores_sigint_and_ends_on_sigterm():
         assert not stop()  # the parent was not asked to stop
         signal.raise_signal(signal.SIGTERM)  # the parent itself: a stop request, not the end
         assert stop() and stop.reason == "SIGTERM"
+
+
+def test_a_stop_while_starting_is_not_swallowed_by_a_library_and_spares_forked_children():
+    # Raised from the handler wherever the program is: a library's `except Exception` (MONAI's
+    # optional imports have one) must not swallow it, and a child forked meanwhile (a reading
+    # pool) dies quietly of SIGTERM instead of raising it inside its own start-up.
+    from medseg.errors import StopSignal
+    from medseg.stopping import stopping_while_starting
+
+    before = signal.getsignal(signal.SIGTERM)
+    ready_read, ready_write = os.pipe()
+    with pytest.raises(StopSignal, match="SIGTERM while starting"), stopping_while_starting():
+        child = os.fork()
+        if child == 0:
+            os.write(ready_write, b"1")
+            time.sleep(60)
+            os._exit(0)
+        assert os.read(ready_read, 1) == b"1"
+        os.kill(child, signal.SIGTERM)
+        _, status = os.waitpid(child, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except Exception:  # what a library does around an optional import
+            pass
+    assert signal.getsignal(signal.SIGTERM) == before  # the previous handling is back
+
+
+def _read_slowly(item: int) -> int:
+    time.sleep(0.2)
+    return item
+
+
+def test_a_reading_process_killed_by_sigterm_is_an_error_not_a_hang():
+    # SIGTERM to the whole process group reaches the processes that read the cases; one that dies
+    # must end the reading with an error (the pool never waits for it).
+    from medseg.data.io import map_cases
+
+    def kill_one_child(item: int) -> int:
+        if item == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # in the child: the default action ends it
+        return _read_slowly(item)
+
+    with pytest.raises(MemoryError, match="a process reading the cases died"):
+        map_cases(kill_one_child, list(range(12)), workers=2)
+    assert map_cases(_read_slowly, list(range(6)), workers=2) == list(range(6))

@@ -21,7 +21,8 @@ import signal
 import sys
 import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Union
@@ -36,6 +37,7 @@ from medseg.data.datafiles import check_data_files
 from medseg.data.grid import grid_difference
 from medseg.errors import DataError
 from medseg.files import atomic_write
+from medseg.stopping import SIGNALS, signals_blocked
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -292,10 +294,20 @@ def map_cases(function: Callable[[Any], Any], items: Sequence[Any], workers: int
             return list(pool.map(function, items))
     global _FORKED_FUNCTION
     _FORKED_FUNCTION = function
+    pool = None
     try:
-        with multiprocessing.get_context("fork").Pool(workers, _one_torch_thread) as pool:
-            return pool.map(_call_forked, items, chunksize=max(1, len(items) // (4 * workers)))
+        # The children are forked here with SIGINT and SIGTERM held back until `_start_child` has
+        # set what they do (a stop request is the parent's to handle).
+        with signals_blocked():
+            pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), initializer=_start_child)
+            results = pool.map(_call_forked, items, chunksize=max(1, len(items) // (4 * workers)))
+        return list(results)
+    except BrokenProcessPool:
+        raise MemoryError("a process reading the cases died (killed, or out of memory)") from None
     finally:
+        if pool is not None:
+            # On an error or a stop, the cases not begun are dropped; the children then exit.
+            pool.shutdown(wait=True, cancel_futures=True)
         _FORKED_FUNCTION = None
 
 
@@ -416,7 +428,7 @@ def _call_forked(item: Any) -> Any:
     return _FORKED_FUNCTION(item)
 
 
-def _one_torch_thread() -> None:
+def _start_child() -> None:
     # One intra-op thread per child: the children already use the cores, and on small volumes
     # OpenMP's start-up per operator costs more than the work (2 processes of 2 threads each took
     # 23 s for the hippocampus cache on 2 cores, of one thread each 4.5 s). Reductions (the
@@ -425,10 +437,11 @@ def _one_torch_thread() -> None:
     if torch is not None:
         torch.set_num_threads(1)
     # The parent's stop handlers (training's SIGINT/SIGTERM requests) must not survive the fork:
-    # Pool.terminate() ends its children with SIGTERM while holding their task queue's lock, so a
-    # child that catches SIGTERM waits for that lock forever and the pool's join never returns.
+    # SIGTERM (a scheduler's, to the whole process group) ends a child at once; Ctrl-C, which a
+    # terminal also sends to the whole group, is the parent's to handle.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent handles it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
 def _check_size(name: str, shape: Sequence[int], channels: int) -> None:
