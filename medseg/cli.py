@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from medseg.errors import MedsegError, StopSignal, TrainingInterrupted
+from medseg.stopping import stopping_at_once
 
 app = typer.Typer(
     help="Train 3D medical image segmentation networks and run them on new scans.",
@@ -44,6 +45,9 @@ def _main(
 ) -> None:
     """Train 3D medical image segmentation networks and run them on new scans."""
     ctx.meta[_DEBUG] = debug
+    # SIGTERM (a scheduler's) ends any command as Ctrl-C does: exit code 130, no traceback; every
+    # file medseg writes is renamed into place complete, so what was written before stays whole.
+    ctx.with_resource(stopping_at_once("; the files written before it are complete"))
     # Under an ASCII locale a "×" in a table must not end a training run with UnicodeEncodeError.
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
@@ -94,11 +98,9 @@ def train(
             arguments += ["--resume", str(resume)]
         torchrun(["--standalone", "--nproc-per-node", str(gpus), "-m", "medseg", "train", *arguments])
         return
-    from medseg.stopping import stopping_while_starting
-
     # Until training installs its stop handler (medseg.stopping), SIGINT and SIGTERM end the
     # command at once: exit code 130, no traceback.
-    with _user_errors(), stopping_while_starting():
+    with _user_errors(), stopping_at_once("while starting; nothing was saved"):
         from medseg import config as config_module
         from medseg.train import train as run_training
 

@@ -132,15 +132,16 @@ def signals_blocked() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def stopping_while_starting() -> Iterator[None]:
+def stopping_at_once(moment: str) -> Iterator[None]:
     """In the block (in the main thread), SIGINT and SIGTERM end the command at once with
-    `StopSignal` (exit code 130): for the start of `medseg train`, before `StopRequests` takes
-    over. Not KeyboardInterrupt: one raised inside the code torch runs while it is imported makes
-    Python end with SIGINT even after it was caught. The previous handling is restored after."""
+    `StopSignal` ("stopped by SIGTERM {moment}"; exit code 130): for every command, and for the
+    start of `medseg train` before `StopRequests` takes over. Not KeyboardInterrupt: one raised
+    inside the code torch runs while it is imported makes Python end with SIGINT even after it was
+    caught. The previous handling is restored after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    handler = functools.partial(_end_while_starting, os.getpid())
+    handler = functools.partial(_end_at_once, os.getpid(), moment)
     previous = {sig: signal.signal(sig, handler) for sig in SIGNALS}
     try:
         yield
@@ -149,11 +150,11 @@ def stopping_while_starting() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _end_while_starting(owner: int, number: int, frame: Any) -> None:
+def _end_at_once(owner: int, moment: str, number: int, frame: Any) -> None:
     if os.getpid() != owner:  # a process forked meanwhile
         _as_a_child(number)
         return
-    raise StopSignal(f"stopped by {signal.Signals(number).name} while starting; nothing was saved")
+    raise StopSignal(f"stopped by {signal.Signals(number).name} {moment}")
 
 
 def _as_a_child(number: int) -> None:

@@ -254,11 +254,11 @@ def test_a_stop_while_starting_is_not_swallowed_by_a_library_and_spares_forked_c
     # optional imports have one) must not swallow it, and a child forked meanwhile (a reading
     # pool) dies quietly of SIGTERM instead of raising it inside its own start-up.
     from medseg.errors import StopSignal
-    from medseg.stopping import stopping_while_starting
+    from medseg.stopping import stopping_at_once
 
     before = signal.getsignal(signal.SIGTERM)
     ready_read, ready_write = os.pipe()
-    with pytest.raises(StopSignal, match="SIGTERM while starting"), stopping_while_starting():
+    with pytest.raises(StopSignal, match="SIGTERM while starting"), stopping_at_once("while starting"):
         child = os.fork()
         if child == 0:
             os.write(ready_write, b"1")

@@ -291,3 +291,27 @@ def test_boolean_options_show_as_flags_in_help(command):
     for option in options:
         if isinstance(option, click.Option) and option.is_flag:
             assert option.opts[0] in result.output  # listed, as the bare flag
+
+
+def test_sigterm_to_the_process_group_of_infer_keeps_only_whole_outputs(tmp_path_factory, tmp_path):
+    # Every command, not only train: SIGTERM ends it as Ctrl-C does (exit 130, one line), and what
+    # it wrote before is complete while nothing half-written is left.
+    import nibabel as nib
+
+    from tests.trained_run import SAMPLE, trained_run
+
+    run = trained_run(tmp_path_factory)
+    out = tmp_path / "predictions"
+    process = subprocess.Popen([sys.executable, "-m", "medseg", "infer", str(run / "best.pt"), str(SAMPLE / "imagesTr"),
+                                "-o", str(out), "--mirror", "--device", "cpu"], cwd=tmp_path, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace",
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"})
+    _signal_when(process, lambda: out.is_dir() and any(p.name.endswith(".nii.gz") for p in out.iterdir()))
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 130, output
+    assert "stopped by SIGTERM" in output and "Traceback" not in output, output
+    written = sorted(out.iterdir())
+    assert written and all(p.name.endswith(".nii.gz") and not p.name.startswith(".") for p in written), written
+    for path in written:  # each one whole, on its input's grid
+        source = nib.load(SAMPLE / "imagesTr" / path.name)
+        assert nib.load(path).get_fdata().shape == source.shape[:3]
