@@ -95,9 +95,10 @@ def is_input_error(error: BaseException) -> bool:
 
 
 def _innermost(error: BaseException) -> BaseException:
-    # A worker process's error arrives raised from a RemoteTraceback holding the worker's
-    # traceback as text: the error itself is the one to name.
-    chain = [e for e in _chain(error) if type(e).__name__ != "RemoteTraceback"]
+    # A worker process's error arrives raised from a RemoteTraceback (multiprocessing's; the
+    # _RemoteTraceback of concurrent.futures) holding the worker's traceback as text: the error
+    # itself is the one to name.
+    chain = [e for e in _chain(error) if type(e).__name__.lstrip("_") != "RemoteTraceback"]
     return chain[-1] if chain else error
 
 
