@@ -10,6 +10,11 @@ When ``reader=`` is given, MONAI does *not* pick a reader by suffix: it calls ``
 registered reader, newest first, and keeps the first that does not raise. :class:`SimpleITKReader`
 is therefore tried first and refuses (raises) anything that is not one of its formats, so NIfTI
 falls through to ``NibabelReader``.
+
+Both return their array in C order, cast to their `dtype` in the same single pass
+(:func:`medseg.data.io.c_order`). ``LoadImage`` would otherwise cast the file's array (x fastest)
+to its dtype and then make it C-ordered for torch in a second, cache-missing copy; given the array
+as it wants it, it copies nothing. The values are those of that two-step path, element for element.
 """
 
 from __future__ import annotations
@@ -18,13 +23,33 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from monai.data import ImageReader, NibabelReader
+from monai.data import ImageReader
+from monai.data import NibabelReader as MonaiNibabelReader
 from monai.utils import MetaKeys, SpaceKeys
 
-from medseg.data.io import PathLike, as_paths, is_sitk_path, sitk_read, sitk_volume, stack_channels
+from medseg.data.io import PathLike, as_paths, c_order, is_sitk_path, sitk_read, sitk_volume, stack_channels
 from medseg.errors import DataError, doing
 
-__all__ = ["SimpleITKReader", "readers"]
+__all__ = ["NibabelReader", "SimpleITKReader", "readers"]
+
+
+class NibabelReader(MonaiNibabelReader):
+    """MONAI's ``NibabelReader`` (same files, meta and values), its array in C order and cast to
+    `dtype` (None: the stored dtype, as nibabel gives it) in one pass.
+
+    Args:
+        dtype: the dtype ``LoadImage`` converts to (its ``dtype``), so that it has nothing left to do.
+        kwargs: MONAI's ``NibabelReader`` arguments.
+    """
+
+    def __init__(self, dtype: np.dtype | type | str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.dtype = dtype
+
+    def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
+        """MONAI's ``get_data``, its array in C order and of `dtype`."""
+        array, meta = super().get_data(img)
+        return c_order(array, self.dtype), meta
 
 
 class SimpleITKReader(ImageReader):
@@ -38,11 +63,13 @@ class SimpleITKReader(ImageReader):
     Args:
         series_uid: SeriesInstanceUID to read when a DICOM directory holds several series.
             Without it such a directory is refused with a DataError.
+        dtype: the array's dtype (None: the stored one); it comes in C order, cast in one pass.
     """
 
-    def __init__(self, series_uid: str | None = None) -> None:
+    def __init__(self, series_uid: str | None = None, dtype: np.dtype | type | str | None = None) -> None:
         super().__init__()
         self.series_uid = series_uid
+        self.dtype = dtype
 
     def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
         """Return True if every given path is an NRRD/MetaImage file or a (DICOM) directory."""
@@ -77,14 +104,16 @@ class SimpleITKReader(ImageReader):
             MetaKeys.SPACE: SpaceKeys.RAS,
             MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan") if channel_dim is None else channel_dim,
         }
-        return array, meta
+        return c_order(array, self.dtype), meta
 
 
-def readers(series_uid: str | None = None) -> list[ImageReader]:
-    """Readers for ``LoadImaged(keys, reader=readers())``.
+def readers(series_uid: str | None = None, dtype: np.dtype | type | str | None = None) -> list[ImageReader]:
+    """Readers for ``LoadImaged(keys, reader=readers(dtype=...))``.
 
     MONAI tries the given readers last-to-first; the SimpleITK reader refuses NIfTI, which then
     goes to nibabel, exactly as ``LoadImaged`` without ``reader=`` would load it. `series_uid`
-    picks one DICOM series in a directory that holds several.
+    picks one DICOM series in a directory that holds several. `dtype`: give ``LoadImaged``'s, so
+    that the readers convert to it while they reorder (None: the stored dtypes; LoadImaged then
+    casts those itself).
     """
-    return [NibabelReader(), SimpleITKReader(series_uid=series_uid)]
+    return [NibabelReader(dtype=dtype), SimpleITKReader(series_uid=series_uid, dtype=dtype)]

@@ -17,6 +17,9 @@ from monai.config import KeysCollection
 
 from medseg.data.readers import readers
 
+# What every volume is loaded as (LoadImaged's default), images and labels alike.
+LOADED_DTYPE = np.float32
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -79,8 +82,10 @@ def load(keys: tuple[str, ...] = ("image", "label"), series_uid: str | None = No
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
-        loader = T.LoadImaged(keys, reader=readers(series_uid), image_only=True, ensure_channel_first=True,
-                              allow_missing_keys=True)
+        # The readers cast to LoadImaged's dtype while they reorder the voxels into C order, the one
+        # copy of reading (medseg.data.readers); LoadImaged then has nothing left to convert.
+        loader = T.LoadImaged(keys, reader=readers(series_uid, dtype=LOADED_DTYPE), dtype=LOADED_DTYPE,
+                              image_only=True, ensure_channel_first=True, allow_missing_keys=True)
     return [
         loader,
         T.Orientationd(keys, axcodes="RAS", labels=None, allow_missing_keys=True),
