@@ -37,7 +37,7 @@ def main() -> None:
         for s in args.common + sets:
             command += ["--set", s]
         args.out.mkdir(parents=True, exist_ok=True)
-        log = open(args.out / f"{name}.log", "w")
+        log = open(args.out / f"{name}.log", "w", encoding="utf-8")
         runs[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), spec, time.time())
     print(f"{'variant':<12} {'rc':>3} {'wall s':>7} {'steps':>6} {'Dice':>7}  per class            overrides")
     for name, (process, spec, started) in runs.items():
@@ -54,7 +54,7 @@ def main() -> None:
 def _metrics(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         return []
-    with path.open() as f:
+    with path.open(encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 

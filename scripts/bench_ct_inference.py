@@ -108,7 +108,7 @@ def infer_child(args: argparse.Namespace, work: Path, image: Path, affine: np.nd
     if subprocess.run(command).returncode != 0:
         sys.exit(f"inference with {classes} classes failed (see above)")
     process_s = time.perf_counter() - started
-    run = json.loads(result.read_text())
+    run = json.loads(result.read_text(encoding="utf-8"))
     run["process_s"] = round(process_s, 2)  # the child's whole life: interpreter, imports, total
     written = nib.load(run.pop("output"))
     run["classes"] = classes

@@ -175,7 +175,7 @@ def run_step(name: str, command: Sequence[str], logs: Path) -> float:
     with log.open("w", encoding="utf-8") as stream:
         # Rich wraps at 80 columns when it does not write to a terminal: wider keeps paths on one line.
         env = {**os.environ, "COLUMNS": os.environ.get("COLUMNS", "160")}
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8",
                                    errors="replace", env=env)
         assert process.stdout is not None
         for line in process.stdout:

@@ -179,7 +179,7 @@ def main() -> None:
         # A fresh process per budget: the memory fraction, the peaks and the caches start clean.
         command = [sys.executable, __file__, config_path, "--one", str(budget), "--steps", str(args.steps),
                    "--out", str(out), *(f"--set={item}" for item in args.overrides)]
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace")
         sys.stderr.write(done.stderr[-4000:])
         found = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
         rows.append(json.loads(found[-1]) if found else {"budget_gib": budget,

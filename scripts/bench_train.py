@@ -432,7 +432,7 @@ def dataset_channels(path: Path) -> tuple[int, int]:
     description = path / "dataset.json"
     if not description.is_file():
         return 1, 3
-    info = json.loads(description.read_text())
+    info = json.loads(description.read_text(encoding="utf-8"))
     modality = info.get("modality") or info.get("channel_names") or {"0": ""}
     return len(modality), len(info.get("labels") or {"0": 0, "1": 1, "2": 2})
 
@@ -474,7 +474,7 @@ def part2(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
                 print(f"medseg train failed (exit {done.returncode})")
                 rows.append({"dataset": str(path), "status": f"train failed ({done.returncode})"})
                 continue
-            with metrics.open() as stream:
+            with metrics.open(encoding="utf-8") as stream:
                 history = list(csv.DictReader(stream))
         later = history[1:] or history  # the first epoch includes compilation
         seconds = sum(float(r["train_seconds"]) for r in later)

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     for kind in args.kinds:
         for mode in args.modes:
             done = subprocess.run([sys.executable, __file__, "--patch", str(args.patch), "--batch", str(args.batch),
-                                   "--one", mode, kind], env=env, capture_output=True, text=True)
+                                   "--one", mode, kind], env=env, capture_output=True, encoding="utf-8", errors="replace")
             if done.returncode != 0:
                 print(f"{mode} {kind}: failed: {done.stderr.strip().splitlines()[-1:]}")
                 continue

@@ -19,7 +19,7 @@ def test_variants_are_trained_and_tabulated(tmp_path):
         [sys.executable, str(ROOT / "scripts" / "ablate_recipe.py"), str(ROOT / "configs" / "sample.yaml"), str(out),
          "plain", "other:train.seed=1,train.lr=0.02", "--set", "train.epochs=1", "--set", "train.iterations_per_epoch=2",
          "--set", f"data.dataset={ROOT / 'sample_data'}", "--set", "train.workers=0", *TINY],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
@@ -27,7 +27,7 @@ def test_variants_are_trained_and_tabulated(tmp_path):
     for name, row in rows.items():
         assert row[1] == "0" and 0.0 <= float(row[4]) <= 1.0, row
         assert (out / name / "metrics.csv").is_file()
-    config = (out / "other" / "config.yaml").read_text()
+    config = (out / "other" / "config.yaml").read_text(encoding="utf-8")
     assert "seed: 1" in config and "lr: 0.02" in config
 
 
@@ -38,7 +38,7 @@ def test_nnunet_network_variant_trains_in_medseg_loop(tmp_path):
          str(tmp_path / "ablation"), "nn:model.arch=nnunet-plain", "--set", "train.epochs=1",
          "--set", "train.iterations_per_epoch=2", "--set", f"data.dataset={ROOT / 'sample_data'}",
          "--set", "train.workers=0", *TINY],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     row = result.stdout.splitlines()[1].split()

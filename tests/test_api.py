@@ -49,7 +49,7 @@ def scan(tmp_path) -> Path:
 
 def test_import_is_cheap_and_names_the_api():
     code = "import sys, medseg; print('torch' in sys.modules, sorted(set(medseg.__all__)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", errors="replace", check=True).stdout
     assert out.split(" ", 1)[0] == "False"
     assert "Segmenter" in out and "train" in out and "evaluate" in out
     assert callable(train) and callable(evaluate) and medseg.Segmenter is Segmenter

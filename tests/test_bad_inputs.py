@@ -124,7 +124,7 @@ def test_truncated_nifti(tmp_path):
 
 def test_text_file_named_nifti(tmp_path):
     case = _case(tmp_path)
-    case.images[0].write_text("this is not an image\n")
+    case.images[0].write_text("this is not an image\n", encoding="utf-8")
     _assert_names(_raises(case), case.images[0], "cannot read")
 
 
@@ -307,7 +307,7 @@ def test_check_dataset_good_returns_summaries_in_order(tmp_path):
 def test_check_dataset_collects_all_problems(tmp_path, workers):
     root = _make_dataset(tmp_path / "ds", cases=4)
     bad_image = root / "imagesTr" / "case_001.nii.gz"
-    bad_image.write_text("not an image")
+    bad_image.write_text("not an image", encoding="utf-8")
     _nifti(root / "labelsTr" / "case_002.nii.gz", _label_array((8, 9, 6)))
     nan = _image_array()
     nan[0, 0, 0] = np.nan
@@ -376,7 +376,7 @@ def test_empty_dataset_folder(tmp_path):
 
 def test_dataset_json_not_json(tmp_path):
     root = _make_dataset(tmp_path / "ds")
-    (root / "dataset.json").write_text("{labels: oops")
+    (root / "dataset.json").write_text("{labels: oops", encoding="utf-8")
     _assert_names(_find_error(root), root / "dataset.json", "not valid JSON")
 
 
@@ -446,7 +446,7 @@ def _truncate(root: Path) -> Path:
 
 def _text(root: Path) -> Path:
     path = root / "imagesTr" / "case_001.nii.gz"
-    path.write_text("this is not an image\n")
+    path.write_text("this is not an image\n", encoding="utf-8")
     return path
 
 
@@ -457,7 +457,7 @@ def _with_value(array: np.ndarray, value) -> np.ndarray:
 
 
 def _two_modalities_three_channels(root: Path) -> Path:
-    description = json.loads((root / "dataset.json").read_text())
+    description = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     description["modality"] = {"0": "T1", "1": "T2"}
     (root / "dataset.json").write_text(json.dumps(description))
     for i in range(2):
@@ -514,7 +514,7 @@ def test_cli_empty_dataset_folder(tmp_path, no_training):
 
 def test_cli_dataset_json_not_json(tmp_path, no_training):
     root = _make_dataset(tmp_path / "ds")
-    (root / "dataset.json").write_text("{not json")
+    (root / "dataset.json").write_text("{not json", encoding="utf-8")
     _assert_cli_error(_train(tmp_path, root), root / "dataset.json", "not valid JSON")
 
 
@@ -526,26 +526,26 @@ def test_cli_dataset_json_lists_missing_files(tmp_path, no_training):
 
 def test_cli_config_yaml_syntax_error(tmp_path, no_training):
     config = tmp_path / "bad.yaml"
-    config.write_text("train:\n  epochs: [1, 2\n  lr: 0.1\n")
+    config.write_text("train:\n  epochs: [1, 2\n  lr: 0.1\n", encoding="utf-8")
     _assert_cli_error(_train(tmp_path, _make_dataset(tmp_path / "ds"), config=config), config, "YAML syntax error")
 
 
 def test_cli_config_unknown_key(tmp_path, no_training):
     config = tmp_path / "bad.yaml"
-    config.write_text("train:\n  batchsize: 2\n")
+    config.write_text("train:\n  batchsize: 2\n", encoding="utf-8")
     _assert_cli_error(_train(tmp_path, _make_dataset(tmp_path / "ds"), config=config), config,
                       "unknown config key 'train.batchsize'")
 
 
 def test_cli_config_wrong_type(tmp_path, no_training):
     config = tmp_path / "bad.yaml"
-    config.write_text("train:\n  lr: fast\n")  # a key TINY does not override
+    config.write_text("train:\n  lr: fast\n", encoding="utf-8")  # a key TINY does not override
     result = _train(tmp_path, _make_dataset(tmp_path / "ds"), config=config)
     _assert_cli_error(result, config, "train.lr", "must be float")
 
 
 def test_cli_unwritable_output_dir(tmp_path, no_training):
-    (tmp_path / "afile").write_text("a regular file, so no folder can be created under it")
+    (tmp_path / "afile").write_text("a regular file, so no folder can be created under it", encoding="utf-8")
     runs = tmp_path / "afile" / "runs"
     result = _train(tmp_path, _make_dataset(tmp_path / "ds"), f"output_dir={runs}")
     _assert_cli_error(result, runs, "cannot create")

@@ -68,15 +68,15 @@ def test_the_split_writes_a_working_dataset_medseg_reads_and_a_test_folder(tmp_p
 def test_a_failed_step_ends_the_script_naming_it(tmp_path):
     # train.epochs=0 is outside its range: `medseg train` refuses it after `medseg plan` ran.
     done = subprocess.run([sys.executable, str(SCRIPT), str(ROOT / "sample_data"), "-o", str(tmp_path / "out"),
-                           "--set", "train.epochs=0"], capture_output=True, text=True, timeout=120)
+                           "--set", "train.epochs=0"], capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "step 'train' failed with exit code 2" in done.stderr
-    assert (tmp_path / "out" / "plan.yaml").is_file() and "train.epochs" in (tmp_path / "out" / "logs" / "train.log").read_text()
+    assert (tmp_path / "out" / "plan.yaml").is_file() and "train.epochs" in (tmp_path / "out" / "logs" / "train.log").read_text(encoding="utf-8")
     assert not (tmp_path / "out" / "heldout.json").exists()
 
 
 def test_keys_the_script_sets_are_refused_before_any_work(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), str(ROOT / "sample_data"), "-o", str(tmp_path / "out"),
-                           "--set", "data.folds=3"], capture_output=True, text=True, timeout=60)
+                           "--set", "data.folds=3"], capture_output=True, encoding="utf-8", errors="replace", timeout=60)
     assert done.returncode == 2 and "--folds-count" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()

@@ -18,7 +18,7 @@ SCRIPT = REPO / "scripts" / "bench_train.py"
 
 def run_script(*arguments: str) -> str:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, str(SCRIPT), *arguments], capture_output=True, text=True, cwd=REPO,
+    done = subprocess.run([sys.executable, str(SCRIPT), *arguments], capture_output=True, encoding="utf-8", errors="replace", cwd=REPO,
                           env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
@@ -35,7 +35,7 @@ def test_step_benchmark_on_cpu(tmp_path: Path) -> None:
         line = next(line for line in table.splitlines() if line.startswith(name + " "))
         assert float(line.split()[1]) > 0, line
     assert "fastest medseg setting" in out
-    figures = json.loads(report.read_text())
+    figures = json.loads(report.read_text(encoding="utf-8"))
     assert list(figures["configs"]) == expected
     for name in expected:
         entry = figures["configs"][name]
@@ -54,7 +54,7 @@ def test_make_large_dataset_reads(tmp_path: Path) -> None:
     run_script("--make-large", str(root), "--large-cases", "2", "--large-shape", "24", "24", "20")
     info = find_dataset(root)
     assert len(info.cases) == 2
-    description = json.loads((root / "dataset.json").read_text())
+    description = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     assert description["labels"] == {"0": "background", "1": "a", "2": "b"}
 
 

@@ -45,14 +45,14 @@ def test_train_on_sample_data_writes_run_directory(tmp_path):
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     assert resolved["train"]["patch_size"] == [16, 16, 16]
     assert resolved["data"]["dataset"].endswith("sample_data")
-    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open(encoding="utf-8")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert 0.0 <= float(rows[-1]["val_dice"]) <= 1.0
     assert {"dice_core", "dice_shell"} <= set(rows[-1])
     state = checkpoint.load(run_dir / "last.pt")
     assert state["epoch"] == 1
     assert state["preprocessing"]["num_classes"] == 3
-    assert json.loads((run_dir / "preprocessing.json").read_text())["normalization"] == "zscore"
+    assert json.loads((run_dir / "preprocessing.json").read_text(encoding="utf-8"))["normalization"] == "zscore"
 
 
 def test_time_limited_run_on_the_device_sampler(tmp_path):
@@ -64,7 +64,7 @@ def test_time_limited_run_on_the_device_sampler(tmp_path):
     assert result.exit_code == 0, result.output
     assert "train.max_minutes=0.1 reached" in result.output
     run_dir = tmp_path / "run"
-    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open(encoding="utf-8")))
     assert 1 <= len(rows) < 200
     assert 0.0 <= float(rows[-1]["val_dice"]) <= 1.0
     assert all(r["val_dice"] == "" for r in rows[:-1])  # validated once, at the end
@@ -84,7 +84,7 @@ def test_resume_continues_to_more_epochs(tmp_path):
     checkpoint.save(state, run_dir / "last.pt")
     result = runner.invoke(app, ["train", "--resume", str(run_dir)])
     assert result.exit_code == 0, result.output
-    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open(encoding="utf-8")))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert checkpoint.load(run_dir / "last.pt")["epoch"] == 2
 
@@ -252,7 +252,7 @@ def test_trains_on_four_hippocampus_cases(tmp_path):
     subset = tmp_path / "hippo4"
     (subset / "imagesTr").mkdir(parents=True)
     (subset / "labelsTr").mkdir()
-    description = json.loads((HIPPOCAMPUS / "dataset.json").read_text())
+    description = json.loads((HIPPOCAMPUS / "dataset.json").read_text(encoding="utf-8"))
     description["training"] = description["training"][:4]
     for entry in description["training"]:
         for key in ("image", "label"):

@@ -164,7 +164,7 @@ def test_a_saved_config_is_range_checked_too():
 
 def test_experiment_file_overrides_only_its_keys(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text("train:\n  batch_size: 7\n  amp: off\nmodel:\n  base_width: 8\n")
+    path.write_text("train:\n  batch_size: 7\n  amp: off\nmodel:\n  base_width: 8\n", encoding="utf-8")
     cfg = config.load(path)
     assert cfg.train.batch_size == 7
     assert cfg.train.amp == "off"  # YAML 1.1 reads bare `off` as false; it means the string
@@ -175,7 +175,7 @@ def test_experiment_file_overrides_only_its_keys(tmp_path):
 
 def test_set_overrides_after_the_file(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text("train:\n  batch_size: 7\n")
+    path.write_text("train:\n  batch_size: 7\n", encoding="utf-8")
     cfg = config.load(path, ["train.batch_size=4"])
     assert cfg.train.batch_size == 4
 
@@ -242,7 +242,7 @@ def test_config_error_is_the_medseg_error_class():
 
 def test_unknown_key_in_file(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text("train:\n  batch_sise: 4\n")
+    path.write_text("train:\n  batch_sise: 4\n", encoding="utf-8")
     message = _error(path)
     assert "train.batch_sise" in message
     assert str(path) in message
@@ -250,7 +250,7 @@ def test_unknown_key_in_file(tmp_path):
 
 def test_unknown_section_in_file(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text("trian:\n  batch_size: 4\n")
+    path.write_text("trian:\n  batch_size: 4\n", encoding="utf-8")
     assert "trian" in _error(path)
 
 
@@ -285,7 +285,7 @@ def test_wrong_type_names_the_key(item, key):
 
 def test_wrong_type_in_file_names_the_key(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text("train:\n  patch_size: 96\n")
+    path.write_text("train:\n  patch_size: 96\n", encoding="utf-8")
     assert "'train.patch_size'" in _error(path)
 
 
@@ -310,7 +310,7 @@ def test_set_without_equals_sign():
 
 def test_yaml_syntax_error_names_the_file(tmp_path):
     path = tmp_path / "broken.yaml"
-    path.write_text("train:\n  batch_size: [1, 2\n  lr: 0.1\n")
+    path.write_text("train:\n  batch_size: [1, 2\n  lr: 0.1\n", encoding="utf-8")
     message = _error(path)
     assert str(path) in message
     assert "syntax" in message.lower()
@@ -324,13 +324,13 @@ def test_missing_file_names_the_file(tmp_path):
 
 def test_top_level_not_a_mapping(tmp_path):
     path = tmp_path / "list.yaml"
-    path.write_text("- 1\n- 2\n")
+    path.write_text("- 1\n- 2\n", encoding="utf-8")
     assert str(path) in _error(path)
 
 
 def test_empty_experiment_file_gives_defaults(tmp_path):
     path = tmp_path / "empty.yaml"
-    path.write_text("# nothing overridden\n")
+    path.write_text("# nothing overridden\n", encoding="utf-8")
     assert config.load(path) == config.defaults()
 
 

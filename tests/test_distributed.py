@@ -52,7 +52,7 @@ def _overrides(tmp_path, name="run"):
 
 def test_two_processes_train_identically_and_write_once(tmp_path):
     harness = tmp_path / "harness.py"
-    harness.write_text(HARNESS)
+    harness.write_text(HARNESS, encoding="utf-8")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(harness), str(tmp_path), *_overrides(tmp_path)]
     result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=ROOT, env=UTF8)
@@ -64,9 +64,9 @@ def test_two_processes_train_identically_and_write_once(tmp_path):
     assert sorted(p.name for p in run_dir.iterdir() if p.is_file()) == [
         ".lock", "best.pt", "config.yaml", "last.pt", "metrics.csv", "preprocessing.json", "progress.png", "train.log"]
     # One process writes the log: each epoch's summary appears once.
-    log = (run_dir / "train.log").read_text()
+    log = (run_dir / "train.log").read_text(encoding="utf-8")
     assert len(re.findall(r"^.*epoch 2\b.*loss", log, re.M)) == 1, log
-    assert [r["epoch"] for r in csv.DictReader((run_dir / "metrics.csv").open())] == ["1", "2"]
+    assert [r["epoch"] for r in csv.DictReader((run_dir / "metrics.csv").open(encoding="utf-8"))] == ["1", "2"]
     # The saved network is the one both processes trained.
     saved = checkpoint.load(run_dir / "last.pt")["model"]
     for key in first:
@@ -79,7 +79,7 @@ def test_two_processes_train_identically_and_write_once(tmp_path):
     resumed = subprocess.run([sys.executable, "-m", "medseg", "train", "--resume", str(run_dir)],
                              capture_output=True, encoding="utf-8", errors="replace", timeout=300, cwd=ROOT, env=UTF8)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [r["epoch"] for r in csv.DictReader((run_dir / "metrics.csv").open())] == ["1", "2", "3"]
+    assert [r["epoch"] for r in csv.DictReader((run_dir / "metrics.csv").open(encoding="utf-8"))] == ["1", "2", "3"]
 
 
 def test_gpus_option_starts_torchrun(tmp_path):
@@ -124,7 +124,7 @@ OOM_HARNESS = textwrap.dedent('''
 
 def test_out_of_memory_on_one_process_changes_every_process(tmp_path):
     harness = tmp_path / "harness.py"
-    harness.write_text(OOM_HARNESS)
+    harness.write_text(OOM_HARNESS, encoding="utf-8")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(harness), str(tmp_path), *_overrides(tmp_path), "train.epochs=1"]
     result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600,

@@ -240,7 +240,7 @@ def test_evaluate_command_warns_naming_the_missing_cases_and_require_all_fails(t
     result = _evaluate_cli(tmp_path / "pred", tmp_path / "ref")
     assert result.exit_code == 0, result.output
     assert "warning" in result.stderr and "a, c" in result.stderr and "--require-all" in result.stderr
-    document = json.loads((tmp_path / "pred" / "evaluation.json").read_text())
+    document = json.loads((tmp_path / "pred" / "evaluation.json").read_text(encoding="utf-8"))
     assert document["missing"] == ["a", "c"] and {r["case"] for r in document["rows"]} == {"b"}
     (tmp_path / "pred" / "evaluation.json").unlink()
     result = _evaluate_cli(tmp_path / "pred", tmp_path / "ref", "--require-all")
@@ -307,14 +307,14 @@ def test_csv_and_json_round_trip(tmp_path: Path) -> None:
     result.write_json(tmp_path / "metrics.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "metrics.json", "pred", "ref"]
 
-    with open(tmp_path / "metrics.csv", newline="") as handle:
+    with open(tmp_path / "metrics.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert tuple(rows[0]) == COLUMNS
     assert [r["class"] for r in rows] == ["class_1", "class_2"]
     assert float(rows[0]["dice"]) == pytest.approx(2 * 64 / (64 + 80))
     assert rows[1]["dice"] == "0" and rows[1]["hd95_mm"] == "" and rows[1]["msd_mm"] == ""
 
-    document = json.loads((tmp_path / "metrics.json").read_text())
+    document = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     assert set(document) == {"rows", "summary", "unmatched", "missing", "notes"}
     assert tuple(document["rows"][1]) == COLUMNS
     assert document["rows"][1]["hd95_mm"] is None and document["rows"][1]["dice"] == 0.0
@@ -338,12 +338,12 @@ def test_evaluate_command_takes_class_names_from_the_checkpoint(tmp_path: Path) 
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "pred"), str(tmp_path / "ref"),
                                       "--checkpoint", str(tmp_path / "best.pt"), "-o", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    with open(tmp_path / "out" / "evaluation.csv", newline="") as handle:
+    with open(tmp_path / "out" / "evaluation.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     # Every class the checkpoint names, by its name, also the one absent from both maps.
     assert [(r["class"], r["dice"]) for r in rows] == [("liver", format(2 * 64 / (64 + 80), ".10g")),
                                                         ("tumour", "")]
-    document = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    document = json.loads((tmp_path / "out" / "evaluation.json").read_text(encoding="utf-8"))
     assert set(document["summary"]) == {"liver", "tumour"}
     assert document["summary"]["liver"]["dice"]["mean"] == pytest.approx(2 * 64 / (64 + 80))
     assert "liver" in result.output and "class_1" not in result.output

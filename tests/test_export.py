@@ -74,7 +74,7 @@ def test_model_archive_holds_what_another_machine_needs(run, exported):
 def test_network_files_have_their_preprocessing_beside_them(exported, run):
     for fmt in ("torchscript", "onnx"):
         path = exported[fmt]
-        sidecar = json.loads(path.with_name(path.name.rsplit(".", 1)[0] + ".preprocessing.json").read_text())
+        sidecar = json.loads(path.with_name(path.name.rsplit(".", 1)[0] + ".preprocessing.json").read_text(encoding="utf-8"))
         assert sidecar["format"] == fmt and sidecar["network"] == path.name
         assert sidecar["preprocessing"] == _plain(checkpoint.load(run / "best.pt")["preprocessing"])
         assert sidecar["patch_size"] == [16, 16, 16]

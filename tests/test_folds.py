@@ -84,7 +84,7 @@ def test_every_fold_is_trained_into_one_folder_and_scored_on_its_own_validation_
     assert all((fold / "best.pt").is_file() for fold in folds)
     validation = [checkpoint.load(fold / "best.pt")["split"]["validation"] for fold in folds]
     assert sorted(sum(validation, [])) == sorted(f"sample_{k:03d}" for k in range(SAMPLE_CASES))
-    summary = json.loads((cv / "crossval.json").read_text())
+    summary = json.loads((cv / "crossval.json").read_text(encoding="utf-8"))
     assert set(summary["folds"]) == {"0", "1", "2", "3", "4"}
     for k, names in enumerate(validation):
         assert summary["folds"][str(k)]["cases"] == sorted(names)
@@ -94,7 +94,7 @@ def test_every_fold_is_trained_into_one_folder_and_scored_on_its_own_validation_
             reference = nib.load(cv.parent.parent / "sample_data" / "labelsTr" / f"{name}.nii.gz")
             assert prediction.shape == reference.shape
             np.testing.assert_allclose(prediction.affine, reference.affine, atol=1e-4)
-    with open(cv / "crossval.csv", newline="") as handle:
+    with open(cv / "crossval.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == SAMPLE_CASES * 2 and {r["class"] for r in rows} == {"core", "shell"}
     core = [float(r["dice"]) for r in rows if r["class"] == "core" and r["dice"]]
@@ -110,19 +110,19 @@ def test_the_cross_validation_dice_is_what_evaluate_finds_on_the_fold_prediction
     result = _cli("evaluate", pooled, cv.parent.parent / "sample_data" / "labelsTr", "--checkpoint", cv / "fold0",
                   "--require-all")
     assert result.exit_code == 0, result.output
-    evaluation = json.loads((pooled / "evaluation.json").read_text())
-    summary = json.loads((cv / "crossval.json").read_text())
+    evaluation = json.loads((pooled / "evaluation.json").read_text(encoding="utf-8"))
+    summary = json.loads((cv / "crossval.json").read_text(encoding="utf-8"))
     for name in ("core", "shell"):
         assert evaluation["summary"][name]["dice"]["mean"] == pytest.approx(summary["overall"]["dice"][name], abs=1e-6)
 
 
 def test_postprocessing_is_chosen_by_nnunets_rule_and_recorded(cv: Path) -> None:
-    decision = json.loads((cv / "postprocessing.json").read_text())
+    decision = json.loads((cv / "postprocessing.json").read_text(encoding="utf-8"))
     assert decision["cases"] == SAMPLE_CASES
     for value, entry in decision["classes"].items():
         applies = entry["dice"] is not None and entry["dice_largest_component"] >= entry["dice"]
         assert entry["apply"] == applies and (int(value) in decision["largest_component"]) == applies
-    summary = json.loads((cv / "crossval.json").read_text())
+    summary = json.loads((cv / "crossval.json").read_text(encoding="utf-8"))
     assert summary["postprocessing"] == decision
 
 
@@ -160,7 +160,7 @@ def test_ensemble_of_the_folds_segments_and_evaluates_through_the_cli(cv: Path, 
     assert written == [f"sample_{k:03d}.nii.gz" for k in range(SAMPLE_CASES)]
     result = _cli("evaluate", tmp_path / "out", cv.parent.parent / "sample_data" / "labelsTr", "--checkpoint", cv)
     assert result.exit_code == 0, result.output
-    evaluation = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    evaluation = json.loads((tmp_path / "out" / "evaluation.json").read_text(encoding="utf-8"))
     assert len({row["case"] for row in evaluation["rows"]}) == SAMPLE_CASES and evaluation["missing"] == []
 
 

@@ -163,10 +163,10 @@ def test_config_value_out_of_range(tmp_path, no_training, item, key, words):
 
 def test_config_file_value_out_of_range_names_the_file(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text("train:\n  batch_sise: 4\n")
+    path.write_text("train:\n  batch_sise: 4\n", encoding="utf-8")
     result = runner.invoke(app, ["train", str(path)])
     _assert_one_line(result, str(path), "'train.batch_sise'", "did you mean 'train.batch_size'?")
-    path.write_text("validate:\n  overlap: 1.0\n")
+    path.write_text("validate:\n  overlap: 1.0\n", encoding="utf-8")
     _assert_one_line(runner.invoke(app, ["train", str(path)]), str(path), "'validate.overlap'")
 
 
@@ -215,7 +215,7 @@ def _all_zero(root):
 def _label_299(root):
     label = _label().astype(np.int16)
     label[0, 0, 0] = 299
-    (root / "dataset.json").write_text((root / "dataset.json").read_text().replace(
+    (root / "dataset.json").write_text((root / "dataset.json").read_text(encoding="utf-8").replace(
         '"labels": {"0": "background", "1": "thing"}', '"labels": {}'))
     return _nifti(root / "labelsTr" / "case_001.nii.gz", label)
 
@@ -308,10 +308,10 @@ def test_small_file_claiming_gigabytes_fails_fast_in_bounded_memory(tmp_path):
     bomb = _huge_header_gz(dataset / "imagesTr" / "case_001.nii.gz", zeros=64 << 20)
     assert bomb.stat().st_size < 1 << 20
     probe = ("import resource, subprocess, sys; "
-             "r = subprocess.run([sys.executable, '-m', 'medseg', 'plan', sys.argv[1]], capture_output=True, text=True); "
+             "r = subprocess.run([sys.executable, '-m', 'medseg', 'plan', sys.argv[1]], capture_output=True, encoding='utf-8', errors='replace'); "
              "sys.stdout.write(str(r.returncode) + '\\n' + str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) + '\\n'); "
              "sys.stderr.write(r.stderr)")
-    done = subprocess.run([sys.executable, "-c", probe, str(dataset)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", probe, str(dataset)], capture_output=True, encoding="utf-8", errors="replace",
                           cwd=ROOT, timeout=300)
     code, max_rss_kib = (int(v) for v in done.stdout.split())
     assert code == 2, done.stderr
@@ -333,7 +333,7 @@ def test_small_file_claiming_gigabytes_fails_fast_in_bounded_memory(tmp_path):
 ])
 def test_malformed_dataset_json_values(tmp_path, no_training, edit, words):
     dataset = _dataset(tmp_path / "ds", cases=2)
-    description = json.loads((dataset / "dataset.json").read_text())
+    description = json.loads((dataset / "dataset.json").read_text(encoding="utf-8"))
     edit(description)
     (dataset / "dataset.json").write_text(json.dumps(description))
     _assert_one_line(_plan(dataset), dataset / "dataset.json", *words)

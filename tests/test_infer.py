@@ -395,7 +395,7 @@ def _infer(*args: str):
 
 def test_cli_reports_a_bad_input_and_segments_the_good_one(model: Path, scan: dict, tmp_path: Path) -> None:
     bad = tmp_path / "bad.nii.gz"
-    bad.write_text("this is not an image\n")
+    bad.write_text("this is not an image\n", encoding="utf-8")
     out = tmp_path / "out"
     result = _infer(model, scan["nifti"], bad, "-o", out)
     assert result.exit_code == 2, result.output

@@ -26,10 +26,10 @@ def _can_reset_peak() -> bool:
 def test_stage_checkpointing_measures_less_peak_memory_than_none(tmp_path: Path) -> None:
     out = tmp_path / "peak.json"
     done = subprocess.run([sys.executable, str(SCRIPT), "--patch", "32", "--modes", "off", "stage",
-                           "--kinds", "eager", "--json", str(out)], capture_output=True, text=True, cwd=REPO,
+                           "--kinds", "eager", "--json", str(out)], capture_output=True, encoding="utf-8", errors="replace", cwd=REPO,
                           timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    figures = {row["mode"]: row for row in json.loads(out.read_text())}
+    figures = {row["mode"]: row for row in json.loads(out.read_text(encoding="utf-8"))}
     assert set(figures) == {"off", "stage"}
     # Without checkpointing a 32³ batch-2 step holds tens of MiB of activations; keeping only the
     # stages' inputs must show up as a clearly lower peak (about half at 48³).

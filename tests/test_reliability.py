@@ -42,7 +42,7 @@ def _command(tmp_path: Path, *extra: str, name: str = "run") -> list[str]:
 
 
 def _epochs(run_dir: Path) -> list[int]:
-    return [int(row["epoch"]) for row in csv.DictReader((run_dir / "metrics.csv").open())]
+    return [int(row["epoch"]) for row in csv.DictReader((run_dir / "metrics.csv").open(encoding="utf-8"))]
 
 
 def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:

@@ -143,11 +143,11 @@ def test_bench_script_smoke_run_on_the_cpu(tmp_path: Path) -> None:
     command = [sys.executable, str(REPO / "scripts" / "bench_ct_inference.py"), "--out", str(out), "--device", "cpu",
                "--shape", "24", "20", "16", "--classes", "3", "--set", "model.base_width=4",
                "--set", "model.max_width=8", "--set", "train.patch_size=[16,16,16]"]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300,
+    done = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", cwd=REPO, timeout=300,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "random" in done.stdout and "no measurement" in done.stdout
-    report = json.loads(out.read_text())
+    report = json.loads(out.read_text(encoding="utf-8"))
     assert report["measurement"] is False and "untrained" in report["weights"]
     [run] = report["runs"]
     assert run["classes"] == 3 and run["output_on_input_grid"] is True

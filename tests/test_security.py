@@ -164,7 +164,7 @@ def _metaimage_case(dataset: Path, element_data_file: str) -> None:
 
     image = sitk.GetImageFromArray(np.ones((16, 16, 16), np.float32))
     sitk.WriteImage(image, str(dataset / "imagesTr" / "case0.mhd"))
-    header = (dataset / "imagesTr" / "case0.mhd").read_text()
+    header = (dataset / "imagesTr" / "case0.mhd").read_text(encoding="utf-8")
     (dataset / "imagesTr" / "case0.mhd").write_text(
         header.replace("ElementDataFile = case0.raw", f"ElementDataFile = {element_data_file}"))
     (dataset / "imagesTr" / "case0.nii.gz").unlink()
@@ -178,7 +178,7 @@ def test_metaimage_data_file_outside_its_folder_is_refused_before_reading(tmp_pa
     secret = tmp_path / "secret.raw"
     secret.write_bytes(np.ones(16 ** 3, np.float32).tobytes())
     _metaimage_case(dataset, element_data_file.format(secret=secret))
-    description = json.loads((dataset / "dataset.json").read_text())
+    description = json.loads((dataset / "dataset.json").read_text(encoding="utf-8"))
     description["training"] = [{"image": "imagesTr/case0.mhd", "label": "labelsTr/case0.nii.gz"},
                                {"image": "imagesTr/case1.nii.gz", "label": "labelsTr/case1.nii.gz"}]
     (dataset / "dataset.json").write_text(json.dumps(description))
@@ -208,7 +208,7 @@ def test_run_name_is_one_path_component(tmp_path, name):
 def test_symlinks_planted_at_temporary_names_are_never_written_through(trained, tmp_path):
     run = _copy_run(trained, tmp_path)
     victim = tmp_path / "victim.txt"
-    victim.write_text("precious")
+    victim.write_text("precious", encoding="utf-8")
     planted = ["metrics.csv.tmp", ".metrics.csv.tmp", "last.pt.tmp", ".last.pt.tmp", "best.pt.tmp",
                "config.yaml.tmp", ".lock.tmp", "progress.png.tmp"]
     for name in planted:
@@ -220,11 +220,11 @@ def test_symlinks_planted_at_temporary_names_are_never_written_through(trained, 
     (run / "train.log").unlink(missing_ok=True)
     (run / "train.log").symlink_to(victim)
     _one_line_error(runner.invoke(app, ["train", "--resume", str(run)]), str(run / "train.log"), "symbolic link")
-    assert victim.read_text() == "precious"
+    assert victim.read_text(encoding="utf-8") == "precious"
     (run / "train.log").unlink()
     result = runner.invoke(app, ["train", "--resume", str(run)])
     assert result.exit_code == 0, result.output
-    assert victim.read_text() == "precious"
+    assert victim.read_text(encoding="utf-8") == "precious"
     assert all((run / name).is_symlink() for name in planted)
     assert checkpoint.load(run / "last.pt")["epoch"] == 1
     left = [p.name for p in run.iterdir() if p.name not in planted and (".tmp" in p.name)]
@@ -237,12 +237,12 @@ def test_atomic_path_renames_on_success_and_removes_on_failure(tmp_path):
     from medseg.files import atomic_path
 
     target = tmp_path / "image.nrrd"
-    target.write_text("old")
+    target.write_text("old", encoding="utf-8")
     with pytest.raises(RuntimeError):
         with atomic_path(target) as path:
             assert path.parent == tmp_path and path.name.endswith(".nrrd") and path.exists()
             raise RuntimeError("writer failed")
-    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["image.nrrd"]
+    assert target.read_text(encoding="utf-8") == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["image.nrrd"]
     with atomic_path(target) as path:
         sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 4, 4), np.float32)), str(path))
     assert sitk.ReadImage(str(target)).GetSize() == (4, 4, 4)
@@ -366,7 +366,7 @@ def test_deflate_bomb_checkpoint_is_refused_before_inflating(tmp_path):
               "try:\n    main()\nexcept SystemExit as stop:\n    code = stop.code\n"
               "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start\n"
               "print(code, grown)\n")
-    done = subprocess.run([sys.executable, "-c", script, str(run)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script, str(run)], capture_output=True, encoding="utf-8", errors="replace",
                           cwd=tmp_path, timeout=120)
     code, grown_kib = done.stdout.split()
     assert code == "2", done.stderr
@@ -383,14 +383,14 @@ def test_resume_removes_only_its_own_stale_temporaries(trained, tmp_path):
     kept = ["notes.tmp", ".last.pt.tmp", "last.pt.k2j4x9_q.tmp", ".x.toolongname.tmp"]
     for name in stale + kept:
         (run / name).write_bytes(b"x" * 1000)
-    (tmp_path / "target").write_text("kept")
+    (tmp_path / "target").write_text("kept", encoding="utf-8")
     (run / ".link.abcdefgh.tmp").symlink_to(tmp_path / "target")  # removed, its target untouched
     # Extended by an epoch: a finished run resumed as it is only says so.
     result = runner.invoke(app, ["train", "--resume", str(run), "--set", "train.epochs=2"])
     assert result.exit_code == 0, result.output
     assert not [n for n in stale + [".link.abcdefgh.tmp"] if (run / n).exists() or (run / n).is_symlink()]
     assert all((run / n).is_file() for n in kept)
-    assert (tmp_path / "target").read_text() == "kept"
+    assert (tmp_path / "target").read_text(encoding="utf-8") == "kept"
 
 
 @pytest.mark.parametrize("how", ["resume", "same_command"])
@@ -487,4 +487,4 @@ def test_unexpected_error_during_training_appends_its_traceback_to_train_log(tmp
     result = _train(_dataset(tmp_path / "data"), tmp_path / "runs")
     log = tmp_path / "runs" / "run" / "train.log"
     _one_line_error(result, "ValueError: validation exploded", str(log))
-    assert "Traceback" in log.read_text() and "validation exploded" in log.read_text()
+    assert "Traceback" in log.read_text(encoding="utf-8") and "validation exploded" in log.read_text(encoding="utf-8")

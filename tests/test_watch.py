@@ -65,7 +65,7 @@ def test_console_and_train_log_say_where_the_run_is_and_how_each_epoch_went(run)
 
 
 def test_train_log_keeps_earlier_lines_and_appends(tmp_path):
-    log = TrainLog(Console(file=open(tmp_path / "terminal.txt", "w"), width=100))
+    log = TrainLog(Console(file=open(tmp_path / "terminal.txt", "w", encoding="utf-8"), width=100))
     log.console.print("before the folder exists")
     log.attach(tmp_path)
     log.console.print("[bold]after[/]")
@@ -75,7 +75,7 @@ def test_train_log_keeps_earlier_lines_and_appends(tmp_path):
     text = (tmp_path / "train.log").read_text(encoding="utf-8")
     assert text.index("before the folder exists") < text.index("after") < text.index("resumed")
     assert text.count("--- medseg train") == 2
-    assert "after" in (tmp_path / "terminal.txt").read_text() and "[bold]" not in text
+    assert "after" in (tmp_path / "terminal.txt").read_text(encoding="utf-8") and "[bold]" not in text
 
 
 def test_metrics_have_a_finite_validation_loss(run):
@@ -181,7 +181,7 @@ def test_mlflow_file_store_holds_metrics_params_config_and_previews(tmp_path, mo
     run_dir, _ = _train(tmp_path, "ml", "train.logger=mlflow", "train.epochs=1")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # reading the file store back, as medseg writes it
     client = MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri())
-    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    run_id = (run_dir / "mlflow_run_id").read_text(encoding="utf-8").strip()
     rows = _rows(run_dir)
     for key in rows[0]:
         if key != "epoch":

@@ -148,7 +148,7 @@ def test_flat_folder_of_pairs(tmp_path):
     _nifti(root / "x_seg.nii.gz", label=True)
     _nifti(root / "y.nii.gz")
     _nifti(root / "y_label.nii.gz", label=True)
-    (root / "notes.txt").write_text("not an image")
+    (root / "notes.txt").write_text("not an image", encoding="utf-8")
     info = find_dataset(root)
     assert _names(info) == ["x", "y"]
     x = _by_name(info)["x"]
@@ -192,7 +192,7 @@ def test_folder_with_images_but_no_labels(tmp_path):
 
 
 def test_dataset_json_not_json(msd):
-    (msd / "dataset.json").write_text("{ this is not json")
+    (msd / "dataset.json").write_text("{ this is not json", encoding="utf-8")
     assert str(msd / "dataset.json") in _data_error(msd)
 
 
@@ -211,7 +211,7 @@ def test_dataset_json_lists_a_missing_label(msd):
 @pytest.mark.parametrize("field", ["image", "label"])
 def test_dataset_json_path_escaping_the_dataset(msd, field):
     outside = _nifti(msd.parent / "outside.nii.gz", label=field == "label")  # exists, still refused
-    description = json.loads((msd / "dataset.json").read_text())
+    description = json.loads((msd / "dataset.json").read_text(encoding="utf-8"))
     description["training"][0][field] = "./imagesTr/../../outside.nii.gz"
     (msd / "dataset.json").write_text(json.dumps(description))
     message = _data_error(msd)

@@ -221,11 +221,11 @@ def _bad_files(tmp_path: Path, sources: dict[str, Path]) -> list[Path]:
     truncated = tmp_path / "truncated.nii.gz"
     truncated.write_bytes(data[: len(data) // 2])
     text = tmp_path / "notes.nii.gz"
-    text.write_text("this is not an image\n")
+    text.write_text("this is not an image\n", encoding="utf-8")
     bad_nrrd = tmp_path / "broken.nrrd"
-    bad_nrrd.write_text("not nrrd either\n")
+    bad_nrrd.write_text("not nrrd either\n", encoding="utf-8")
     unsupported = tmp_path / "table.csv"
-    unsupported.write_text("a,b\n")
+    unsupported.write_text("a,b\n", encoding="utf-8")
     return [truncated, text, bad_nrrd, unsupported, tmp_path / "missing.nii.gz", tmp_path / "missing_dir"]
 
 

@@ -460,7 +460,7 @@ def test_stage_checkpointing_with_compiled_stages_gives_the_loss_and_gradients_o
     # backward). A stage whose forward torch.compile does not trace (nn.Sequential's own forward,
     # in torch.nn, is not traced as the outermost frame) would run eagerly without any error: every
     # stage's outputs must come from a compiled graph, each stage one graph without breaks.
-    result = subprocess.run([sys.executable, "-c", _COMPILED_STAGES], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", _COMPILED_STAGES], capture_output=True,
                             encoding="utf-8", errors="replace", timeout=900, cwd=ROOT,
                             env={**os.environ, "PYTHONUTF8": "1", "PYTHONIOENCODING": "utf-8"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -594,7 +594,7 @@ _COMPILED_GRADIENTS = textwrap.dedent("""
 def test_selective_checkpointing_compiled_gives_the_same_gradients():
     # torch.compile recomputes a checkpointed region in its own way; compiled and eager gradients
     # must agree to float rounding (about 5e-7 of the largest gradient here).
-    result = subprocess.run([sys.executable, "-c", _COMPILED_GRADIENTS], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", _COMPILED_GRADIENTS], capture_output=True,
                             encoding="utf-8", errors="replace", timeout=900,
                             env={**os.environ, "PYTHONUTF8": "1", "PYTHONIOENCODING": "utf-8"})
     assert result.returncode == 0, result.stderr[-3000:]
