@@ -31,6 +31,7 @@ from rich.console import Console
 
 from medseg.config import Config
 from medseg.errors import ConfigError, DataError
+from medseg.metrics import json_safe, nanmean
 
 CROSSVAL_JSON = "crossval.json"
 CROSSVAL_CSV = "crossval.csv"
@@ -132,8 +133,8 @@ def _summary(rows: list[dict[str, Any]], folds: Sequence[int], names: dict[int, 
     foreground = [names[c] for c in sorted(names) if c > 0]
 
     def means(selected: list[dict[str, Any]], key: str) -> dict[str, Any]:
-        per_class = {name: _nanmean([r[key] for r in selected if r["class"] == name]) for name in foreground}
-        return {"dice": per_class, "mean_dice": _nanmean(list(per_class.values())),
+        per_class = {name: nanmean([r[key] for r in selected if r["class"] == name]) for name in foreground}
+        return {"dice": per_class, "mean_dice": nanmean(list(per_class.values())),
                 "cases": sorted({r["case"] for r in selected})}
 
     return {
@@ -147,7 +148,7 @@ def _summary(rows: list[dict[str, Any]], folds: Sequence[int], names: dict[int, 
 def _write(parent: Path, summary: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     from medseg.files import atomic_write_text
 
-    atomic_write_text(parent / CROSSVAL_JSON, json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(parent / CROSSVAL_JSON, json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["fold", "case", "class", "dice", "dice_postprocessed"])
@@ -167,22 +168,6 @@ def _parent_folder(cfg: Config) -> Path:
     except OSError as exc:
         raise ConfigError(f"{parent}: cannot create the cross-validation folder ({exc.strerror or exc})") from None
     return parent
-
-
-def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
-
-
-def _finite(value: Any) -> Any:
-    """NaN as null, recursively: JSON has no NaN."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _cell(value: float) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
 
@@ -25,3 +28,20 @@ def dice_per_class(prediction: torch.Tensor, label: torch.Tensor, num_classes: i
         reference = label == cls
         scores.append(dice(int((predicted & reference).sum()), int(predicted.sum()), int(reference.sum())))
     return scores
+
+
+def nanmean(values: list[float]) -> float:
+    """The mean of the values that are not NaN (a class absent from a case scores NaN); NaN if none is."""
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def json_safe(value: Any) -> Any:
+    """NaN as None (JSON null), recursively through dicts and lists: JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from medseg.errors import DataError
-from medseg.metrics import dice
+from medseg.metrics import dice, json_safe, nanmean
 
 FILE_NAME = "postprocessing.json"
 RULE = ("keep only the largest connected component of a class where that does not lower the class's "
@@ -64,12 +64,12 @@ def choose(scores: Sequence[dict[int, tuple[float, float]]], class_names: dict[i
     for cls, name in sorted(class_names.items()):
         if cls == 0:
             continue
-        mean_before = _nanmean([case[cls][0] for case in scores if cls in case])
-        mean_after = _nanmean([case[cls][1] for case in scores if cls in case])
+        mean_before = nanmean([case[cls][0] for case in scores if cls in case])
+        mean_after = nanmean([case[cls][1] for case in scores if cls in case])
         # A class never present scores NaN both ways: nothing to remove, nothing applied.
         apply = not math.isnan(mean_before) and mean_after >= mean_before
-        classes[str(cls)] = {"name": name, "dice": _finite(mean_before),
-                             "dice_largest_component": _finite(mean_after), "apply": apply}
+        classes[str(cls)] = {"name": name, "dice": json_safe(mean_before),
+                             "dice_largest_component": json_safe(mean_after), "apply": apply}
         if apply:
             chosen.append(cls)
     return {"rule": RULE, "cases": len(scores), "largest_component": chosen, "classes": classes}
@@ -102,12 +102,3 @@ def read(path: Path) -> dict[str, Any]:
                                                for v in values):
         raise DataError(f"{path}: 'largest_component' must be a list of class values (1, 2, ...)")
     return decision
-
-
-def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
-
-
-def _finite(value: float) -> float | None:
-    return None if math.isnan(value) else value

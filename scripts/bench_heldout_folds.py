@@ -37,6 +37,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from medseg.metrics import json_safe, nanmean
+
 # Keys the script itself sets: a --set of one of these would break the layout it reads back.
 RESERVED = ("output_dir", "run_name", "data.dataset", "data.folds", "data.fold")
 RUN_NAME = "bench"
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         heldout[name] = heldout_dice(predictions / "evaluation.json")
     walls["total"] = time.perf_counter() - started
     report = build_report(args, len(names) - len(test), test, parent, crossval, heldout, walls)
-    (out / "heldout.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
+    (out / "heldout.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     (out / "heldout.md").write_text(markdown(report) + "\n")
     return report
 
@@ -224,7 +226,7 @@ def heldout_dice(evaluation_json: Path) -> dict[str, Any]:
     (a class absent from every case, NaN, is left out of the mean, as crossval.json does)."""
     summary = _read_json(evaluation_json)["summary"]
     dice = {name: _number(metrics["dice"]["mean"]) for name, metrics in summary.items()}
-    return {"dice": dice, "mean_dice": _nanmean(list(dice.values()))}
+    return {"dice": dice, "mean_dice": nanmean(list(dice.values()))}
 
 
 def build_report(args: argparse.Namespace, working: int, test: Sequence[str], parent: Path,
@@ -235,7 +237,7 @@ def build_report(args: argparse.Namespace, working: int, test: Sequence[str], pa
     classes = list(crossval["overall"]["dice"])
     fold_rows = [{"fold": k, "cv": _dice(crossval["folds"][str(k)]), "heldout": heldout[f"fold{k}"]}
                  for k in folds]
-    per_class = {c: _nanmean([row["heldout"]["dice"][c] for row in fold_rows]) for c in classes}
+    per_class = {c: nanmean([row["heldout"]["dice"][c] for row in fold_rows]) for c in classes}
     names = {int(v): item["name"] for v, item in crossval["postprocessing"]["classes"].items()}
     return {
         "dataset": str(args.dataset), "test_fraction": args.test_fraction, "seed": args.seed,
@@ -244,7 +246,7 @@ def build_report(args: argparse.Namespace, working: int, test: Sequence[str], pa
         "classes": classes,
         "folds": fold_rows,
         "cv_overall": _dice(crossval["overall"]),
-        "heldout_fold_mean": {"dice": per_class, "mean_dice": _nanmean(list(per_class.values()))},
+        "heldout_fold_mean": {"dice": per_class, "mean_dice": nanmean(list(per_class.values()))},
         "ensemble": {"cv_postprocessed": _dice(crossval["postprocessed"]), "heldout": heldout["ensemble"],
                      "largest_component": [names[c] for c in crossval["postprocessing"]["largest_component"]]},
         "wall_seconds": {stage: round(seconds, 2) for stage, seconds in walls.items()},
@@ -329,22 +331,6 @@ def _dice(entry: dict[str, Any]) -> dict[str, Any]:
 
 def _number(value: float | None) -> float:
     return math.nan if value is None else float(value)
-
-
-def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
-
-
-def _finite(value: Any) -> Any:
-    """NaN as null, recursively: JSON has no NaN."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _cell(value: float) -> str:

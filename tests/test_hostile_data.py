@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -312,7 +313,7 @@ def test_small_file_claiming_gigabytes_fails_fast_in_bounded_memory(tmp_path):
              "sys.stdout.write(str(r.returncode) + '\\n' + str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) + '\\n'); "
              "sys.stderr.write(r.stderr)")
     done = subprocess.run([sys.executable, "-c", probe, str(dataset)], capture_output=True, encoding="utf-8", errors="replace",
-                          cwd=ROOT, timeout=300)
+                          cwd=ROOT, timeout=300, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     code, max_rss_kib = (int(v) for v in done.stdout.split())
     assert code == 2, done.stderr
     assert "Traceback" not in done.stderr

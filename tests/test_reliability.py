@@ -216,6 +216,20 @@ def test_out_of_memory_with_nothing_left_is_a_one_line_error(tmp_path, monkeypat
     assert "Traceback" not in result.output
 
 
+def _signal_a_forked_child(number: int, lives: float) -> int:
+    """Fork a child that says it runs (a signal before that would be dropped by fork), then lives
+    `lives` seconds; send it signal `number`; its wait status."""
+    ready_read, ready_write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(ready_write, b"1")
+        time.sleep(lives)
+        os._exit(0)
+    assert os.read(ready_read, 1) == b"1"
+    os.kill(child, number)
+    return os.waitpid(child, 0)[1]
+
+
 def test_a_process_forked_during_training_ignores_sigint_and_ends_on_sigterm():
     # Processes forked while the stop handler is installed (the pool that reads and caches cases)
     # inherit it: there Ctrl-C, which a terminal sends to the whole process group, is ignored (the
@@ -223,26 +237,10 @@ def test_a_process_forked_during_training_ignores_sigint_and_ends_on_sigterm():
     # terminate() at exit waits for that).
     from medseg.stopping import StopRequests
 
-    ready_read, ready_write = os.pipe()
     with StopRequests() as stop, stop.during("training"):
-        child = os.fork()
-        if child == 0:  # the child: say it runs (a signal before that is dropped by fork), then wait
-            os.write(ready_write, b"1")
-            time.sleep(0.5)
-            os._exit(0)
-        assert os.read(ready_read, 1) == b"1"
-        os.kill(child, signal.SIGINT)
-        _, status = os.waitpid(child, 0)
+        status = _signal_a_forked_child(signal.SIGINT, lives=0.5)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0  # outlived the Ctrl-C
-
-        child = os.fork()
-        if child == 0:
-            os.write(ready_write, b"1")
-            time.sleep(60)
-            os._exit(0)
-        assert os.read(ready_read, 1) == b"1"
-        os.kill(child, signal.SIGTERM)
-        _, status = os.waitpid(child, 0)
+        status = _signal_a_forked_child(signal.SIGTERM, lives=60)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
         assert not stop()  # the parent was not asked to stop
         signal.raise_signal(signal.SIGTERM)  # the parent itself: a stop request, not the end
@@ -257,16 +255,8 @@ def test_a_stop_while_starting_is_not_swallowed_by_a_library_and_spares_forked_c
     from medseg.stopping import stopping_at_once
 
     before = signal.getsignal(signal.SIGTERM)
-    ready_read, ready_write = os.pipe()
     with pytest.raises(StopSignal, match="SIGTERM while starting"), stopping_at_once("while starting"):
-        child = os.fork()
-        if child == 0:
-            os.write(ready_write, b"1")
-            time.sleep(60)
-            os._exit(0)
-        assert os.read(ready_read, 1) == b"1"
-        os.kill(child, signal.SIGTERM)
-        _, status = os.waitpid(child, 0)
+        status = _signal_a_forked_child(signal.SIGTERM, lives=60)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
         try:
             signal.raise_signal(signal.SIGTERM)
