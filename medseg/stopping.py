@@ -12,6 +12,10 @@ means, and the acknowledgement says it:
 
 A second signal ends the run at once (`StoppedAtOnce`, raised from the handler), whatever it is
 doing; the files written so far stay complete because every write is atomic.
+
+`stopping_at_once` is the handling of every other command, and of train's start: the command ends
+at once. Processes forked while either handler is installed ignore SIGINT and end at once on
+SIGTERM (`_as_a_child`).
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ class StopRequests:
 
     def _handle(self, number: int, frame: Any) -> None:
         if os.getpid() != self._owner:
-            self._in_child(number, frame)
+            _as_a_child(number)
             return
         name = signal.Signals(number).name
         if self.reason is not None:
@@ -106,9 +110,6 @@ class StopRequests:
         if self.run_dir is not None and (self.run_dir / "last.pt").is_file():
             return f"the last complete checkpoint is kept; continue with: {resume_command(self.run_dir)}"
         return "no checkpoint was written yet"
-
-    def _in_child(self, number: int, frame: Any) -> None:
-        _as_a_child(number)
 
 
 def ignore_in_worker(*_: Any) -> None:
