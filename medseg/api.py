@@ -197,8 +197,10 @@ def train(config: "str | Path | Config", **overrides: Any) -> Path:
     checks them: `train(cfg, train={"epochs": 2}, data={"dataset": "my_data"}, run_name="try1")`.
     """
     from medseg import config as config_module
+    from medseg.device import prefer_growing_segments
     from medseg.train import train as run_training
 
+    prefer_growing_segments()
     settings = []
     for key, value in overrides.items():
         items = value.items() if isinstance(value, dict) else [(None, value)]

@@ -79,10 +79,9 @@ def train(
         raise typer.Exit(code=2)
     if gpu_memory is not None:
         set_ = [*(set_ or []), f"train.memory_budget={gpu_memory}"]
-    # Before CUDA starts (torchrun's processes inherit it): segments that grow in place keep the
-    # caching allocator from fragmenting, so what the memory estimator fitted into a budget is what
-    # the card must hold. A setting of the user's own is kept.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    from medseg.device import prefer_growing_segments
+
+    prefer_growing_segments()  # before CUDA starts; torchrun's processes inherit it
     if folds is not None and (resume is not None or gpus > 1):
         errors.print("[bold red]error:[/] --folds trains new runs on one device; give it without --resume and --gpus",
                      highlight=False, soft_wrap=True)

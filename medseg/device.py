@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from medseg.distributed import Context
 from medseg.errors import ConfigError
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}
+
+# The caching allocator's setting for training: segments that grow in place instead of new ones
+# beside them, so that what the memory plan fitted into a budget is what the card must hold
+# (fragmentation otherwise reaches the budget before the allocated bytes do).
+GROWING_SEGMENTS = "expandable_segments:True"
+
+
+def prefer_growing_segments() -> None:
+    """Set `GROWING_SEGMENTS` for this process and its children, unless the user chose a setting.
+
+    The allocator reads it when CUDA first allocates: call this before any CUDA work."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", GROWING_SEGMENTS)
 
 
 def resolve_device(name: str, context: Context = Context()) -> torch.device:

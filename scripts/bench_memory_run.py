@@ -77,8 +77,10 @@ def one_budget(config_path: str, budget_gib: float, steps: int, overrides: list[
     from medseg import config, memory
     from medseg.data.fingerprint import plan_preprocessing, training_cases
     from medseg.infer import predict
+    from medseg.device import prefer_growing_segments
     from medseg.train import train
 
+    prefer_growing_segments()  # as `medseg train` does, before CUDA starts
     budget = int(budget_gib * GiB)
     device = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory
