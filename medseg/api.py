@@ -113,9 +113,11 @@ class Segmenter:
         cross-validation folder (every fold's `best.pt`: their ensemble) or a `medseg export` model
         archive, safely (weights and plain data only), with the postprocessing recorded with it.
         `device`: auto, cpu, cuda or cuda:N."""
+        from medseg.device import prefer_growing_segments
         from medseg.infer import Ensemble, resolve_model
         from medseg.postprocessing import largest_component_classes
 
+        prefer_growing_segments()  # has effect only before this process's first CUDA work
         model = resolve_model([Path(path)])
         return cls(Ensemble.from_model(model, device), tuple(largest_component_classes(model.postprocessing)))
 

@@ -278,8 +278,10 @@ def infer(
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.table import Table
 
+        from medseg.device import prefer_growing_segments
         from medseg.infer import check_options, predict
 
+        prefer_growing_segments()  # before CUDA starts
         check_options(overlap, sw_batch_size, device, format_)  # once, before any model or input is read
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as progress:

@@ -11,9 +11,9 @@ from medseg.errors import ConfigError
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}
 
-# The caching allocator's setting for training: segments that grow in place instead of new ones
-# beside them, so that what the memory plan fitted into a budget is what the card must hold
-# (fragmentation otherwise reaches the budget before the allocated bytes do).
+# The caching allocator's setting for training and inference: segments that grow in place instead
+# of new ones beside them, so that what the memory plan fitted into a budget is what the card must
+# hold (fragmentation otherwise reaches the budget before the allocated bytes do).
 GROWING_SEGMENTS = "expandable_segments:True"
 
 

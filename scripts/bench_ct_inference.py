@@ -129,8 +129,10 @@ def run_inference(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     import torch
 
+    from medseg.device import prefer_growing_segments
     from medseg.infer import predict
 
+    prefer_growing_segments()  # as `medseg infer` does, before CUDA starts
     imports = time.perf_counter() - started
     begun = time.perf_counter()
     [result] = predict(Path(args.checkpoint), [Path(args.image)], Path(args.predictions), overlap=args.overlap,
