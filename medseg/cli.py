@@ -47,7 +47,7 @@ def _main(
     ctx.meta[_DEBUG] = debug
     # SIGTERM (a scheduler's) ends any command as Ctrl-C does: exit code 130, no traceback; every
     # file medseg writes is renamed into place complete, so what was written before stays whole.
-    ctx.with_resource(stopping_at_once("; the files written before it are complete"))
+    ctx.with_resource(stopping_at_once("before the command finished; the files written before it are complete"))
     # Under an ASCII locale a "×" in a table must not end a training run with UnicodeEncodeError.
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
@@ -79,9 +79,6 @@ def train(
         raise typer.Exit(code=2)
     if gpu_memory is not None:
         set_ = [*(set_ or []), f"train.memory_budget={gpu_memory}"]
-    from medseg.device import prefer_growing_segments
-
-    prefer_growing_segments()  # before CUDA starts; torchrun's processes inherit it
     if folds is not None and (resume is not None or gpus > 1):
         errors.print("[bold red]error:[/] --folds trains new runs on one device; give it without --resume and --gpus",
                      highlight=False, soft_wrap=True)
@@ -101,18 +98,23 @@ def train(
     # command at once: exit code 130, no traceback.
     with _user_errors(), stopping_at_once("while starting; nothing was saved"):
         from medseg import config as config_module
+        from medseg.device import prefer_growing_segments
         from medseg.train import train as run_training
 
+        prefer_growing_segments()  # before CUDA starts
         if resume is not None and config is not None:
             raise MedsegError("--resume continues a run with its own config; give no CONFIG with it "
                               "(--set may change what a resumed run allows)")
         cfg = None if resume is not None else config_module.load(config, set_ or [])
-        if folds is not None:
-            from medseg.folds import cross_validate, parse_folds
-
-            cross_validate(cfg, parse_folds(folds, cfg.data.folds), console=console)
+        if folds is None:
+            run_training(cfg, resume=resume, console=console, overrides=set_ or [] if resume is not None else [])
             return
-        run_training(cfg, resume=resume, console=console, overrides=set_ or [] if resume is not None else [])
+    # Between and after the folds' trainings (each with its own stop handler) a stop ends the
+    # command at once, as any command's does (the callback's handling).
+    with _user_errors():
+        from medseg.folds import cross_validate, parse_folds
+
+        cross_validate(cfg, parse_folds(folds, cfg.data.folds), console=console)
 
 
 @app.command()
