@@ -20,11 +20,41 @@ from typer.testing import CliRunner
 
 from medseg import config, memory
 from medseg.cli import app
+from medseg.memory import fitting
 from tests.conftest import ROOT
 
 HIPPOCAMPUS = ROOT.parent / "shared" / "data" / "hippocampus"
 # A small network, so that each estimate and the one training step are quick.
 SMALL = ["--set", "model.base_width=8", "--set", "model.max_width=32"]
+
+
+@pytest.fixture(autouse=True)
+def _estimates_once(monkeypatch):
+    """`medseg memory` and `medseg train` fit the same configuration, so they estimate the same
+    candidates: each estimate (a pure function of the config and the data's channels, classes and
+    spacing, all in the key) is computed once per test, by whichever command asks first. A
+    difference in what the two commands hand the estimator is a different key, estimated afresh."""
+    steps, inference = {}, {}
+    step_estimate, inference_estimate = fitting.estimate, fitting.estimate_inference
+
+    def key(cfg, *args):
+        return json.dumps([cfg.to_dict(), *(list(a) if isinstance(a, (list, tuple)) else a for a in args)],
+                          sort_keys=True)
+
+    def remembered_step(cfg, in_channels, num_classes, spacing=(1.0, 1.0, 1.0)):
+        k = key(cfg, in_channels, num_classes, spacing)
+        if k not in steps:
+            steps[k] = step_estimate(cfg, in_channels, num_classes, spacing)
+        return steps[k]
+
+    def remembered_inference(cfg, in_channels, num_classes, spacing, batch):
+        k = key(cfg, in_channels, num_classes, spacing, batch)
+        if k not in inference:
+            inference[k] = inference_estimate(cfg, in_channels, num_classes, spacing, batch)
+        return inference[k]
+
+    monkeypatch.setattr(fitting, "estimate", remembered_step)
+    monkeypatch.setattr(fitting, "estimate_inference", remembered_inference)
 
 
 def _budget(config_path: Path, overrides: list[str]) -> str:
@@ -44,16 +74,19 @@ def _budget(config_path: Path, overrides: list[str]) -> str:
 def _agree(config_path: Path, overrides: list[str], tmp_path: Path) -> None:
     runner = CliRunner()
     budget = _budget(config_path, overrides)
+    # One short run on the CPU; both commands are given the same config and overrides, as a user
+    # would. Validation's windows do not overlap: a fraction of the sliding-window work, and the
+    # same memory (validation's buffers and activations do not depend on the overlap).
+    overrides = [
+        *overrides, "--set", "train.epochs=1", "--set", "train.iterations_per_epoch=1", "--set", "train.workers=0",
+        "--set", "train.device=cpu", "--set", "train.compile=off", "--set", "validate.sw_batch_size=1",
+        "--set", "validate.overlap=0", "--set", f"output_dir={tmp_path / 'runs'}", "--set", "run_name=run",
+    ]
     said = runner.invoke(app, ["memory", str(config_path), *overrides, "--gpu-memory", budget, "--json"])
     assert said.exit_code == 0, said.output
     chosen = json.loads(said.output)["fit"]
     assert "error" not in chosen, chosen
-    ran = runner.invoke(app, [
-        "train", str(config_path), *overrides, "--gpu-memory", budget,
-        "--set", "train.epochs=1", "--set", "train.iterations_per_epoch=1", "--set", "train.workers=0",
-        "--set", "train.device=cpu", "--set", "train.compile=off", "--set", "validate.sw_batch_size=1",
-        "--set", f"output_dir={tmp_path / 'runs'}", "--set", "run_name=run",
-    ])
+    ran = runner.invoke(app, ["train", str(config_path), *overrides, "--gpu-memory", budget])
     assert ran.exit_code == 0, ran.output
     recorded = yaml.safe_load((tmp_path / "runs" / "run" / "config.yaml").read_text(encoding="utf-8"))
     assert (recorded["train"]["patch_size"], recorded["train"]["batch_size"], recorded["model"]["checkpointing"]) == (
