@@ -187,6 +187,11 @@ def _declared_storages(path: Path, payload: bytes) -> list[tuple[str, str, int]]
     return lister.storages
 
 
+# Files `medseg train` writes into a run folder from its start on (train.log first, config.yaml once
+# the data is planned); last.pt follows at the first save.
+RUN_FILES = ("last.pt", "config.yaml", "train.log")
+
+
 def load_for_resume(run_dir: Path) -> dict[str, Any]:
     """The checkpoint `medseg train --resume RUN_DIR` continues from, with messages that say what
     to do when the folder is not a run or holds no checkpoint yet."""
@@ -194,6 +199,10 @@ def load_for_resume(run_dir: Path) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run folder (--resume takes a folder medseg train created)")
     if not (run_dir / "last.pt").is_file():
+        if not any((run_dir / name).is_file() for name in RUN_FILES):
+            # Not one of medseg's runs (a dataset folder, say): never advise removing it.
+            raise CheckpointError(f"{run_dir}: not a run folder (it holds no {', '.join(RUN_FILES)}); "
+                                  "--resume takes a folder medseg train created")
         raise CheckpointError(no_checkpoint_yet(run_dir))
     return load(run_dir / "last.pt")
 

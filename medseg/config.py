@@ -281,15 +281,42 @@ def _check(values: dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: {exc}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (plain YAML keeps the last
+    silently, so a second `train:` section would hide the first)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *anchor` merges, and explicit keys may override what it brings
+                key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, str):
+                    continue  # config keys are names; anything else is refused later as unknown
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a safe loader
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: YAML syntax error{where}") from None
+        # A constructor's problem (a key given twice, a tag YAML's safe loader refuses) says more
+        # than "syntax error".
+        what = exc.problem if isinstance(exc, yaml.constructor.ConstructorError) and exc.problem else "YAML syntax error"
+        raise ConfigError(f"{path}: {what}{where}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,7 +70,17 @@ def find_dataset(root: str | Path) -> DatasetInfo:
         info = _from_pairs(root)
     if not info.cases:
         raise DataError(f"{root}: no cases found (expected dataset.json with imagesTr/labelsTr, or image/label pairs)")
+    _check_unique_names(info.cases, description if description.is_file() else root)
     return info
+
+
+def _check_unique_names(cases: tuple[Case, ...], source: Path) -> None:
+    """Each case once: a case listed twice could land in one fold's training and its validation."""
+    counts = Counter(case.name for case in cases)
+    twice = sorted(name for name, count in counts.items() if count > 1)
+    if twice:
+        raise DataError(f"{source}: case{'s' if len(twice) > 1 else ''} {', '.join(repr(n) for n in twice)} "
+                        "listed more than once (each case may appear once)")
 
 
 def split(cases: tuple[Case, ...] | list[Case], folds: int, fold: int, seed: int) -> tuple[list[Case], list[Case]]:
