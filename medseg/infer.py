@@ -492,6 +492,7 @@ def _load_case(case: Any, predictor: "Predictor | Ensemble",
     from medseg.data.transforms import preprocessing
 
     check_image(case.images, case.series_uid)  # medseg's own message for a 2D or unusable header
+    check_resampled_size(case, predictor.prep.spacing)
     chain = preprocessing(predictor.prep, with_label=False, series_uid=case.series_uid)
     read = 1 + next(i for i, step in enumerate(chain.transforms) if isinstance(step, T.LoadImaged))
     try:
@@ -515,6 +516,25 @@ def _load_case(case: Any, predictor: "Predictor | Ensemble",
         # A NaN anywhere spreads through normalisation: the prediction would be all background.
         raise DataError(f"{case.source}: NaN or infinite intensities; fix or replace them before inference")
     return image, chain
+
+
+def check_resampled_size(case: Any, spacing: Sequence[float]) -> None:
+    """DataError naming the input, from its header alone, if it would hold more voxels at the
+    model's `spacing` than medseg preprocesses per case: the rule `medseg plan` and `train` apply
+    to training cases (`check_resampled_sizes`), here before resampling allocates anything. A
+    header's spacing 35 times too coarse would otherwise ask for tens of gigabytes."""
+    from medseg.data.checks import CaseSummary, DatasetCheckError
+    from medseg.data.fingerprint import check_resampled_sizes
+    from medseg.data.io import read_header
+
+    header = read_header(case.images[0], series_uid=case.series_uid)
+    channels = len(case.images) if len(case.images) > 1 else header.channels
+    summary = CaseSummary(case.source, tuple(header.shape[:3]), tuple(header.spacing[:3]), header.affine,
+                          channels, ())
+    try:
+        check_resampled_sizes([summary], spacing)
+    except DatasetCheckError as exc:
+        raise DataError(exc.problems[0]) from None
 
 
 def _preprocessing_device(predictor: "Predictor | Ensemble", image: MetaTensor) -> torch.device:

@@ -74,16 +74,18 @@ def find_inputs(paths: Sequence[Path], channels: int, include: Sequence[str] = (
 
 def group_channels(files: Sequence[Path], channels: int) -> list[InferenceInput]:
     """Inputs from image files: `<case>_0000`, `<case>_0001`, ... of a `channels`-channel model
-    together, every other file on its own."""
-    groups: dict[str, list[Path]] = {}
+    together, every other file on its own. A file on its own is keyed by its path: `case.mha` and
+    `case.nrrd` (or `case.nii.gz` and `case_0000.nii.gz`) are two inputs of one name, which
+    `segment_inputs` refuses to write twice, rather than one of them dropped here."""
+    groups: dict[tuple[str, str], list[Path]] = {}
     for path in files:
         match = CHANNEL.match(case_name(path))
         if match and (channels > 1 or match["channel"] == "0000"):
-            groups.setdefault(str(path.parent / match["case"]), []).append(path)
+            groups.setdefault((str(path.parent), match["case"]), []).append(path)
         else:
-            groups[str(path.parent / case_name(path))] = [path]
+            groups[(str(path), case_name(path))] = [path]
     # A wrong number of channel files is reported when the case is loaded, per input.
-    return [InferenceInput(Path(key).name, tuple(sorted(members))) for key, members in groups.items()]
+    return [InferenceInput(name, tuple(sorted(members))) for (_, name), members in groups.items()]
 
 
 def safe_name(text: str) -> str:
