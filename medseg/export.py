@@ -13,7 +13,12 @@ A model archive is a zip a colleague runs with `medseg infer model.zip ...` on a
 
 Loading an archive executes nothing it holds: no pickle, only JSON and raw tensor bytes. Member
 names come from a fixed list (no path leads outside, nothing is extracted to disk), every size is
-bounded and checked against the archive and the tensor index before anything is decompressed.
+bounded and checked against the archive and the tensor index before anything is decompressed, and
+every value of the JSON members (config, preprocessing, class names) is checked when it loads
+(`check_config`, `check_preprocessing`, the same checks a checkpoint's records get in `load_checkpoint`).
+
+Export never replaces a file: an output that exists, above all a checkpoint being exported, is
+refused before anything is written (for networks: every fold's file and its sidecar).
 
 TorchScript and ONNX exports hold one network each (one file per fold), in eval mode, in fp32:
 input the preprocessed patch `(batch, channels, x, y, z)` (any batch; ONNX: any spatial size the
@@ -26,6 +31,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import os
 import re
 import warnings
 import zipfile
@@ -122,24 +129,42 @@ def export(run: Path, fmt: str, out: Path | None = None) -> list[Exported]:
         recorded = base / "postprocessing.json" if run.is_dir() else None
         write_model_archive(checkpoints, out, recorded if recorded is not None and recorded.is_file() else None)
         return [Exported(out)]
-    from medseg import checkpoint
-
-    written = []
-    for path in checkpoints:
-        state = checkpoint.load(path)
+    states, targets = [load_checkpoint(path) for path in checkpoints], []
+    for path, state in zip(checkpoints, states):
         fold = int(state["config"]["data"]["fold"])
         stem, dot, suffixes = out.name.partition(".")
-        target = out if len(checkpoints) == 1 else out.with_name(f"{stem}_fold{fold}{dot}{suffixes}")
-        written.append(export_network(state, target, fmt, fold))
-    return written
+        targets.append(out if len(checkpoints) == 1 else out.with_name(f"{stem}_fold{fold}{dot}{suffixes}"))
+        if targets[-1] in targets[:-1]:
+            raise CheckpointError(f"{path}: fold {fold} given twice")
+    # Every file of every fold is checked before the first is written: a refusal writes nothing.
+    refuse_existing([p for target in targets for p in (target, sidecar_path(target))], checkpoints)
+    return [export_network(state, target, fmt, int(state["config"]["data"]["fold"]))
+            for state, target in zip(states, targets)]
+
+
+def refuse_existing(paths: Sequence[Path], checkpoints: Sequence[Path] = ()) -> None:
+    """MedsegError naming the first of `paths` that exists (a link too, even a dangling one):
+    export never replaces a file, least of all one of the `checkpoints` it reads."""
+    for path in paths:
+        if os.path.lexists(path):
+            what = ("is a checkpoint being exported" if any(Path(path).resolve() == Path(c).resolve() for c in checkpoints)
+                    else "exists")
+            raise MedsegError(f"{path}: {what}; medseg export never overwrites a file (remove it or give another --out)")
+
+
+def sidecar_path(network: Path) -> Path:
+    """`<stem>.preprocessing.json` beside an exported network file."""
+    return network.with_name(f"{_split_name(network)[0]}.preprocessing.json")
 
 
 def write_model_archive(checkpoints: Sequence[Path], out: Path, postprocessing: Path | None = None) -> Path:
-    """Write the model archive of `checkpoints` (the folds of one model) to `out`, atomically."""
-    from medseg import __version__, checkpoint
+    """Write the model archive of `checkpoints` (the folds of one model) to `out`, atomically;
+    refused if `out` exists (`refuse_existing`)."""
+    from medseg import __version__
     from medseg.files import atomic_write_with
 
-    states = [checkpoint.load(path) for path in checkpoints]
+    refuse_existing([out], checkpoints)
+    states = [load_checkpoint(path) for path in checkpoints]
     first = states[0]
     for path, state in zip(checkpoints[1:], states[1:]):
         if state["preprocessing"] != first["preprocessing"] or state["config"]["model"] != first["config"]["model"]:
@@ -193,7 +218,13 @@ def load_model_archive(path: Path | str) -> ModelArchive:
             manifest = _member_json(path, archive, infos, "manifest.json")
             _check_manifest(path, manifest, infos)
             cfg, prep = (_member_json(path, archive, infos, name) for name in ("config.json", "preprocessing.json"))
+            check_config(f"{path}: config.json", cfg)
+            check_preprocessing(f"{path}: preprocessing.json", prep)
             names = _member_json(path, archive, infos, "classes.json")
+            if not (isinstance(names, list) and len(names) == prep["num_classes"]
+                    and all(isinstance(n, str) for n in names)):
+                raise CheckpointError(f"{path}: classes.json is not a list of {prep['num_classes']} class names "
+                                      "(num_classes in preprocessing.json)")
             postprocessing = (_member_json(path, archive, infos, "postprocessing.json")
                               if "postprocessing.json" in infos else None)
             checkpoints = []
@@ -204,17 +235,80 @@ def load_model_archive(path: Path | str) -> ModelArchive:
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
         raise CheckpointError(f"{path}: not a readable model archive ({exc.__class__.__name__}: "
                               f"{str(exc).splitlines()[0][:120] if str(exc) else 'unreadable'})") from None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise CheckpointError(f"{path}: classes.json is not a list of class names")
     return ModelArchive(manifest, checkpoints, names, postprocessing)
 
 
 def load_states(path: Path | str) -> list[dict[str, Any]]:
     """The checkpoint-like states of a model archive (one per fold) or of one checkpoint file, loaded
     safely either way: what `medseg.infer` builds its networks from."""
+    return load_model_archive(path).checkpoints if is_model_archive(path) else [load_checkpoint(Path(path))]
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """`medseg.checkpoint.load`, then its config and preprocessing record checked as an archive's are."""
     from medseg import checkpoint
 
-    return load_model_archive(path).checkpoints if is_model_archive(path) else [checkpoint.load(Path(path))]
+    state = checkpoint.load(path)
+    check_config(f"{path}: its config", state["config"])
+    check_preprocessing(f"{path}: its preprocessing", state.get("preprocessing"))
+    return state
+
+
+def check_config(source: str, values: Any) -> None:
+    """CheckpointError naming `source` unless `values` is a config medseg's config loader accepts."""
+    from medseg import config
+    from medseg.errors import ConfigError
+
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{source}: expected a mapping of config sections, got {type(values).__name__}")
+    try:
+        config.from_dict(values)
+    except ConfigError as exc:
+        raise CheckpointError(f"{source}: not a config medseg loads ({str(exc).splitlines()[0][:200]})") from None
+
+
+def check_preprocessing(source: str, values: Any) -> None:
+    """CheckpointError naming `source` and the key unless `values` is a preprocessing record
+    (`medseg.data.transforms.Preprocessing.to_dict`) that medseg's transforms can run: spacing three
+    positive finite numbers, a known normalisation with the per-channel statistics ct needs,
+    counts in range, labels a mapping of class values to names."""
+    from dataclasses import MISSING, fields
+
+    from medseg.config import CHOICES
+    from medseg.data.checks import MAX_LABEL
+    from medseg.data.transforms import Preprocessing
+
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{source}: expected a mapping of preprocessing keys, got {type(values).__name__}")
+    known = [f.name for f in fields(Preprocessing)]
+    required = [f.name for f in fields(Preprocessing) if f.default is MISSING and f.default_factory is MISSING]
+    for key in [k for k in values if k not in known] + [k for k in required if k not in values]:
+        raise CheckpointError(f"{source}: {'missing' if key in known else 'unknown'} key {str(key)[:40]!r}")
+
+    def expect(key: str, ok: bool, what: str) -> None:
+        if not ok:
+            raise CheckpointError(f"{source}: '{key}' must be {what}, got {json.dumps(values.get(key))[:80]}")
+
+    expect("spacing", _finite_numbers(values["spacing"], 3) and min(values["spacing"]) > 0,
+           "three positive finite numbers (mm)")
+    expect("channels", _whole(values["channels"]) and values["channels"] >= 1, "a positive whole number")
+    expect("num_classes", _whole(values["num_classes"]) and 2 <= values["num_classes"] <= MAX_LABEL + 1,
+           f"a whole number from 2 to {MAX_LABEL + 1}")
+    schemes = [s for s in CHOICES["data.normalization"] if s != "auto"]
+    expect("normalization", values["normalization"] in schemes, f"one of {', '.join(schemes)}")
+    for key in ("clip_low", "clip_high", "mean", "std"):
+        # ct needs each statistic for every channel; the other schemes use none.
+        count = values["channels"] if values["normalization"] == "ct" else None
+        if key in values or count is not None:
+            expect(key, _finite_numbers(values.get(key), count),
+                   f"one finite number per channel ({count}) for ct normalisation" if count else "a list of numbers")
+    if "crop_foreground" in values:
+        expect("crop_foreground", isinstance(values["crop_foreground"], bool), "true or false")
+    if "labels" in values:
+        labels = values["labels"]
+        expect("labels", isinstance(labels, dict) and all(
+            _class_value(k, values["num_classes"]) and isinstance(v, str) for k, v in labels.items()),
+            f"a mapping of class values (0 to {values['num_classes'] - 1}) to names")
 
 
 def export_network(state: dict[str, Any], out: Path, fmt: str, fold: int | None = None) -> Exported:
@@ -223,6 +317,7 @@ def export_network(state: dict[str, Any], out: Path, fmt: str, fold: int | None 
     that it computes PyTorch's logits on a random batch of two patches (`TOLERANCE`)."""
     from medseg.files import atomic_write
 
+    refuse_existing([out, sidecar_path(out)])
     model, patch, channels = _eval_network(state)
     torch.manual_seed(0)
     traced_on = torch.randn(1, channels, *patch)
@@ -248,7 +343,7 @@ def export_network(state: dict[str, Any], out: Path, fmt: str, fold: int | None 
         raise MedsegError(f"{out}: the {fmt} network's logits differ from PyTorch's by {difference:.3g} "
                           f"(more than {limit:.3g}); not written")
     atomic_write(out, payload)
-    sidecar = out.with_name(f"{_split_name(out)[0]}.preprocessing.json")
+    sidecar = sidecar_path(out)
     atomic_write(sidecar, _json_bytes(_sidecar(state, fmt, out.name)))
     return Exported(out, fold, difference, sidecar)
 
@@ -448,6 +543,21 @@ def _check_entry(path: Path, member: str, entry: Any, offset: int) -> None:
           and entry.get("offset") == offset and isinstance(entry.get("nbytes"), int))
     if not ok or int(np.prod(entry["shape"], dtype=np.int64)) * DTYPES[entry["dtype"]].itemsize != entry["nbytes"]:
         raise CheckpointError(f"{path}: refused: malformed tensor entry in the index of {member}: {str(entry)[:100]}")
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite_numbers(value: Any, count: int | None) -> bool:
+    return (isinstance(value, (list, tuple)) and (count is None or len(value) == count)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+
+
+def _class_value(key: Any, num_classes: int) -> bool:
+    """A label key as `Preprocessing.to_dict` writes it (a decimal string; an int in memory)."""
+    text = str(key) if _whole(key) else key
+    return isinstance(text, str) and text.isdecimal() and text.isascii() and int(text) < num_classes
 
 
 def _json_bytes(value: Any) -> bytes:
