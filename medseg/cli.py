@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from medseg.errors import MedsegError, StopSignal, TrainingInterrupted
+from medseg.quiet import hide_known_warnings
 from medseg.stopping import stopping_at_once
 
 app = typer.Typer(
@@ -45,6 +46,10 @@ def _main(
 ) -> None:
     """Train 3D medical image segmentation networks and run them on new scans."""
     ctx.meta[_DEBUG] = debug
+    hide_known_warnings()  # before the commands import MONAI, whose imports print some of them
+    # MLflow, imported with MONAI where it is installed, would record an installation id in the
+    # home folder at import (its telemetry); a user's own setting is kept.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # SIGTERM (a scheduler's) ends any command as Ctrl-C does: exit code 130, no traceback; every
     # file medseg writes is renamed into place complete, so what was written before stays whole.
     ctx.with_resource(stopping_at_once("before the command finished; the files written before it are complete"))
@@ -310,7 +315,8 @@ def infer(
         console.print(table)
         failed = sum(r.error is not None for r in results)
         if failed:
-            errors.print(f"{failed} of {len(results)} inputs failed")
+            if len(results) > 1:  # each failure had its own line; one input's needs no summary
+                errors.print(f"{failed} of {len(results)} inputs failed")
             raise typer.Exit(code=2)
 
 

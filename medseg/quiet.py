@@ -1,4 +1,5 @@
-"""PyTorch's known harmless notes, kept from the user: the one list of them.
+"""Known harmless notes of PyTorch and of the libraries MONAI imports, kept from the user: the one
+list of them.
 
 Each is matched by its exact text, so that any other warning still shows.
 """
@@ -17,6 +18,10 @@ KNOWN_WARNINGS = (
 KNOWN_LOG_NOTES = (
     # Selective checkpointing under torch.compile: medseg's checkpointed blocks hold no in-place ops.
     ("torch._higher_order_ops.wrap", "Detected that context_fn is passed to torch.utils.checkpoint under torch.compile"),
+    # matplotlib (imported with MONAI) falls back to a temporary cache folder when the home folder
+    # is not writable; its two notes would come before every message of medseg's.
+    ("matplotlib", "mkdir -p failed for path"),
+    ("matplotlib", "Matplotlib created a temporary cache directory"),
 )
 
 

@@ -1,0 +1,39 @@
+"""What the libraries medseg imports (MONAI, and through it matplotlib and MLflow) would print or
+record on their own: an error stays one line whatever the home folder, and no telemetry is kept."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.trained_run import SAMPLE, trained_run
+
+
+def _medseg(args: list[str], home) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("MPLCONFIGDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")}
+    return subprocess.run([sys.executable, "-m", "medseg", *args], capture_output=True, encoding="utf-8",
+                          errors="replace", env={**env, "HOME": str(home), "PYTHONIOENCODING": "utf-8"}, timeout=300)
+
+
+def test_an_error_is_one_line_when_the_home_folder_cannot_be_written(tmp_path, tmp_path_factory):
+    run = trained_run(tmp_path_factory)
+    home = tmp_path / "home"
+    home.write_text("a file, so no folder can be made below it\n", encoding="utf-8")
+    # An input that exists but is no image: it is read (MONAI, matplotlib imported) before it fails.
+    (tmp_path / "junk.nii.gz").write_bytes(b"not an image")
+    done = _medseg(["infer", str(run), str(tmp_path / "junk.nii.gz"), "-o", str(tmp_path / "out")], home)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "junk.nii.gz" in lines[0], done.stderr
+
+
+def test_no_telemetry_is_recorded_in_the_home_folder(tmp_path, tmp_path_factory):
+    run = trained_run(tmp_path_factory)
+    home = tmp_path / "home"
+    home.mkdir()
+    image = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
+    done = _medseg(["infer", str(run), str(image), "-o", str(tmp_path / "out"), "--device", "cpu"], home)
+    assert done.returncode == 0, done.stderr
+    assert not (home / ".config" / "mlflow").exists(), sorted(str(p) for p in home.rglob("*"))
