@@ -98,8 +98,8 @@ def resolve_model(paths: Sequence[Path]) -> Model:
     cross-validation folder (every fold's best.pt, and its postprocessing.json); a model archive
     (`medseg export`, every fold it holds, and its postprocessing). A postprocessing decision is
     taken only from a single path (several paths: members of different origins)."""
-    from medseg import checkpoint, postprocessing
-    from medseg.export import is_model_archive, load_model_archive, run_checkpoints
+    from medseg import postprocessing
+    from medseg.export import is_model_archive, load_checkpoint, load_model_archive, run_checkpoints
 
     states, sources, decisions = [], [], []
     for path in map(Path, paths):
@@ -110,7 +110,7 @@ def resolve_model(paths: Sequence[Path]) -> Model:
             decisions.append((archive.postprocessing, str(path)) if archive.postprocessing else None)
             continue
         files = run_checkpoints(path)
-        states += [checkpoint.load(f) for f in files]
+        states += [load_checkpoint(f) for f in files]  # its config and preprocessing checked, as an archive's
         sources += [str(f) for f in files]
         recorded = path / postprocessing.FILE_NAME if path.is_dir() else None
         decisions.append((postprocessing.read(recorded), str(recorded))

@@ -118,3 +118,17 @@ def test_hostile_archive_values_are_refused_in_one_line(archive, tmp_path, case)
     result = runner.invoke(app, ["infer", str(target), IMAGE, "-o", str(tmp_path / "out"), "--device", "cpu"])
     _one_line(result, str(target), member, reason)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["spacing-zero", "normalization-bogus", "labels-list"])
+def test_a_checkpoint_file_with_bad_preprocessing_values_is_refused_by_infer(run, tmp_path, case):
+    from medseg import checkpoint
+
+    _, reason, change = HOSTILE[case]
+    state = checkpoint.load(run / "best.pt")
+    state["preprocessing"] = change(dict(state["preprocessing"]))
+    target = tmp_path / "hostile.pt"
+    checkpoint.save(state, target)
+    result = runner.invoke(app, ["infer", str(target), IMAGE, "-o", str(tmp_path / "out"), "--device", "cpu"])
+    _one_line(result, str(target), reason)
+    assert not (tmp_path / "out").exists()
