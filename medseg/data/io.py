@@ -18,10 +18,14 @@ import io
 import itertools
 import multiprocessing
 import os
+import re
 import signal
 import sys
+import tempfile
+import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -34,7 +38,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from nibabel.wrapstruct import WrapStructError
 
-from medseg.data.datafiles import check_data_files
+from medseg.data.datafiles import MAX_HEADER_BYTES, check_data_files
 from medseg.data.grid import grid_difference
 from medseg.errors import DataError
 from medseg.files import atomic_write
@@ -52,9 +56,13 @@ __all__ = [
     "is_sitk_path",
     "load_volume",
     "map_cases",
+    "nifti_array",
     "read_header",
+    "SitkSource",
     "sitk_read",
+    "sitk_source",
     "sitk_volume",
+    "sitk_voxels",
     "spacing_in_ras",
     "stack_channels",
     "usable_cpus",
@@ -334,6 +342,24 @@ def sitk_read(name: str, series_uid: str | None) -> sitk.Image:
     Raises:
         DataError: the path is missing, not one of these formats, or unreadable.
     """
+    return sitk_voxels(sitk_source(name, series_uid))
+
+
+class SitkSource(NamedTuple):
+    """A SimpleITK reader set up for one path, its header checks passed, no voxel read yet."""
+
+    name: str
+    reader: Any  # SimpleITK.ImageFileReader or ImageSeriesReader
+    files: tuple[str, ...]  # a DICOM series' slice files; () for one file
+
+
+def sitk_source(name: str, series_uid: str | None) -> SitkSource:
+    """The first half of :func:`sitk_read`: the path checked and a reader set up for it.
+
+    Raises:
+        DataError: the path is missing, not one of SimpleITK's formats here, or its DICOM series
+            cannot be chosen or does not lie on one grid.
+    """
     import SimpleITK as sitk
 
     _check_readable(name)
@@ -342,16 +368,60 @@ def sitk_read(name: str, series_uid: str | None) -> sitk.Image:
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(list(files))
         reader.MetaDataDictionaryArrayUpdateOff()
-    elif _has_suffix(name, SITK_SUFFIXES):
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(name)
-    else:
+        return SitkSource(name, reader, files)
+    if not _has_suffix(name, SITK_SUFFIXES):
         raise DataError(f"{name}: not a SimpleITKReader format ({', '.join(SITK_SUFFIXES)} or a directory)")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(name)
+    return SitkSource(name, reader, ())
+
+
+def sitk_voxels(source: SitkSource) -> sitk.Image:
+    """The second half of :func:`sitk_read`: the voxels read.
+
+    A MetaImage file's data are checked first (its length, and a compressed stream to its end),
+    since ITK reads missing or undecodable data as zeros and only prints a warning.
+
+    Raises:
+        DataError: the data are truncated, corrupt or otherwise unreadable.
+    """
+    if not source.files and _has_suffix(source.name, (".mha", ".mhd")):
+        _check_metaimage_data(source.name)
     try:
-        return reader.Execute()
+        with _itk_output_held():
+            return source.reader.Execute()
     except RuntimeError as exc:
-        culprit = _unreadable_slice(files) if os.path.isdir(name) else None
-        raise DataError(f"{culprit or name}: {_short_reason(exc)}") from exc
+        if source.files:
+            culprit = _unreadable_slice(source.files)
+            raise DataError(f"{culprit or source.name}: {_short_reason(exc)}") from exc
+        raise DataError(f"{source.name}: voxel data truncated or unreadable ({_itk_reason(exc)})") from exc
+
+
+def nifti_array(image: nib.Nifti1Image) -> np.ndarray:
+    """``np.asanyarray(image.dataobj)`` (the array MONAI's ``NibabelReader`` reads), a gzip-compressed
+    file checked to its end.
+
+    nibabel stops decompressing once it has the voxels, so gzip never reaches the trailer with the
+    CRC and length of the data, and a file altered inside a stored block reads without a complaint.
+    Here the voxels are read through one gzip stream that then goes on to its end, which makes
+    Python's gzip check that trailer: the voxels are decompressed once, with only the bytes after
+    them (normally none) added.
+
+    Raises:
+        DataError: the gzip data are corrupt or truncated.
+    """
+    proxy = image.dataobj
+    name = getattr(proxy, "file_like", None)
+    if not isinstance(proxy, nib.arrayproxy.ArrayProxy) or not isinstance(name, str) or not _is_gzip(name):
+        return np.asanyarray(proxy)
+    spec = (proxy.shape, proxy.dtype, proxy.offset, proxy.slope, proxy.inter)
+    try:
+        with nib.openers.ImageOpener(name) as stream:
+            array = np.asanyarray(type(proxy)(stream, spec, mmap=False, order=proxy.order))
+            _read_to_end(name, stream)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataError(f"{name}: corrupt or truncated gzip data ({exc or type(exc).__name__})") from exc
+    return array
 
 
 def c_order(array: np.ndarray, dtype: np.dtype | type | str | None = None) -> np.ndarray:
@@ -488,6 +558,153 @@ def _tiles(shape: Sequence[int], fast_axes: Sequence[int]) -> Iterator[tuple[sli
         yield tuple(slice(start, start + step) for start, step in zip(corner, steps))
 
 
+# MetaImage element types and their bytes per component, as MetaIO stores them (MET_LONG is 4).
+_MET_BYTES = {
+    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+    "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8,
+}
+# zlib's window bits for a zlib or a gzip header, as MetaIO inflates compressed data.
+_ZLIB_OR_GZIP = zlib.MAX_WBITS | 32
+_CHUNK = 1 << 20
+
+# One read at a time holds the process's stderr (see _itk_output_held).
+_STDERR_LOCK = threading.Lock()
+
+
+@contextmanager
+def _itk_output_held() -> Iterator[None]:
+    """Keep ITK's own complaints off stderr while it reads; medseg's one line says what failed.
+
+    ITK's warnings obey ``SetGlobalWarningDisplay``, but MetaIO writes straight to the process's
+    stderr ("M_ReadElementsData: data not read completely", "Uncompress failed"), so file
+    descriptor 2 goes to a temporary file meanwhile. After a read that succeeded, what was written
+    there is passed on (another thread may have written it); after one that failed, it is dropped.
+    """
+    import SimpleITK as sitk
+
+    with _STDERR_LOCK, tempfile.TemporaryFile() as held:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+        succeeded = False
+        try:
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)
+            os.dup2(held.fileno(), 2)
+            yield
+            succeeded = True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+            if succeeded:
+                held.seek(0)
+                while chunk := held.read(_CHUNK):
+                    os.write(2, chunk)
+
+
+def _itk_reason(exc: RuntimeError) -> str:
+    """ITK's message without its source location and object address ("MetaImageIO(0x55...): ")."""
+    reason = _short_reason(exc)[len("cannot read ("):-1]
+    return re.sub(r"\b(\w+)\(0x[0-9a-fA-F]+\): ", r"\1: ", reason)
+
+
+class _MetaLayout(NamedTuple):
+    data_file: str
+    offset: int  # where the element data begin in data_file
+    compressed: bool
+    compressed_size: int | None  # CompressedDataSize, when the header gives it
+    expected: int  # bytes of the (decompressed) element data
+
+
+def _check_metaimage_data(name: str) -> None:
+    """Refuse MetaImage element data that are shorter than the header says, or a compressed stream
+    that does not inflate to exactly that length; ITK would fill the rest with zeros.
+
+    The stream is inflated in bounded memory, its output counted and dropped. Layouts this does
+    not follow (a LIST of slice files, a file pattern, HeaderSize) are left to ITK.
+    """
+    layout = _metaimage_layout(name)
+    if layout is None:
+        return
+    available = max(os.path.getsize(layout.data_file) - layout.offset, 0)
+    if not layout.compressed:
+        if available < layout.expected:
+            raise DataError(f"{name}: voxel data truncated ({available:,} of the {layout.expected:,} bytes "
+                            f"its header describes)")
+        return
+    size = available if layout.compressed_size is None else layout.compressed_size
+    if size > available:
+        raise DataError(f"{name}: compressed data truncated ({available:,} of the {size:,} bytes of "
+                        f"CompressedDataSize)")
+    produced, complete = _inflate(name, layout.data_file, layout.offset, size, layout.expected)
+    if produced > layout.expected:
+        raise DataError(f"{name}: compressed data inflate to more than the {layout.expected:,} bytes "
+                        f"its header describes")
+    if not complete or produced < layout.expected:
+        raise DataError(f"{name}: compressed data truncated or corrupt (they end after {produced:,} of "
+                        f"the {layout.expected:,} bytes its header describes)")
+
+
+def _inflate(name: str, data_file: str, offset: int, size: int, limit: int) -> tuple[int, bool]:
+    """How many bytes `size` bytes of zlib/gzip data at `offset` inflate to (counting stops past
+    `limit`), and whether the stream is complete (its end and checksum reached)."""
+    inflate = zlib.decompressobj(_ZLIB_OR_GZIP)
+    produced = 0
+    with open(data_file, "rb") as stream:
+        stream.seek(offset)
+        left = size
+        try:
+            while left > 0 and not inflate.eof and produced <= limit:
+                data = stream.read(min(left, _CHUNK))
+                left -= len(data)
+                while data and not inflate.eof and produced <= limit:
+                    produced += len(inflate.decompress(data, _CHUNK))
+                    data = inflate.unconsumed_tail
+        except zlib.error as exc:
+            raise DataError(f"{name}: compressed data are corrupt ({exc})") from exc
+    return produced, inflate.eof
+
+
+def _metaimage_layout(name: str) -> _MetaLayout | None:
+    """Where a MetaImage file keeps its element data and how long they are, from its text header
+    (None: a layout left to ITK, or a header ITK's own reading judges)."""
+    with open(name, "rb") as stream:
+        head = stream.read(MAX_HEADER_BYTES)
+    fields: dict[str, str] = {}
+    offset = 0
+    for line in head.splitlines(keepends=True):
+        offset += len(line)
+        key, separator, value = line.decode("latin-1").partition("=")
+        if not separator:
+            continue
+        fields[key.strip().lower()] = value.strip()
+        if key.strip().lower() == "elementdatafile":
+            break
+    else:
+        return None
+    try:
+        dims = [int(n) for n in fields.get("dimsize", "").split()]
+        channels = int(fields.get("elementnumberofchannels", "1"))
+        element = _MET_BYTES[fields.get("elementtype", "").upper()]
+        compressed_size = int(fields["compresseddatasize"]) if "compresseddatasize" in fields else None
+        header_size = int(fields.get("headersize", "0"))
+    except (ValueError, KeyError):
+        return None
+    source = fields["elementdatafile"]
+    if not dims or header_size or source.upper().startswith("LIST") or "%" in source:
+        return None
+    if source.upper() == "LOCAL":
+        source = name
+    else:
+        source, offset = os.path.join(os.path.dirname(name), source), 0
+        if not os.path.isfile(source):
+            return None  # ITK says the data file is missing
+    _check_size(name, dims[:3], channels * int(np.prod(dims[3:], dtype=np.int64)))
+    compressed = fields.get("compresseddata", "false").lower() == "true"
+    expected = int(np.prod(dims, dtype=np.int64)) * channels * element
+    return _MetaLayout(source, offset, compressed, compressed_size, expected)
+
+
 def _check_size(name: str, shape: Sequence[int], channels: int) -> None:
     voxels = int(np.prod([int(n) for n in shape], dtype=np.float64) * max(int(channels), 1))
     if voxels > MAX_VOXELS:
@@ -506,6 +723,21 @@ def _check_voxel_type(name: str, dtype: np.dtype) -> None:
     if dtype.fields is not None or dtype.kind not in "biuf":
         raise DataError(f"{name}: {_dtype_text(dtype)} voxels; medseg reads scalar images "
                         f"(one number per voxel and channel), not RGB or structured data")
+
+
+def _is_gzip(name: str) -> bool:
+    return name.lower().endswith(".gz")  # nibabel's openers choose gzip by this suffix too
+
+
+def _read_to_end(name: str, stream: Any) -> None:
+    """Read an open gzip stream to its end (Python's gzip then checks its CRC and length), keeping
+    nothing. Data after the voxels are bounded as the extensions before them are: a few bytes of
+    gzip could otherwise decompress for hours there."""
+    left = MAX_NIFTI_EXTENSION_BYTES
+    while chunk := stream.read(min(left + 1, 1 << 20)):
+        left -= len(chunk)
+        if left < 0:
+            raise DataError(f"{name}: more than {MAX_NIFTI_EXTENSION_BYTES:,} bytes of data after the voxels")
 
 
 def _dtype_text(dtype: np.dtype) -> str:
@@ -664,7 +896,7 @@ def _nifti_volume(image: nib.Nifti1Image) -> Volume:
     dim = image.header["dim"]
     rank = max(min(int(dim[0]), 3), 1)
     spatial_shape = tuple(int(n) for n in dim[1 : rank + 1])
-    return Volume(np.asanyarray(image.dataobj), affine, spatial_shape)
+    return Volume(nifti_array(image), affine, spatial_shape)
 
 
 def _nifti_affine(image: nib.Nifti1Image) -> np.ndarray:
@@ -769,7 +1001,8 @@ def _read_information(name: str) -> "sitk.ImageFileReader":
     reader = sitk.ImageFileReader()
     reader.SetFileName(name)
     try:
-        reader.ReadImageInformation()
+        with _itk_output_held():
+            reader.ReadImageInformation()
     except RuntimeError as exc:
         raise DataError(f"{name}: {_short_reason(exc)}") from exc
     return reader

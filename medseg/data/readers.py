@@ -27,7 +27,18 @@ from monai.data import ImageReader
 from monai.data import NibabelReader as MonaiNibabelReader
 from monai.utils import MetaKeys, SpaceKeys
 
-from medseg.data.io import PathLike, as_paths, c_order, is_sitk_path, sitk_read, sitk_volume, stack_channels
+from medseg.data.io import (
+    PathLike,
+    SitkSource,
+    as_paths,
+    c_order,
+    is_sitk_path,
+    nifti_array,
+    sitk_source,
+    sitk_volume,
+    sitk_voxels,
+    stack_channels,
+)
 from medseg.errors import DataError, doing
 
 __all__ = ["NibabelReader", "SimpleITKReader", "readers"]
@@ -50,6 +61,11 @@ class NibabelReader(MonaiNibabelReader):
         """MONAI's ``get_data``, its array in C order and of `dtype`."""
         array, meta = super().get_data(img)
         return c_order(array, self.dtype), meta
+
+    def _get_array_data(self, img: Any, filename: Any) -> np.ndarray:
+        # MONAI's hook for reading one image's array (``np.asanyarray(img.dataobj)``), the same
+        # array read so that a gzip-compressed file's CRC and length are checked.
+        return nifti_array(img)
 
 
 class SimpleITKReader(ImageReader):
@@ -76,23 +92,37 @@ class SimpleITKReader(ImageReader):
         return all(is_sitk_path(name) for name in as_paths(filename))
 
     def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> Any:
-        """Read one image, or a list of images for a list of paths (stacked as channels later).
+        """Check one path, or a list of them (stacked as channels later), and set up their readers;
+        the voxels are read by :meth:`get_data`.
+
+        ``LoadImage`` takes an error raised here for "not this reader's file" and tries the next
+        reader, ending in a message about missing reader libraries; an error raised by ``get_data``
+        reaches the user as it is. So a file of these formats whose data are truncated or corrupt
+        is refused there.
 
         Raises:
-            DataError: a path is not one of this reader's formats, or cannot be read.
+            DataError: a path is not one of this reader's formats, or its header is unusable.
         """
         paths = as_paths(data)
         if not paths:
             raise DataError("no image path given")
-        images = []
+        sources = []
         for path in paths:
             with doing(f"reading {path}"):
-                images.append(sitk_read(path, self.series_uid))
-        return images if len(images) > 1 else images[0]
+                sources.append(sitk_source(path, self.series_uid))
+        return sources if len(sources) > 1 else sources[0]
 
     def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
-        """Return ``(array, meta)`` for an image or list of images returned by :meth:`read`."""
-        images = list(img) if isinstance(img, (list, tuple)) else [img]
+        """Return ``(array, meta)`` for what :meth:`read` returned.
+
+        Raises:
+            DataError: a file's voxel data are truncated, corrupt or unreadable.
+        """
+        sources = [img] if isinstance(img, SitkSource) else list(img)
+        images = []
+        for source in sources:
+            with doing(f"reading {source.name}"):
+                images.append(sitk_voxels(source))
         volumes = [sitk_volume(image) for image in images]
         array, channel_dim = stack_channels(volumes, nifti=False)
         first = volumes[0]
