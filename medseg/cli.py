@@ -70,7 +70,7 @@ def train(
     ctx: typer.Context,
     config: Annotated[Optional[Path], typer.Argument(help="Experiment config (overrides of the packaged defaults; `medseg plan` writes one).")] = None,
     set_: SetOption = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from last.pt (--set may change only train.epochs, train.max_minutes, data.dataset and validate.*).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from last.pt, or a cross-validation folder's folds (--set may change only train.epochs, train.max_minutes, data.dataset and validate.*).")] = None,
     gpus: Annotated[int, typer.Option(help="Train on this many GPUs of this machine (starts torchrun).")] = 1,
     gpu_memory: Annotated[Optional[str], typer.Option(help="Fit patch, batch and checkpointing into this much GPU memory, e.g. 24GiB.")] = None,
     folds: Annotated[Optional[str], typer.Option(help="Cross-validation: train these folds (all, or e.g. 0,1,2) one after another into one folder, then score them and choose the postprocessing.")] = None,
@@ -110,16 +110,19 @@ def train(
         if resume is not None and config is not None:
             raise MedsegError("--resume continues a run with its own config; give no CONFIG with it "
                               "(--set may change what a resumed run allows)")
+        from medseg.folds import cross_validate, is_cross_validation, parse_folds, resume_cross_validation
+
         cfg = None if resume is not None else config_module.load(config, set_ or [])
-        if folds is None:
+        if folds is None and not (resume is not None and is_cross_validation(resume)):
             run_training(cfg, resume=resume, console=console, overrides=set_ or [] if resume is not None else [])
             return
     # Between and after the folds' trainings (each with its own stop handler) a stop ends the
     # command at once, as any command's does (the callback's handling).
     with _user_errors():
-        from medseg.folds import cross_validate, parse_folds
-
-        cross_validate(cfg, parse_folds(folds, cfg.data.folds), console=console)
+        if resume is not None:
+            resume_cross_validation(resume, set_ or [], console=console)
+        else:
+            cross_validate(cfg, parse_folds(folds, cfg.data.folds), console=console)
 
 
 @app.command()

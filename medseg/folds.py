@@ -14,6 +14,10 @@ folder gets:
 | `postprocessing.json` | the postprocessing decision (`medseg.postprocessing`), which `medseg infer` applies |
 
 `medseg infer <parent> ...` then runs the fold ensemble with that postprocessing.
+
+The parent folder also holds `folds.json` (the folds asked for and the config), written first:
+`medseg train --resume <parent>` continues a cross-validation that was stopped, resuming the fold
+that was training, training the folds not yet started, then scoring.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import csv
 import io
 import json
 import math
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,6 +40,7 @@ from medseg.metrics import json_safe, nanmean
 
 CROSSVAL_JSON = "crossval.json"
 CROSSVAL_CSV = "crossval.csv"
+PLAN_JSON = "folds.json"
 
 
 def parse_folds(text: str, folds: int) -> list[int]:
@@ -54,13 +60,50 @@ def parse_folds(text: str, folds: int) -> list[int]:
 def cross_validate(cfg: Config, folds: Sequence[int], console: Console | None = None) -> Path:
     """Train `folds` of `cfg` one after another into one parent folder, then score and choose the
     postprocessing (see the module docstring); returns the parent folder."""
+    from medseg.files import atomic_write_text
     from medseg.train import train
 
     console = console or Console()
+    cfg = cfg.replace(data={"dataset": os.path.abspath(cfg.data.dataset)})  # resumable from any folder
     parent = _parent_folder(cfg)
+    atomic_write_text(parent / PLAN_JSON, json.dumps({"folds": list(folds), "config": cfg.to_dict()}, indent=2) + "\n")
     for k in folds:
         console.print(f"cross-validation: fold {k} ({list(folds).index(k) + 1} of {len(folds)}) into {parent / f'fold{k}'}")
         train(cfg.replace(output_dir=str(parent), run_name=f"fold{k}", data={"fold": k}), console=console)
+    return _finish(parent, folds, cfg, console)
+
+
+def is_cross_validation(folder: Path) -> bool:
+    """Whether `folder` is the parent folder of a cross-validation (`cross_validate` made it)."""
+    return (Path(folder) / PLAN_JSON).is_file()
+
+
+def resume_cross_validation(parent: Path, overrides: Sequence[str] = (), console: Console | None = None) -> Path:
+    """Continue the cross-validation in `parent`: each fold with a checkpoint is resumed (a
+    finished one says so), each fold not started is trained, then all are scored. `overrides`:
+    what `--resume` may change (`run_state.ADJUSTABLE_ON_RESUME`), for every fold."""
+    from medseg.run_state import resumed_config
+    from medseg.train import train
+
+    console = console or Console()
+    parent = Path(parent)
+    try:
+        plan = json.loads((parent / PLAN_JSON).read_text(encoding="utf-8"))
+        folds = [int(k) for k in plan["folds"]]
+        cfg = resumed_config({"config": plan["config"]}, overrides, parent)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{parent / PLAN_JSON}: not a cross-validation record ({exc.__class__.__name__})") from None
+    for k in folds:
+        run = parent / f"fold{k}"
+        console.print(f"cross-validation: fold {k} ({folds.index(k) + 1} of {len(folds)}) in {run}")
+        if run.exists():
+            train(None, resume=run, console=console, overrides=overrides)  # says so when it is finished
+        else:
+            train(cfg.replace(output_dir=str(parent), run_name=f"fold{k}", data={"fold": k}), console=console)
+    return _finish(parent, folds, cfg, console)
+
+
+def _finish(parent: Path, folds: Sequence[int], cfg: Config, console: Console) -> Path:
     summary = score_folds(parent, folds, cfg, console)
     console.print(f"cross-validation Dice: {summary['overall']['mean_dice']:.4f} (per fold: "
                   + ", ".join(f"{k} {v['mean_dice']:.4f}" for k, v in summary["folds"].items()) + ")")
