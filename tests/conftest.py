@@ -27,3 +27,43 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Step and inference estimates (medseg.memory) remembered for the whole session: a pure function of
+# the config and of the data's channels, classes and spacing, all of which are in the key.
+_STEP_ESTIMATES: dict[str, object] = {}
+_INFERENCE_ESTIMATES: dict[str, object] = {}
+
+
+def _estimate_key(cfg, *arguments) -> str:
+    import json
+
+    return json.dumps([cfg.to_dict(), *(list(a) if isinstance(a, (list, tuple)) else a for a in arguments)],
+                      sort_keys=True)
+
+
+@pytest.fixture
+def estimates_once(monkeypatch):
+    """`medseg.memory.fit` estimates each candidate it tries; tests that fit the same network search
+    over many of the same candidates. With this fixture each (config, channels, classes, spacing)
+    is estimated once per session, by the first fit that asks. Only `fit`'s own calls go through it
+    (medseg.memory.fitting's names): a test that calls `memory.estimate` or `simulate_step` itself
+    still gets a fresh estimate."""
+    from medseg.memory import fitting
+
+    step, inference = fitting.estimate, fitting.estimate_inference
+
+    def remembered_step(cfg, in_channels, num_classes, spacing=(1.0, 1.0, 1.0)):
+        key = _estimate_key(cfg, in_channels, num_classes, spacing)
+        if key not in _STEP_ESTIMATES:
+            _STEP_ESTIMATES[key] = step(cfg, in_channels, num_classes, spacing)
+        return _STEP_ESTIMATES[key]
+
+    def remembered_inference(cfg, in_channels, num_classes, spacing, batch):
+        key = _estimate_key(cfg, in_channels, num_classes, spacing, batch)
+        if key not in _INFERENCE_ESTIMATES:
+            _INFERENCE_ESTIMATES[key] = inference(cfg, in_channels, num_classes, spacing, batch)
+        return _INFERENCE_ESTIMATES[key]
+
+    monkeypatch.setattr(fitting, "estimate", remembered_step)
+    monkeypatch.setattr(fitting, "estimate_inference", remembered_inference)

@@ -202,21 +202,12 @@ def test_fake_run_under_autocast_and_checkpointing_counts_what_a_real_run_counts
 # --- fit ------------------------------------------------------------------------------
 
 MiB = 2**20
-_estimates: dict[str, memory.MemoryReport] = {}
 
 
 @pytest.fixture
-def shared_estimates(monkeypatch):
-    """The fit tests search over many of the same configurations: estimate each once."""
-    original = fitting.estimate
-
-    def remembered(cfg, in_channels, num_classes, spacing=(1.0, 1.0, 1.0)):
-        key = json.dumps([cfg.to_dict(), in_channels, num_classes, list(spacing)], sort_keys=True)
-        if key not in _estimates:
-            _estimates[key] = original(cfg, in_channels, num_classes, spacing)
-        return _estimates[key]
-
-    monkeypatch.setattr(fitting, "estimate", remembered)
+def shared_estimates(estimates_once):
+    """The fit tests search over many of the same configurations: estimate each once (conftest's
+    `estimates_once`, shared with tests/test_memory_run.py's fits of the same network)."""
 
 
 def test_stage_checkpointing_per_sample_lowers_the_peak(monkeypatch):

@@ -20,7 +20,6 @@ from typer.testing import CliRunner
 
 from medseg import config, memory
 from medseg.cli import app
-from medseg.memory import fitting
 from tests.conftest import ROOT
 
 HIPPOCAMPUS = ROOT.parent / "shared" / "data" / "hippocampus"
@@ -29,32 +28,12 @@ SMALL = ["--set", "model.base_width=8", "--set", "model.max_width=32"]
 
 
 @pytest.fixture(autouse=True)
-def _estimates_once(monkeypatch):
+def _estimates_once(estimates_once):
     """`medseg memory` and `medseg train` fit the same configuration, so they estimate the same
-    candidates: each estimate (a pure function of the config and the data's channels, classes and
-    spacing, all in the key) is computed once per test, by whichever command asks first. A
-    difference in what the two commands hand the estimator is a different key, estimated afresh."""
-    steps, inference = {}, {}
-    step_estimate, inference_estimate = fitting.estimate, fitting.estimate_inference
-
-    def key(cfg, *args):
-        return json.dumps([cfg.to_dict(), *(list(a) if isinstance(a, (list, tuple)) else a for a in args)],
-                          sort_keys=True)
-
-    def remembered_step(cfg, in_channels, num_classes, spacing=(1.0, 1.0, 1.0)):
-        k = key(cfg, in_channels, num_classes, spacing)
-        if k not in steps:
-            steps[k] = step_estimate(cfg, in_channels, num_classes, spacing)
-        return steps[k]
-
-    def remembered_inference(cfg, in_channels, num_classes, spacing, batch):
-        k = key(cfg, in_channels, num_classes, spacing, batch)
-        if k not in inference:
-            inference[k] = inference_estimate(cfg, in_channels, num_classes, spacing, batch)
-        return inference[k]
-
-    monkeypatch.setattr(fitting, "estimate", remembered_step)
-    monkeypatch.setattr(fitting, "estimate_inference", remembered_inference)
+    candidates: each estimate is computed once, by whichever command asks first (conftest's
+    `estimates_once`: a pure function of the config and the data's channels, classes and spacing,
+    all in the key). A difference in what the two commands hand the estimator is a different key,
+    estimated afresh."""
 
 
 def _budget(config_path: Path, overrides: list[str]) -> str:

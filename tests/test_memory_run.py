@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -23,6 +24,12 @@ TWENTIETH = memory.Overhead(0.05, 0)
 def tiny(*overrides: str):
     return config.load(None, ["train.patch_size=[32,32,32]", "train.batch_size=2", "model.base_width=8",
                               "model.max_width=32", "train.amp=fp16", *overrides])
+
+
+@pytest.fixture(autouse=True)
+def _shared_estimates(estimates_once):
+    """The fits below search over many of the same candidates of one network (and of the network
+    of tests/test_memory.py's fits): each estimated once (conftest's `estimates_once`)."""
 
 
 def fit(budget: int, data: RunData | None, *overrides: str):
