@@ -36,10 +36,18 @@ def _train(tmp_path, *extra, dataset=str(ROOT / "sample_data"), name="run"):
     return runner.invoke(app, args)
 
 
-def test_train_on_sample_data_writes_run_directory(tmp_path):
-    result = _train(tmp_path)
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    """The run directory of `_train` with the TINY settings alone, trained once for the tests that
+    read it (or copy it before they change it)."""
+    folder = tmp_path_factory.mktemp("cli-train")
+    result = _train(folder)
     assert result.exit_code == 0, result.output
-    run_dir = tmp_path / "run"
+    return folder / "run"
+
+
+def test_train_on_sample_data_writes_run_directory(sample_run):
+    run_dir = sample_run
     for name in ("last.pt", "best.pt", "config.yaml", "metrics.csv", "preprocessing.json"):
         assert (run_dir / name).is_file(), name
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
@@ -75,9 +83,9 @@ def test_time_limited_run_on_the_device_sampler(tmp_path):
     assert state["sampler"][0] is not None  # the sampler's position, for an exact resume
 
 
-def test_resume_continues_to_more_epochs(tmp_path):
-    assert _train(tmp_path).exit_code == 0
+def test_resume_continues_to_more_epochs(sample_run, tmp_path):
     run_dir = tmp_path / "run"
+    shutil.copytree(sample_run, run_dir)
     # Extend the finished run by editing its resolved config, as a user would to train longer.
     state = checkpoint.load(run_dir / "last.pt")
     state["config"]["train"]["epochs"] = 3
@@ -113,10 +121,10 @@ def test_resume_keeps_the_runs_own_split(tmp_path):
     assert gone in result.output and "no longer has" in result.output and "Traceback" not in result.output
 
 
-def test_training_is_reproducible_on_cpu(tmp_path):
-    assert _train(tmp_path, name="a").exit_code == 0
+def test_training_is_reproducible_on_cpu(sample_run, tmp_path):
+    # The same settings trained again, in another folder, later in the session.
     assert _train(tmp_path, name="b").exit_code == 0
-    first = checkpoint.load(tmp_path / "a" / "last.pt")["model"]
+    first = checkpoint.load(sample_run / "last.pt")["model"]
     second = checkpoint.load(tmp_path / "b" / "last.pt")["model"]
     for key in first:
         torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
