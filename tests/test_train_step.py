@@ -152,13 +152,15 @@ _STAGE_COMPILED_STEP = textwrap.dedent("""
     from medseg.step import build_optimizer, compile_for_training, train_step
 
     torch.set_num_threads(1)
-    cfg = config.load(None, ["model.base_width=4", "model.max_width=16", "train.patch_size=[16,16,16]",
+    # The network, patch and dtype of tests/models/test_unet.py::_stage_step_against_off: the stages
+    # compile to the graphs that test compiled (torch.compile's caches hold them once per machine).
+    cfg = config.load(None, ["model.base_width=4", "model.max_width=16", "train.patch_size=[32,32,16]",
                              "train.batch_size=2", "model.checkpointing=stage"])
     generator = torch.Generator().manual_seed(1)
     # float64: see tests/models/test_unet.py::_stage_step_against_off (float32 rounding can flip a
     # LeakyReLU's slope between the two runs)
-    image = torch.randn(2, 1, 16, 16, 16, generator=generator, dtype=torch.float64)
-    label = torch.randint(0, 3, (2, 1, 16, 16, 16), generator=generator, dtype=torch.uint8)
+    image = torch.randn(2, 1, 32, 32, 16, generator=generator, dtype=torch.float64)
+    label = torch.randint(0, 3, (2, 1, 32, 32, 16), generator=generator, dtype=torch.uint8)
     dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}/store", rank=0, world_size=1)
 
     def step(mode, wrap):
@@ -212,11 +214,12 @@ def test_compiled_step_with_stage_checkpointing_compiles_each_stage(tmp_path):
     assert set(report) == {"plain", "ddp"}
     for case in report.values():
         assert case["network"] == "same" and case["loss"] == "compiled"
-        # 16³: three levels; the two finest (encoder.0-1, decoder.0-1) run one sample at a time.
+        # 32×32×16: four levels; the two finest (encoder.0-1, decoder.1-2) run one sample at a time.
         assert case["nodes"] == {
             "encoder.0": ["CompiledFunctionBackward"] * 2, "encoder.1": ["CompiledFunctionBackward"] * 2,
-            "encoder.2": ["CompiledFunctionBackward"],
-            "decoder.0": ["CompiledFunctionBackward"] * 2, "decoder.1": ["CompiledFunctionBackward"] * 2,
+            "encoder.2": ["CompiledFunctionBackward"], "encoder.3": ["CompiledFunctionBackward"],
+            "decoder.0": ["CompiledFunctionBackward"],
+            "decoder.1": ["CompiledFunctionBackward"] * 2, "decoder.2": ["CompiledFunctionBackward"] * 2,
         }
 
 
