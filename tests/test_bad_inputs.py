@@ -119,7 +119,7 @@ def test_truncated_nifti(tmp_path):
     case = _case(tmp_path, image=_image_array((30, 30, 30)))
     data = case.images[0].read_bytes()
     case.images[0].write_bytes(data[: len(data) // 2])
-    _assert_names(_raises(case), case.images[0], "cannot read")
+    _assert_names(_raises(case), case.images[0], "truncated")
 
 
 def test_text_file_named_nifti(tmp_path):
@@ -467,7 +467,7 @@ def _two_modalities_three_channels(root: Path) -> Path:
 
 # name -> (write the bad file into a good 2-case dataset and return its path, words the error must hold)
 BAD_FILES = {
-    "truncated_nifti": (_truncate, ("cannot read",)),
+    "truncated_nifti": (_truncate, ("truncated",)),
     "text_named_nifti": (_text, ("cannot read",)),
     "2d_image": (_bad_image(lambda: _image_array((8, 9))), ("2D",)),
     "zero_length_axis": (_bad_image(lambda: np.zeros((8, 0, 7), np.float32)), ("length 0",)),

@@ -325,16 +325,20 @@ def test_csv_and_json_round_trip(tmp_path: Path) -> None:
         result.write_json(tmp_path / "missing" / "metrics.json")
 
 
-def test_evaluate_command_takes_class_names_from_the_checkpoint(tmp_path: Path) -> None:
+def test_evaluate_command_takes_class_names_from_the_checkpoint(tmp_path: Path, tmp_path_factory) -> None:
     from typer.testing import CliRunner
 
     from medseg import checkpoint
     from medseg.cli import app
+    from tests.trained_run import trained_run
 
     _save(tmp_path / "ref" / "a.nii.gz", _box((2, 2, 2), (6, 6, 6)))
     _save(tmp_path / "pred" / "a.nii.gz", _box((2, 2, 2), (6, 6, 7)))
+    # A trained run's checkpoint, its classes renamed: evaluate names the classes as it records them.
+    state = checkpoint.load(trained_run(tmp_path_factory) / "best.pt")
     labels = {"0": "background", "1": "liver", "2": "tumour"}
-    checkpoint.save({"model": {}, "config": {}, "preprocessing": {"labels": labels}}, tmp_path / "best.pt")
+    state["preprocessing"] = {**state["preprocessing"], "labels": labels, "num_classes": 3}
+    checkpoint.save(state, tmp_path / "best.pt")
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "pred"), str(tmp_path / "ref"),
                                       "--checkpoint", str(tmp_path / "best.pt"), "-o", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
