@@ -147,7 +147,8 @@ def test_bf16_and_checkpointing_train(tmp_path, monkeypatch):
         return model
 
     monkeypatch.setattr(training, "build_model", build_and_watch)
-    result = _train(tmp_path, "train.amp=bf16", "model.checkpointing=stage", "train.epochs=1")
+    # Training is what is watched: all cases train (data.fold=-1), no validation after it.
+    result = _train(tmp_path, "train.amp=bf16", "model.checkpointing=stage", "train.epochs=1", "data.fold=-1")
     assert result.exit_code == 0, result.output
     assert "amp bf16" in result.output and "checkpointing stage" in result.output
     assert seen == [torch.bfloat16] * (2 * 3)  # 3 steps (batch 1), each stage run twice
@@ -155,7 +156,7 @@ def test_bf16_and_checkpointing_train(tmp_path, monkeypatch):
     assert saved["train"]["amp"] == "bf16" and saved["model"]["checkpointing"] == "stage"
     # Without checkpointing the stage runs once per step: the count above is the recomputation.
     seen.clear()
-    assert _train(tmp_path, "train.amp=bf16", "train.epochs=1", name="plain").exit_code == 0
+    assert _train(tmp_path, "train.amp=bf16", "train.epochs=1", "data.fold=-1", name="plain").exit_code == 0
     assert seen == [torch.bfloat16] * 3
 
 
@@ -192,9 +193,10 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monke
     # SIGTERM during step 4 (epoch 2, step 1 of 3): the run saves and stops after that step; the
     # resumed run takes the 2 steps left. Its weights are those of a run never interrupted, exactly
     # (the sampler's position and the random generators are saved), with or without worker processes.
+    # Training alone is compared: all cases train (data.fold=-1), no validation at the end.
     cfg = config.load(ROOT / "configs" / "sample.yaml", [
         *TINY, f"data.dataset={ROOT / 'sample_data'}", f"output_dir={tmp_path}", f"data.sampler={sampler}",
-        f"train.workers={workers}", "validate.every=0", "train.device=cpu"])
+        f"train.workers={workers}", "validate.every=0", "train.device=cpu", "data.fold=-1"])
     training.train(cfg.replace(run_name="whole"))
     real_step = step_module.train_step
     calls = {"n": 0}
