@@ -10,8 +10,10 @@ import sys
 import textwrap
 
 import torch
+from typer.testing import CliRunner
 
 from medseg import checkpoint
+from medseg.cli import app
 from tests.conftest import ROOT
 
 # The processes print "×": their output is UTF-8 whatever the locale of the machine running the tests.
@@ -72,24 +74,25 @@ def test_two_processes_train_identically_and_write_once(tmp_path):
     for key in first:
         torch.testing.assert_close(saved[key], first[key], rtol=0, atol=0, msg=key)
 
-    # A run started on two processes resumes on one (and would on any number).
+    # A run started on two processes resumes on one (and would on any number): here, in this
+    # process, through the CLI.
     state = checkpoint.load(run_dir / "last.pt")
     state["config"]["train"]["epochs"] = 3
     checkpoint.save(state, run_dir / "last.pt")
-    resumed = subprocess.run([sys.executable, "-m", "medseg", "train", "--resume", str(run_dir)],
-                             capture_output=True, encoding="utf-8", errors="replace", timeout=300, cwd=ROOT, env=UTF8)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = CliRunner().invoke(app, ["train", "--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output[-3000:]
     assert [r["epoch"] for r in csv.DictReader((run_dir / "metrics.csv").open(encoding="utf-8"))] == ["1", "2", "3"]
 
 
 def test_gpus_option_starts_torchrun(tmp_path):
+    # One epoch (and its validation): the two processes training together are the test above's.
     command = [sys.executable, "-m", "medseg", "train", str(ROOT / "configs" / "sample.yaml"), "--gpus", "2"]
-    for item in _overrides(tmp_path):
+    for item in [*_overrides(tmp_path), "train.epochs=1"]:
         command += ["--set", item]
     result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=ROOT, env=UTF8)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "×2" in result.stdout
-    assert checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 1
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 0
 
 
 def test_batch_not_divisible_by_processes_is_one_line_error(tmp_path):
@@ -125,8 +128,9 @@ OOM_HARNESS = textwrap.dedent('''
 def test_out_of_memory_on_one_process_changes_every_process(tmp_path):
     harness = tmp_path / "harness.py"
     harness.write_text(OOM_HARNESS, encoding="utf-8")
+    # The first step is what runs out of memory: all cases train (data.fold=-1), no validation after it.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(harness), str(tmp_path), *_overrides(tmp_path), "train.epochs=1"]
+               str(harness), str(tmp_path), *_overrides(tmp_path), "train.epochs=1", "data.fold=-1"]
     result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600,
                             cwd=ROOT, env=UTF8)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -72,7 +72,7 @@ def _stopped(process: subprocess.Popen, run_dir: Path) -> str:
     return output
 
 
-def test_sigterm_to_the_process_group_at_ten_moments_then_resume_from_elsewhere(tmp_path):
+def test_sigterm_to_the_process_group_at_ten_moments_then_resume_from_elsewhere(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     chooser = random.Random(19)
     preview = run_dir / "previews" / "sample_000.png"  # the first validation case's, written during validation
@@ -95,14 +95,14 @@ def test_sigterm_to_the_process_group_at_ten_moments_then_resume_from_elsewhere(
         process = _start(["--resume", str(run_dir)], cwd=tmp_path)
         _signal_when(process, ready)
         _stopped(process, run_dir)
-    # Finished from another folder, extended to end soon: the checkpoint carries on.
+    # Finished from another folder (in this process, through the CLI), extended to end soon: the
+    # checkpoint carries on.
     state = checkpoint.load(run_dir / "last.pt")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    finish = subprocess.run([sys.executable, "-m", "medseg", "train", "--resume", str(run_dir),
-                             "--set", f"train.epochs={state['epoch'] + 2}"], cwd=elsewhere, capture_output=True,
-                            encoding="utf-8", errors="replace", timeout=300)
-    assert finish.returncode == 0, finish.stdout + finish.stderr
+    monkeypatch.chdir(elsewhere)
+    finish = runner.invoke(app, ["train", "--resume", str(run_dir), "--set", f"train.epochs={state['epoch'] + 2}"])
+    assert finish.exit_code == 0, finish.output
     final = checkpoint.load(run_dir / "last.pt")
     assert final["epoch"] == state["epoch"] + 1 and final["pending"] is None
     assert [row["epoch"] for row in final["history"]] == list(range(1, final["epoch"] + 2))
@@ -253,7 +253,7 @@ def test_workers_are_held_to_the_usable_cores(tmp_path):
     cores = len(os.sched_getaffinity(0))
     result = runner.invoke(app, ["train", str(ROOT / "configs" / "sample.yaml"), *_set(
         [*SMALL, f"train.workers={cores + 3}", "train.epochs=1", "validate.every=0", "train.iterations_per_epoch=1",
-         f"output_dir={tmp_path}", "run_name=run"])])
+         "data.fold=-1", f"output_dir={tmp_path}", "run_name=run"])])
     assert result.exit_code == 0, result.output
     assert f"train.workers={cores + 3} held to {cores}" in " ".join(result.output.split())
     assert checkpoint.load(tmp_path / "run" / "last.pt")["config"]["train"]["workers"] == cores
