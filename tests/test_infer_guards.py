@@ -7,6 +7,7 @@ resampling's tens of gigabytes are refused by the limit at once instead of being
 
 from __future__ import annotations
 
+import os
 import resource
 import subprocess
 import sys
@@ -49,8 +50,9 @@ def _limited() -> None:
 
 
 def _run_limited(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    # UTF-8 output whatever the locale: the test's own script prints medseg's message (with its "×").
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, encoding="utf-8", errors="replace",
-                          preexec_fn=_limited, timeout=300)
+                          preexec_fn=_limited, timeout=300, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
 
 
 @pytest.mark.parametrize("given", ["files", "folder"])
