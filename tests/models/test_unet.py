@@ -455,16 +455,12 @@ _COMPILED_STAGES = textwrap.dedent("""
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
-def test_stage_checkpointing_with_compiled_stages_gives_the_loss_and_gradients_of_none():
+def test_stage_checkpointing_with_compiled_stages_gives_the_loss_and_gradients_of_none(compiled_checks):
     # compile_stages: each stage is its own graph, run under the eager checkpoints (and rerun in
     # backward). A stage whose forward torch.compile does not trace (nn.Sequential's own forward,
     # in torch.nn, is not traced as the outermost frame) would run eagerly without any error: every
     # stage's outputs must come from a compiled graph, each stage one graph without breaks.
-    result = subprocess.run([sys.executable, "-c", _COMPILED_STAGES], capture_output=True,
-                            encoding="utf-8", errors="replace", timeout=900, cwd=ROOT,
-                            env={**os.environ, "PYTHONUTF8": "1", "PYTHONIOENCODING": "utf-8"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads(compiled_checks[0])
     assert set(report["nodes"]) == FINE_STAGES | COARSE_STAGES
     for name, nodes in report["nodes"].items():
         assert nodes == ["CompiledFunctionBackward"] * (BATCH if name in FINE_STAGES else 1), name
@@ -589,14 +585,26 @@ _COMPILED_GRADIENTS = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                    reason="torch.compile on the CPU needs a C++ compiler")
-def test_selective_checkpointing_compiled_gives_the_same_gradients():
-    # torch.compile recomputes a checkpointed region in its own way; compiled and eager gradients
-    # must agree to float rounding (about 5e-7 of the largest gradient here).
-    result = subprocess.run([sys.executable, "-c", _COMPILED_GRADIENTS], capture_output=True,
-                            encoding="utf-8", errors="replace", timeout=900,
+@pytest.fixture(scope="module")
+def compiled_checks() -> tuple[str, str]:
+    """The last lines printed by _COMPILED_STAGES and by _COMPILED_GRADIENTS, run one after the
+    other in one fresh interpreter (whose start-up, and torch.compile's, is most of their time):
+    between them torch._dynamo.reset() drops the first one's compiled code, guards and counters,
+    and the thread count it set is restored."""
+    script = "\n".join(["import torch", "threads = torch.get_num_threads()", _COMPILED_STAGES,
+                        "torch._dynamo.reset()", "torch.set_num_threads(threads)", _COMPILED_GRADIENTS])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                            encoding="utf-8", errors="replace", timeout=900, cwd=ROOT,
                             env={**os.environ, "PYTHONUTF8": "1", "PYTHONIOENCODING": "utf-8"})
     assert result.returncode == 0, result.stderr[-3000:]
-    worst = float(result.stdout.strip().splitlines()[-1])
+    stages, gradients = result.stdout.strip().splitlines()[-2:]
+    return stages, gradients
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_selective_checkpointing_compiled_gives_the_same_gradients(compiled_checks):
+    # torch.compile recomputes a checkpointed region in its own way; compiled and eager gradients
+    # must agree to float rounding (about 5e-7 of the largest gradient here).
+    worst = float(compiled_checks[1])
     assert worst < 5e-6, f"compiled gradients differ from eager by {worst:.2e} of the largest gradient"
