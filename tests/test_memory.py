@@ -321,10 +321,11 @@ def test_fit_rejects_bad_caps():
 
 
 def test_fit_raises_with_numbers_when_nothing_fits():
-    # At a fixed depth of 3 the 16³ patch cannot shrink: one patch to try.
+    # At a fixed depth of 3 the 16³ patch cannot shrink, and the cap keeps it from growing: one
+    # patch to try.
     cfg = tiny("model.depth=3", "train.patch_size=[16,16,16]")
     with pytest.raises(MedsegError) as raised:
-        memory.fit(cfg, 1, CLASSES, (1.0, 1.0, 1.0), budget_bytes=2**20, overhead=TENTH)
+        memory.fit(cfg, 1, CLASSES, (1.0, 1.0, 1.0), budget_bytes=2**20, overhead=TENTH, max_patch=(16, 16, 16))
     message = str(raised.value)
     assert "\n" not in message and "nothing fits in 0.00 GiB" in message and "needs" in message
 
