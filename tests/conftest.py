@@ -67,3 +67,37 @@ def estimates_once(monkeypatch):
 
     monkeypatch.setattr(fitting, "estimate", remembered_step)
     monkeypatch.setattr(fitting, "estimate_inference", remembered_inference)
+
+
+@pytest.fixture(scope="session")
+def compiled_checks(tmp_path_factory) -> dict[str, str]:
+    """The torch.compile checks of tests/models/test_unet.py (compiled stages, compiled selective
+    checkpointing) and tests/test_train_step.py (the compiled stage-checkpointing step, alone and
+    in DistributedDataParallel), run one after the other in one fresh interpreter in UTF-8 mode
+    (torch.compile's imports read source files in the locale's encoding), whose start-up and
+    torch.compile's are most of their time. Between them torch._dynamo.reset() drops the compiled
+    code, guards and counters, and the thread count a check set is restored. The last line each
+    printed, by name ("stages", "selective", "step")."""
+    import subprocess
+    import sys
+
+    from tests.models.test_unet import _COMPILED_GRADIENTS, _COMPILED_STAGES
+    from tests.test_train_step import _STAGE_COMPILED_STEP
+
+    checks = {"stages": _COMPILED_STAGES, "selective": _COMPILED_GRADIENTS, "step": _STAGE_COMPILED_STEP}
+    script = ["import torch", "threads = torch.get_num_threads()"]
+    for name, check in checks.items():
+        script += [f"print('--- {name}', flush=True)", check, "torch._dynamo.reset()", "torch.set_num_threads(threads)"]
+    store = tmp_path_factory.mktemp("compiled")  # the step's process group's file store (its sys.argv[1])
+    result = subprocess.run([sys.executable, "-c", "\n".join(script), str(store)], capture_output=True,
+                            encoding="utf-8", errors="replace", timeout=900, cwd=ROOT,
+                            env={**os.environ, "PYTHONUTF8": "1", "PYTHONIOENCODING": "utf-8"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed: dict[str, list[str]] = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("--- ") and line[4:] in checks:
+            printed[line[4:]] = []
+        elif printed and line.strip():
+            printed[list(printed)[-1]].append(line)
+    assert set(printed) == set(checks) and all(printed.values()), result.stdout[-3000:]
+    return {name: lines[-1] for name, lines in printed.items()}

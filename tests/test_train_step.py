@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -19,7 +16,6 @@ from medseg.oom import MemoryFallback
 from medseg.schedule import Schedule
 from medseg.step import (GraphedStep, build_optimizer, compile_for_training,
                          compile_setting, forward_backward, memory_format, train_step)
-from tests.conftest import ROOT
 
 CUDA = torch.device("cuda")  # only named, never used, in the rule tests
 CPU = torch.device("cpu")
@@ -137,7 +133,7 @@ def test_non_finite_loss_takes_no_step_with_a_fused_optimiser_and_no_host_decisi
 
 # Run in a fresh interpreter in UTF-8 mode (torch.compile's imports read source files in the
 # locale's encoding), which also keeps torch.compile's caches and the process group out of the
-# other tests.
+# other tests: conftest's `compiled_checks`, with test_unet's compiled checks.
 _STAGE_COMPILED_STEP = textwrap.dedent("""
     import json
     import sys
@@ -202,15 +198,12 @@ _STAGE_COMPILED_STEP = textwrap.dedent("""
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
-def test_compiled_step_with_stage_checkpointing_compiles_each_stage(tmp_path):
+def test_compiled_step_with_stage_checkpointing_compiles_each_stage(compiled_checks):
     # With stage checkpointing compile_for_training leaves the network (and DistributedDataParallel
     # around it) uncompiled, the checkpoints eager, and compiles each stage on its own and the loss:
     # every stage's outputs come from a compiled graph, and the step makes the eager step's update.
-    result = subprocess.run([sys.executable, "-c", _STAGE_COMPILED_STEP, str(tmp_path)], capture_output=True,
-                            text=True, encoding="utf-8", errors="replace", timeout=900, cwd=ROOT,
-                            env={**os.environ, "PYTHONUTF8": "1", "PYTHONIOENCODING": "utf-8"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    # (_STAGE_COMPILED_STEP runs in conftest's `compiled_checks` interpreter, with test_unet's.)
+    report = json.loads(compiled_checks["step"])
     assert set(report) == {"plain", "ddp"}
     for case in report.values():
         assert case["network"] == "same" and case["loss"] == "compiled"

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from functools import partial
 
@@ -19,7 +16,6 @@ from medseg.config import Config
 from medseg.errors import ConfigError
 from medseg.models import SegmentationNetwork, build_model, network_plan
 from medseg.models.unet import CHECKPOINTING_MODES, CheckpointedLevels, UNet3D, plan_network
-from tests.conftest import ROOT
 
 # (x, y, z): stride plan ((1,1,1), (2,2,2), (2,2,2), (2,2,1)) -- z stops halving at 4 voxels, so the
 # strides differ between axes and the shape checks below cannot pass by symmetry.
@@ -460,7 +456,7 @@ def test_stage_checkpointing_with_compiled_stages_gives_the_loss_and_gradients_o
     # backward). A stage whose forward torch.compile does not trace (nn.Sequential's own forward,
     # in torch.nn, is not traced as the outermost frame) would run eagerly without any error: every
     # stage's outputs must come from a compiled graph, each stage one graph without breaks.
-    report = json.loads(compiled_checks[0])
+    report = json.loads(compiled_checks["stages"])
     assert set(report["nodes"]) == FINE_STAGES | COARSE_STAGES
     for name, nodes in report["nodes"].items():
         assert nodes == ["CompiledFunctionBackward"] * (BATCH if name in FINE_STAGES else 1), name
@@ -562,7 +558,7 @@ def test_build_model_rejects_depth_the_patch_cannot_support():
 
 
 # Run in a fresh interpreter in UTF-8 mode: torch.compile's own imports read source files in the
-# locale's encoding and fail under an ASCII locale.
+# locale's encoding and fail under an ASCII locale (conftest's `compiled_checks`, as _COMPILED_STAGES).
 _COMPILED_GRADIENTS = textwrap.dedent("""
     import torch
     from medseg.losses import DiceCELoss
@@ -585,26 +581,10 @@ _COMPILED_GRADIENTS = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def compiled_checks() -> tuple[str, str]:
-    """The last lines printed by _COMPILED_STAGES and by _COMPILED_GRADIENTS, run one after the
-    other in one fresh interpreter (whose start-up, and torch.compile's, is most of their time):
-    between them torch._dynamo.reset() drops the first one's compiled code, guards and counters,
-    and the thread count it set is restored."""
-    script = "\n".join(["import torch", "threads = torch.get_num_threads()", _COMPILED_STAGES,
-                        "torch._dynamo.reset()", "torch.set_num_threads(threads)", _COMPILED_GRADIENTS])
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True,
-                            encoding="utf-8", errors="replace", timeout=900, cwd=ROOT,
-                            env={**os.environ, "PYTHONUTF8": "1", "PYTHONIOENCODING": "utf-8"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    stages, gradients = result.stdout.strip().splitlines()[-2:]
-    return stages, gradients
-
-
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_selective_checkpointing_compiled_gives_the_same_gradients(compiled_checks):
     # torch.compile recomputes a checkpointed region in its own way; compiled and eager gradients
     # must agree to float rounding (about 5e-7 of the largest gradient here).
-    worst = float(compiled_checks[1])
+    worst = float(compiled_checks["selective"])
     assert worst < 5e-6, f"compiled gradients differ from eager by {worst:.2e} of the largest gradient"
