@@ -13,6 +13,15 @@ means, and the acknowledgement says it:
 A second signal ends the run at once (`StoppedAtOnce`, raised from the handler), whatever it is
 doing; the files written so far stay complete because every write is atomic.
 
+"At once" is a `StopSignal` raised from the handler in the main thread, wherever the program is,
+with two guards (`_Ending`), because an exception raised at a random point can be lost: a stop
+that interrupts an import (torch imports much of itself lazily, the optimiser its compiler with
+sympy) waits for the import to finish (raised inside it, the library's own error handling could
+catch it, or leave a module half-imported: numpy without its types); and the stop is raised again
+every 50 ms until the block that installed the handler has ended, so that one swallowed (by a
+library's `except BaseException`, or as an "ignored" exception in a fork hook or a finaliser)
+still ends the command.
+
 `stopping_at_once` is the handling of every other command, and of train's start: the command ends
 at once. Processes forked while either handler is installed ignore SIGINT and end at once on
 SIGTERM (`_as_a_child`).
@@ -65,6 +74,7 @@ class StopRequests:
         self.notify = notify or _to_stderr
         self._previous: dict[int, Any] = {}
         self._owner = os.getpid()
+        self._ending = _Ending()
 
     def __call__(self) -> bool:
         return self.reason is not None
@@ -73,12 +83,14 @@ class StopRequests:
         # Signal handlers can only be installed from the main thread; elsewhere (a worker thread
         # running training) the process's own handling stays.
         self._owner = os.getpid()
+        self._ending = _Ending()
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
+        self._ending.ended()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -99,12 +111,16 @@ class StopRequests:
             _as_a_child(number)
             return
         name = signal.Signals(number).name
-        if self.reason is not None:
-            raise StoppedAtOnce(f"stopped at once by a second {name}; {self._left()}")
-        self.reason = name
-        self.notify(_ACKNOWLEDGEMENTS[self.stage].format(signal=name))
-        if self.stage == "setup":
-            raise StopSignal(f"stopped by {name} before training started; nothing was saved")
+        if self._ending.error is None:  # else: delivered again until the stop has ended the run
+            if self.reason is not None:
+                self._ending.error = StoppedAtOnce(f"stopped at once by a second {name}; {self._left()}")
+            else:
+                self.reason = name
+                self.notify(_ACKNOWLEDGEMENTS[self.stage].format(signal=name))
+                if self.stage != "setup":
+                    return
+                self._ending.error = StopSignal(f"stopped by {name} before training started; nothing was saved")
+        self._ending.raise_from_handler(number, frame)
 
     def _left(self) -> str:
         if self.run_dir is not None and (self.run_dir / "last.pt").is_file():
@@ -142,20 +158,75 @@ def stopping_at_once(moment: str) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    handler = functools.partial(_end_at_once, os.getpid(), moment)
+    ending = _Ending()
+    handler = functools.partial(_end_at_once, os.getpid(), moment, ending)
     previous = {sig: signal.signal(sig, handler) for sig in SIGNALS}
     try:
         yield
     finally:
+        ending.ended()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _end_at_once(owner: int, moment: str, number: int, frame: Any) -> None:
+def _end_at_once(owner: int, moment: str, ending: "_Ending", number: int, frame: Any) -> None:
     if os.getpid() != owner:  # a process forked meanwhile
         _as_a_child(number)
         return
-    raise StopSignal(f"stopped by {signal.Signals(number).name} {moment}")
+    if ending.error is None:
+        ending.error = StopSignal(f"stopped by {signal.Signals(number).name} {moment}")
+    ending.raise_from_handler(number, frame)
+
+
+class _Ending:
+    """The stop a handler has decided on (`error`), raised from the handler where it cannot be
+    lost (see the module's docstring) and again until `ended()` (the handler's block is over)."""
+
+    def __init__(self) -> None:
+        self.error: StopSignal | None = None
+        self._again: threading.Timer | None = None
+        self._over = False
+
+    def raise_from_handler(self, number: int, frame: Any) -> None:
+        """Raise `error` now, unless the handler interrupted an import or a stop already on its
+        way out (its `finally` blocks, which must run): either way it is delivered again soon."""
+        assert self.error is not None
+        self._deliver_again(number)
+        if _in_an_import(frame) or isinstance(sys.exc_info()[1], StopSignal):
+            return
+        raise self.error
+
+    def ended(self) -> None:
+        self._over = True
+        if self._again is not None:
+            self._again.cancel()
+
+    def _deliver_again(self, number: int) -> None:
+        # To the main thread: there it waits while that thread holds the signals back
+        # (`signals_blocked`); another thread would run the handler at once.
+        main = threading.main_thread().ident
+        assert main is not None
+        self._again = threading.Timer(_AGAIN_AFTER, self._deliver, (main, number))
+        self._again.daemon = True
+        self._again.start()
+
+    def _deliver(self, thread: int, number: int) -> None:
+        if not self._over:
+            signal.pthread_kill(thread, number)
+
+
+def _in_an_import(frame: Any) -> bool:
+    """Whether the signal handler interrupted an import: a frame of Python's import machinery is
+    on the stack."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+# Seconds after which a stop not yet raised, or not yet done, is delivered again.
+_AGAIN_AFTER = 0.05
 
 
 def _as_a_child(number: int) -> None:

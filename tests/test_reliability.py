@@ -268,6 +268,49 @@ def test_a_stop_while_starting_is_not_swallowed_by_a_library_and_spares_forked_c
     assert signal.getsignal(signal.SIGTERM) == before  # the previous handling is back
 
 
+def test_a_stop_swallowed_by_a_library_is_raised_again():
+    # A library's `except BaseException` (or Python itself, in a fork hook or a finaliser) can
+    # swallow the stop: it is raised again until it has ended the block.
+    from medseg.errors import StopSignal
+    from medseg.stopping import stopping_at_once
+
+    with pytest.raises(StopSignal, match="SIGTERM while starting"), stopping_at_once("while starting"):
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except BaseException:
+            pass
+        time.sleep(10)  # the stop, raised again, ends this wait
+
+
+# A module whose import is signalled halfway and that, as some libraries do around an optional
+# part, catches everything there: a stop raised inside it would be swallowed (the signal lost, the
+# command going on) or leave the module half-imported.
+SIGNALLED_MODULE = """
+import os, signal
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    halfway = True
+except BaseException:
+    halfway = False
+complete = True
+"""
+
+
+@pytest.mark.parametrize("handling", ["at once", "training's setup"])
+def test_a_stop_during_an_import_waits_for_the_import_and_is_not_lost(tmp_path, monkeypatch, handling):
+    from medseg.errors import StopSignal
+    from medseg.stopping import StopRequests, stopping_at_once
+
+    name = "signalled_" + handling.replace(" ", "_").replace("'", "")
+    (tmp_path / f"{name}.py").write_text(SIGNALLED_MODULE, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    handler = stopping_at_once("while starting") if handling == "at once" else StopRequests(notify=lambda text: None)
+    with pytest.raises(StopSignal, match="stopped by SIGTERM"), handler:
+        module = __import__(name)
+        time.sleep(10)  # the stop ends this wait, right after the import
+    assert module.halfway and module.complete and sys.modules[name] is module
+
+
 def _read_slowly(item: int) -> int:
     time.sleep(0.2)
     return item
