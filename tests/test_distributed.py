@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import csv
-import json
 import re
 import os
 import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -27,20 +25,14 @@ TINY = [
     "train.device=cpu",
 ]
 
-# Runs medseg's training twice in each process of one torchrun (its start-up and the processes'
-# imports are most of the time): first as it is, then saving that process's copy of the network,
-# so the test can compare them (DistributedDataParallel must keep them identical); then a second
-# run (the OOM test's) in which one process (rank 1) runs out of memory without checkpointing and
-# the other would not.
+# Runs medseg's training in each process and then saves that process's copy of the network, so
+# the test can compare them: DistributedDataParallel must keep them identical.
 HARNESS = textwrap.dedent('''
-    import json
-    import os
     import sys
     import torch
     import torch.distributed as dist
     import medseg.train as training
     from medseg import config
-    from medseg.models.unet import UNet3D
 
     kept = {}
     class Recording(torch.nn.parallel.DistributedDataParallel):
@@ -49,20 +41,10 @@ HARNESS = textwrap.dedent('''
             kept["module"] = module
 
     torch.nn.parallel.DistributedDataParallel = Recording
-    out, plain, out_of_memory = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-    training.train(config.load(None, plain))
-    rank = int(os.environ["RANK"])
+    out, overrides = sys.argv[1], sys.argv[2:]
+    training.train(config.load(None, overrides))
+    rank = int(__import__("os").environ["RANK"])
     torch.save(kept["module"].state_dict(), f"{out}/rank{rank}.pt")
-
-    real_forward = UNet3D.forward
-
-    def forward(self, image):
-        if rank == 1 and self.training and self.checkpointing == "off":
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real_forward(self, image)
-
-    UNet3D.forward = forward
-    training.train(config.load(None, out_of_memory))
 ''')
 
 
@@ -70,25 +52,13 @@ def _overrides(tmp_path, name="run"):
     return [*TINY, f"data.dataset={ROOT / 'sample_data'}", f"output_dir={tmp_path}", f"run_name={name}"]
 
 
-@pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-    """HARNESS's two runs through torchrun: the folder (runs `run` and `oom`, each process's
-    network after `run`) and the output."""
-    folder = tmp_path_factory.mktemp("distributed")
-    harness = folder / "harness.py"
+def test_two_processes_train_identically_and_write_once(tmp_path):
+    harness = tmp_path / "harness.py"
     harness.write_text(HARNESS, encoding="utf-8")
-    # The OOM run's first step is what runs out of memory: all cases train (data.fold=-1), one
-    # epoch, no validation after it.
-    out_of_memory = [*_overrides(folder, name="oom"), "train.epochs=1", "data.fold=-1"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(harness), str(folder), json.dumps(_overrides(folder)), json.dumps(out_of_memory)]
+               str(harness), str(tmp_path), *_overrides(tmp_path)]
     result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=ROOT, env=UTF8)
     assert result.returncode == 0, result.stderr[-3000:]
-    return folder, result.stdout
-
-
-def test_two_processes_train_identically_and_write_once(two_processes):
-    tmp_path, _ = two_processes
     first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key in first:
         torch.testing.assert_close(first[key], second[key], rtol=0, atol=0, msg=key)
@@ -134,8 +104,36 @@ def test_batch_not_divisible_by_processes_is_one_line_error(tmp_path):
     assert "'train.batch_size' 3 must be divisible by the 2 processes" in result.stderr
 
 
-def test_out_of_memory_on_one_process_changes_every_process(two_processes):
-    tmp_path, output = two_processes  # HARNESS's second run, `oom`
+# One process (rank 1) runs out of memory without checkpointing; the other would not.
+OOM_HARNESS = textwrap.dedent('''
+    import os
+    import sys
+    import torch
+    import medseg.train as training
+    from medseg import config
+    from medseg.models.unet import UNet3D
+
+    real_forward = UNet3D.forward
+
+    def forward(self, image):
+        if os.environ["RANK"] == "1" and self.training and self.checkpointing == "off":
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_forward(self, image)
+
+    UNet3D.forward = forward
+    training.train(config.load(None, sys.argv[2:]))
+''')
+
+
+def test_out_of_memory_on_one_process_changes_every_process(tmp_path):
+    harness = tmp_path / "harness.py"
+    harness.write_text(OOM_HARNESS, encoding="utf-8")
+    # The first step is what runs out of memory: all cases train (data.fold=-1), no validation after it.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(harness), str(tmp_path), *_overrides(tmp_path), "train.epochs=1", "data.fold=-1"]
+    result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600,
+                            cwd=ROOT, env=UTF8)
+    assert result.returncode == 0, result.stderr[-3000:]
     assert ("out of memory on at least one GPU in the first step: activation checkpointing switched to "
-            "selective on every GPU") in " ".join(output.split())  # (Rich wraps long lines)
-    assert checkpoint.load(tmp_path / "oom" / "last.pt")["epoch"] == 0
+            "selective on every GPU") in " ".join(result.stdout.split())  # (Rich wraps long lines)
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 0
