@@ -5,6 +5,7 @@ Heavy imports (torch, MONAI) live inside the commands so that `medseg --help` is
 
 from __future__ import annotations
 
+import importlib.abc
 import os
 import sys
 from pathlib import Path
@@ -50,6 +51,7 @@ def _main(
     # MLflow, imported with MONAI where it is installed, would record an installation id in the
     # home folder at import (its telemetry); a user's own setting is kept.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    _import_monai_without_mlflow()
     # SIGTERM (a scheduler's) ends any command as Ctrl-C does: exit code 130, no traceback; every
     # file medseg writes is renamed into place complete, so what was written before stays whole.
     ctx.with_resource(stopping_at_once("before the command finished; the files written before it are complete"))
@@ -57,6 +59,23 @@ def _main(
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
+
+
+def _import_monai_without_mlflow() -> None:
+    """MONAI imports MLflow, where it is installed, for its own MLflow handler, which medseg does
+    not use: about a second of every command's start. In this process MLflow is not found while
+    MONAI is being imported (its handler then says that MLflow is missing); after that it imports
+    as usual, for `train.logger: mlflow`."""
+    if not any(isinstance(finder, _NoMlflowWhileMonaiImports) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _NoMlflowWhileMonaiImports())
+
+
+class _NoMlflowWhileMonaiImports(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):  # type: ignore[no-untyped-def]
+        monai = sys.modules.get("monai")
+        if name == "mlflow" and getattr(getattr(monai, "__spec__", None), "_initializing", False):
+            raise ModuleNotFoundError("not imported with MONAI by medseg", name=name)
+        return None
 
 
 SetOption = Annotated[
