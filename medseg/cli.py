@@ -51,7 +51,7 @@ def _main(
     # MLflow, imported with MONAI where it is installed, would record an installation id in the
     # home folder at import (its telemetry); a user's own setting is kept.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    _import_monai_without_mlflow()
+    _import_monai_lean()
     # SIGTERM (a scheduler's) ends any command as Ctrl-C does: exit code 130, no traceback; every
     # file medseg writes is renamed into place complete, so what was written before stays whole.
     ctx.with_resource(stopping_at_once("before the command finished; the files written before it are complete"))
@@ -61,20 +61,28 @@ def _main(
             stream.reconfigure(errors="replace")
 
 
-def _import_monai_without_mlflow() -> None:
-    """MONAI imports MLflow, where it is installed, for its own MLflow handler, which medseg does
-    not use: about a second of every command's start. In this process MLflow is not found while
-    MONAI is being imported (its handler then says that MLflow is missing); after that it imports
-    as usual, for `train.logger: mlflow`."""
-    if not any(isinstance(finder, _NoMlflowWhileMonaiImports) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _NoMlflowWhileMonaiImports())
+# What MONAI imports at its own import (it loads every submodule) for features medseg does not use,
+# by the feature: together more than a second of every command's start.
+MONAI_EXTRAS = {
+    "mlflow": "its MLflow handler",
+    "scipy.signal": "its ultrasound confidence map",
+    "matplotlib.pyplot": "its notebook plots",
+}
 
 
-class _NoMlflowWhileMonaiImports(importlib.abc.MetaPathFinder):
+def _import_monai_lean() -> None:
+    """In this process, the modules of MONAI_EXTRAS are not found while MONAI is being imported (those
+    features of MONAI then say that the module is missing); after that each imports as usual
+    (MLflow for `train.logger: mlflow`, matplotlib's figures for the previews)."""
+    if not any(isinstance(finder, _NoExtrasWhileMonaiImports) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _NoExtrasWhileMonaiImports())
+
+
+class _NoExtrasWhileMonaiImports(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):  # type: ignore[no-untyped-def]
         monai = sys.modules.get("monai")
-        if name == "mlflow" and getattr(getattr(monai, "__spec__", None), "_initializing", False):
-            raise ModuleNotFoundError("not imported with MONAI by medseg", name=name)
+        if name in MONAI_EXTRAS and getattr(getattr(monai, "__spec__", None), "_initializing", False):
+            raise ModuleNotFoundError(f"not imported with MONAI by medseg (for {MONAI_EXTRAS[name]})", name=name)
         return None
 
 

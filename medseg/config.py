@@ -11,8 +11,10 @@ built, so a bad value fails before any work starts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import types
@@ -259,7 +261,13 @@ def defaults() -> Config:
 
 
 def default_values() -> dict[str, Any]:
-    """The packaged defaults as a nested dict."""
+    """The packaged defaults as a nested dict (a fresh copy: the caller may change it)."""
+    return copy.deepcopy(_parsed_defaults())
+
+
+@functools.cache
+def _parsed_defaults() -> dict[str, Any]:
+    # Parsed once per process: every load, and every check after each override, starts from them.
     return yaml.safe_load(defaults_text())
 
 
