@@ -5,7 +5,6 @@ Heavy imports (torch, MONAI) live inside the commands so that `medseg --help` is
 
 from __future__ import annotations
 
-import importlib.abc
 import os
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import typer
 from rich.console import Console
 
 from medseg.errors import MedsegError, StopSignal, TrainingInterrupted
+from medseg.monai_import import skip_monai_extras
 from medseg.quiet import hide_known_warnings
 from medseg.stopping import stopping_at_once
 
@@ -51,7 +51,7 @@ def _main(
     # MLflow, imported with MONAI where it is installed, would record an installation id in the
     # home folder at import (its telemetry); a user's own setting is kept.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    _import_monai_lean()
+    skip_monai_extras()  # before the commands import MONAI
     # SIGTERM (a scheduler's) ends any command as Ctrl-C does: exit code 130, no traceback; every
     # file medseg writes is renamed into place complete, so what was written before stays whole.
     ctx.with_resource(stopping_at_once("before the command finished; the files written before it are complete"))
@@ -59,31 +59,6 @@ def _main(
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
-
-
-# What MONAI imports at its own import (it loads every submodule) for features medseg does not use,
-# by the feature: together more than a second of every command's start.
-MONAI_EXTRAS = {
-    "mlflow": "its MLflow handler",
-    "scipy.signal": "its ultrasound confidence map",
-    "matplotlib.pyplot": "its notebook plots",
-}
-
-
-def _import_monai_lean() -> None:
-    """In this process, the modules of MONAI_EXTRAS are not found while MONAI is being imported (those
-    features of MONAI then say that the module is missing); after that each imports as usual
-    (MLflow for `train.logger: mlflow`, matplotlib's figures for the previews)."""
-    if not any(isinstance(finder, _NoExtrasWhileMonaiImports) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _NoExtrasWhileMonaiImports())
-
-
-class _NoExtrasWhileMonaiImports(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):  # type: ignore[no-untyped-def]
-        monai = sys.modules.get("monai")
-        if name in MONAI_EXTRAS and getattr(getattr(monai, "__spec__", None), "_initializing", False):
-            raise ModuleNotFoundError(f"not imported with MONAI by medseg (for {MONAI_EXTRAS[name]})", name=name)
-        return None
 
 
 SetOption = Annotated[

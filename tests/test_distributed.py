@@ -29,6 +29,8 @@ TINY = [
 # the test can compare them: DistributedDataParallel must keep them identical.
 HARNESS = textwrap.dedent('''
     import sys
+    from medseg.monai_import import skip_monai_extras
+    skip_monai_extras()  # as the `medseg` command does
     import torch
     import torch.distributed as dist
     import medseg.train as training
@@ -108,6 +110,8 @@ def test_batch_not_divisible_by_processes_is_one_line_error(tmp_path):
 OOM_HARNESS = textwrap.dedent('''
     import os
     import sys
+    from medseg.monai_import import skip_monai_extras
+    skip_monai_extras()  # as the `medseg` command does
     import torch
     import medseg.train as training
     from medseg import config

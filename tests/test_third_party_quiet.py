@@ -45,7 +45,7 @@ def test_no_telemetry_is_recorded_in_the_home_folder(tmp_path):
 # and whether they import now, MONAI imported.
 IMPORTS_OF_A_COMMAND = """
 import importlib, runpy, sys
-from medseg.cli import MONAI_EXTRAS
+from medseg.monai_import import MONAI_EXTRAS
 sys.argv = ["medseg", *sys.argv[1:]]
 try:
     runpy.run_module("medseg", run_name="__main__")
@@ -62,7 +62,7 @@ finally:
 def test_a_command_imports_monai_without_its_extras(tmp_path, tmp_path_factory):
     # MONAI would import MLflow (where installed), scipy.signal and matplotlib's pyplot for features
     # medseg does not use: more than a second of start-up. They still import afterwards.
-    from medseg.cli import MONAI_EXTRAS
+    from medseg.monai_import import MONAI_EXTRAS
 
     run = trained_run(tmp_path_factory)
     image = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
