@@ -302,13 +302,14 @@ def test_the_default_step_times_are_read_only():
 def test_fit_shrinks_the_patch_when_the_request_does_not_fit_and_keeps_batch_two(shared_estimates):
     cfg = tiny("train.patch_size=[64,64,64]", "train.batch_size=4")
     budget = 60 * MiB  # 64³ needs 100 MiB at batch 2 even with stage checkpointing
-    chosen, report = fit(cfg, budget, overhead=memory.Overhead(0.0, 0))
+    # The data's extent is the requested patch (max_patch): the patch can only shrink.
+    chosen, report = fit(cfg, budget, overhead=memory.Overhead(0.0, 0), max_patch=(64, 64, 64))
     patch = chosen.train.patch_size
     # A smaller cube, then single axes grown by half the divisor (8 here) into what is left.
     assert max(patch) < 64 and all(n % 8 == 0 for n in patch) and max(patch) - min(patch) <= 8
     assert chosen.train.batch_size >= 2 and report.total <= budget
     # Batch 1 only when asked for (or when nothing with 2 fits): then a larger patch.
-    single, report = fit(cfg, budget, overhead=memory.Overhead(0.0, 0), max_batch=1)
+    single, report = fit(cfg, budget, overhead=memory.Overhead(0.0, 0), max_patch=(64, 64, 64), max_batch=1)
     assert single.train.batch_size == 1 and report.total <= budget
     assert math.prod(single.train.patch_size) > math.prod(patch)
 
