@@ -91,7 +91,14 @@ def train(
                      highlight=False, soft_wrap=True)
         raise typer.Exit(code=2)
     if gpus > 1 and "LOCAL_RANK" not in os.environ:
-        # The same as `torchrun --nproc-per-node N -m medseg train ...`: PyTorch's own launcher.
+        # The same as `torchrun --nproc-per-node N -m medseg train ...`: PyTorch's own launcher,
+        # after the checks that need no process of it.
+        with _user_errors():
+            from medseg import config as config_module
+            from medseg.distributed import check_batch
+
+            if config is not None:
+                check_batch(config_module.load(config, set_ or []).train.batch_size, gpus)
         from torch.distributed.run import main as torchrun
 
         arguments = [str(config)] if config is not None else []

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from medseg.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Context:
@@ -31,6 +33,13 @@ class Context:
     def is_main(self) -> bool:
         """Rank 0 alone writes checkpoints, metrics and the progress display."""
         return self.rank == 0
+
+
+def check_batch(batch_size: int, world_size: int) -> None:
+    """Each step's batch is split evenly over the processes: ConfigError where it cannot be."""
+    if batch_size % world_size:
+        raise ConfigError(f"'train.batch_size' {batch_size} must be divisible by the "
+                          f"{world_size} processes it is split over")
 
 
 def start(device: str) -> Context:

@@ -214,9 +214,7 @@ def _held_workers(cfg: Config, console: Console) -> Config:
 def _check_settings(cfg: Config, context: distributed.Context) -> None:
     if cfg.train.max_minutes is not None and cfg.train.max_minutes <= 0:
         raise ConfigError(f"'train.max_minutes' must be positive, got {cfg.train.max_minutes}")
-    if cfg.train.batch_size % context.world_size:
-        raise ConfigError(f"'train.batch_size' {cfg.train.batch_size} must be divisible by the "
-                          f"{context.world_size} processes it is split over")
+    distributed.check_batch(cfg.train.batch_size, context.world_size)
 
 
 def _prepare_device(cfg: Config, device: torch.device, console: Console) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -102,8 +103,10 @@ def test_batch_not_divisible_by_processes_is_one_line_error(tmp_path):
     for item in [*_overrides(tmp_path), "train.batch_size=3"]:
         command += ["--set", item]
     result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=ROOT, env=UTF8)
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr
     assert "'train.batch_size' 3 must be divisible by the 2 processes" in result.stderr
+    # Said before torchrun starts any process: nothing else printed, no run folder.
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists(), result.stderr
 
 
 # One process (rank 1) runs out of memory without checkpointing; the other would not.
@@ -141,3 +144,15 @@ def test_out_of_memory_on_one_process_changes_every_process(tmp_path):
     assert ("out of memory on at least one GPU in the first step: activation checkpointing switched to "
             "selective on every GPU") in " ".join(result.stdout.split())  # (Rich wraps long lines)
     assert checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 0
+
+
+def test_the_batch_must_split_evenly_over_the_processes():
+    # The rule the command checks before torchrun starts and each process checks again (a resumed
+    # run's batch, read from its checkpoint there).
+    from medseg.distributed import check_batch
+    from medseg.errors import ConfigError
+
+    check_batch(4, 2)
+    check_batch(3, 1)
+    with pytest.raises(ConfigError, match="'train.batch_size' 6 must be divisible by the 4 processes"):
+        check_batch(6, 4)
