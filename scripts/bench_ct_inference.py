@@ -50,6 +50,10 @@ CT_STATISTICS = {"clip_low": (-1000.0,), "clip_high": (1500.0,), "mean": (40.0,)
 
 def main() -> None:
     args = _parser().parse_args()
+    if args.role in ("build", "infer"):
+        from medseg.monai_import import skip_monai_extras
+
+        skip_monai_extras()  # as the `medseg` command does, before MONAI is imported
     if args.role == "build":
         return build_checkpoints(Path(args.work), args.classes, args.target_spacing, args.set)
     if args.role == "infer":

@@ -360,7 +360,8 @@ def test_deflate_bomb_checkpoint_is_refused_before_inflating(tmp_path):
     assert last.stat().st_size < 1 << 20
     before = _tree(tmp_path)
     # A fresh process, so that its peak memory is this load's alone.
-    script = ("import resource, sys\nfrom medseg.cli import main\nimport medseg.train\n"
+    script = ("import resource, sys\nfrom medseg.cli import main\nfrom medseg.monai_import import skip_monai_extras\n"
+              "skip_monai_extras()\nimport medseg.train\n"
               "start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
               "sys.argv = ['medseg', 'train', '--resume', sys.argv[1]]\n"
               "try:\n    main()\nexcept SystemExit as stop:\n    code = stop.code\n"
