@@ -1,7 +1,9 @@
 """Stop requests: SIGINT and SIGTERM ask training to stop at the next safe point and save.
 
 The handler only records the request and says so (it never writes a file): a signal that arrives
-while a checkpoint is written lets the write finish. Where training is at decides what "at once"
+while a checkpoint is written lets the write finish. A request that interrupts an import is taken
+when the signal comes again after it (`_deliver_later`): saying so prints, and printing may import
+the very module that is half-imported then. Where training is at decides what "at once"
 means, and the acknowledgement says it:
 
 - setting up (reading and caching the data, before the first step): nothing is saved yet, the
@@ -111,6 +113,12 @@ class StopRequests:
             _as_a_child(number)
             return
         name = signal.Signals(number).name
+        if self.reason is None and self._ending.error is None and _in_an_import(frame):
+            # The acknowledgement prints, and printing may import (rich its emoji codes, on first
+            # use): inside the import this signal interrupted, that module would be half-imported.
+            # The request is taken when the signal comes again, after the import.
+            _deliver_later(number)
+            return
         if self._ending.error is None:  # else: delivered again until the stop has ended the run
             if self.reason is not None:
                 self._ending.error = StoppedAtOnce(f"stopped at once by a second {name}; {self._left()}")
@@ -202,17 +210,24 @@ class _Ending:
             self._again.cancel()
 
     def _deliver_again(self, number: int) -> None:
-        # To the main thread: there it waits while that thread holds the signals back
-        # (`signals_blocked`); another thread would run the handler at once.
-        main = threading.main_thread().ident
-        assert main is not None
-        self._again = threading.Timer(_AGAIN_AFTER, self._deliver, (main, number))
-        self._again.daemon = True
-        self._again.start()
+        self._again = _deliver_later(number, lambda: not self._over)
 
-    def _deliver(self, thread: int, number: int) -> None:
-        if not self._over:
-            signal.pthread_kill(thread, number)
+
+def _deliver_later(number: int, wanted: Callable[[], bool] = lambda: True) -> threading.Timer:
+    """Signal `number` delivered again to the main thread in _AGAIN_AFTER seconds if `wanted()`
+    then: there it waits while that thread holds the signals back (`signals_blocked`); another
+    thread would run the handler at once."""
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def deliver() -> None:
+        if wanted():
+            signal.pthread_kill(main, number)
+
+    timer = threading.Timer(_AGAIN_AFTER, deliver)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def _in_an_import(frame: Any) -> bool:

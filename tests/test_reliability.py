@@ -311,6 +311,37 @@ def test_a_stop_during_an_import_waits_for_the_import_and_is_not_lost(tmp_path, 
     assert module.halfway and module.complete and sys.modules[name] is module
 
 
+# A module whose import is signalled halfway; what it defines after that is what the
+# acknowledgement of the stop request needs (as rich's console imports its emoji codes when it first
+# prints).
+ACKNOWLEDGEMENT_NEEDS = """
+import os, signal
+os.kill(os.getpid(), signal.SIGTERM)
+WORDS = {"stopping": True}
+"""
+
+
+def test_a_stop_request_during_an_import_is_taken_after_it(tmp_path, monkeypatch):
+    # Taken inside the import, the request's acknowledgement would find the module half-imported
+    # (and its error would end the import, and the run, as an internal error).
+    import importlib
+
+    from medseg.stopping import StopRequests
+
+    name = "acknowledgement_needs"
+    (tmp_path / f"{name}.py").write_text(ACKNOWLEDGEMENT_NEEDS, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    said = []
+    with StopRequests(notify=lambda text: said.append((text, importlib.import_module(name).WORDS))) as stop:
+        with stop.during("training"):
+            module = __import__(name)
+            deadline = time.monotonic() + 10
+            while not stop() and time.monotonic() < deadline:
+                time.sleep(0.01)
+    assert said == [("SIGTERM: stopping after this step... (again to stop at once)", {"stopping": True})]
+    assert stop.reason == "SIGTERM" and sys.modules[name] is module
+
+
 def _read_slowly(item: int) -> int:
     time.sleep(0.2)
     return item
