@@ -22,7 +22,7 @@ sympy) waits for the import to finish (raised inside it, the library's own error
 catch it, or leave a module half-imported: numpy without its types); and the stop is raised again
 every 50 ms until the block that installed the handler has ended, so that one swallowed (by a
 library's `except BaseException`, or as an "ignored" exception in a fork hook or a finaliser)
-still ends the command.
+still ends the command (where Python ignores it, nothing is printed: `_hide_ignored_stops`).
 
 `stopping_at_once` is the handling of every other command, and of train's start: the command ends
 at once. Processes forked while either handler is installed ignore SIGINT and end at once on
@@ -194,6 +194,7 @@ class _Ending:
         self.error: StopSignal | None = None
         self._again: threading.Timer | None = None
         self._over = False
+        self._unraisable_hook: Callable[[Any], None] | None = None
 
     def raise_from_handler(self, number: int, frame: Any) -> None:
         """Raise `error` now, unless the handler interrupted an import or a stop already on its
@@ -202,12 +203,28 @@ class _Ending:
         self._deliver_again(number)
         if _in_an_import(frame) or isinstance(sys.exc_info()[1], StopSignal):
             return
+        self._hide_ignored_stops()
         raise self.error
 
     def ended(self) -> None:
         self._over = True
         if self._again is not None:
             self._again.cancel()
+        if self._unraisable_hook is not None:
+            sys.unraisablehook, self._unraisable_hook = self._unraisable_hook, None
+
+    def _hide_ignored_stops(self) -> None:
+        # Raised again where Python ignores exceptions (in a generator it finalises as the stop
+        # unwinds its caller, in a finaliser), the stop would be printed with its traceback as
+        # "Exception ignored in ..."; it is delivered again anyway. Other exceptions print as before.
+        if self._unraisable_hook is None:
+            previous = self._unraisable_hook = sys.unraisablehook
+
+            def hook(unraisable: Any) -> None:
+                if not isinstance(unraisable.exc_value, StopSignal):
+                    previous(unraisable)
+
+            sys.unraisablehook = hook
 
     def _deliver_again(self, number: int) -> None:
         self._again = _deliver_later(number, lambda: not self._over)

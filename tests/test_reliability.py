@@ -342,6 +342,44 @@ def test_a_stop_request_during_an_import_is_taken_after_it(tmp_path, monkeypatch
     assert stop.reason == "SIGTERM" and sys.modules[name] is module
 
 
+# A generator that Python finalises while the stop unwinds its caller, and that takes longer to
+# close than the stop takes to be delivered again: raised again there, the stop is an exception
+# Python ignores, and prints ("Exception ignored in ...", with a traceback).
+FINALISED_WHILE_STOPPING = """
+import signal, time
+from medseg.errors import StopSignal
+from medseg.stopping import stopping_at_once
+
+def slow_to_close():
+    try:
+        yield 1
+    finally:
+        time.sleep(0.3)
+
+def consume():
+    items = slow_to_close()
+    next(items)
+    try:
+        signal.raise_signal(signal.SIGTERM)
+    finally:
+        del items
+
+try:
+    with stopping_at_once("while starting"):
+        consume()
+except StopSignal as stop:
+    print("stopped:", stop)
+"""
+
+
+def test_a_stop_raised_again_where_python_ignores_exceptions_prints_nothing():
+    # In a process of its own: pytest catches what Python ignores before it would print.
+    done = subprocess.run([sys.executable, "-c", FINALISED_WHILE_STOPPING], capture_output=True, encoding="utf-8",
+                          errors="replace", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "stopped: stopped by SIGTERM while starting" and done.stderr == "", done.stderr
+
+
 def _read_slowly(item: int) -> int:
     time.sleep(0.2)
     return item
