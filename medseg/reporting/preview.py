@@ -51,20 +51,22 @@ def write_preview(image: Any, labels_by_name: Mapping[str, Any], class_names: Se
     low, high = (float(v) for v in np.percentile(volume, (0.5, 99.5))) if volume.size else (0.0, 1.0)
     high = max(high, low + 1e-6)
     colours = [PALETTE[c % len(PALETTE)] for c in range(len(class_names))]
-    top = _TITLE if title else _MARGIN
-    canvas = Image.new("RGB", (3 * _PANEL + 4 * _MARGIN, top + _CAPTION + _PANEL + _MARGIN), "white")
-    draw = ImageDraw.Draw(canvas)
     font = _font(_FONT_SIZE)
+    width = 3 * _PANEL + 4 * _MARGIN
+    legend = _legend_rows(list(maps), class_names, colours, font, width)
+    top = _TITLE if title else _MARGIN
+    below = top + _CAPTION + _PANEL + _MARGIN  # where the legend starts
+    canvas = Image.new("RGB", (width, below + _ROW * len(legend) + _MARGIN), "white")
+    draw = ImageDraw.Draw(canvas)
     if title:
-        _centred_text(draw, title, canvas.width / 2, _MARGIN, _font(_FONT_SIZE + 4))
+        _centred_text(draw, title, width / 2, _MARGIN, _font(_FONT_SIZE + 4))
     for index, (plane, cut, aspect) in enumerate(_planes(centre, spacing)):
         pixels = _panel(volume[cut], {name: labels[cut] for name, labels in maps.items()}, aspect, low, high, colours)
         left = _MARGIN + index * (_PANEL + _MARGIN)
         _centred_text(draw, plane, left + _PANEL / 2, top, font)
         canvas.paste(Image.fromarray(pixels), (left + (_PANEL - pixels.shape[1]) // 2,
                                                top + _CAPTION + (_PANEL - pixels.shape[0]) // 2))
-    legend = _legend(draw, list(maps), class_names, colours, font, canvas.width)
-    canvas = _with_legend(canvas, legend)
+    _draw_legend(draw, legend, font, below, width)
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     atomic_write(Path(path), buffer.getvalue())
@@ -76,7 +78,8 @@ PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 # Where a line style draws, by (pixel column + row) modulo the period: (period, drawn below).
 _DASHES = {"solid": (1, 1), "dashed": (14, 9), "dotted": (4, 2), "dashdot": (18, 11)}
 _FILL_ALPHA = 0.45
-_PANEL, _MARGIN, _CAPTION, _TITLE, _FONT_SIZE = 400, 12, 26, 40, 16
+_PANEL, _MARGIN, _CAPTION, _TITLE, _FONT_SIZE = 400, 12, 26, 40, 16  # pixels (and points)
+_ROW, _SWATCH = _FONT_SIZE + 12, 28  # a legend row's height; its colour boxes' and lines' width
 
 
 def _panel(plane: np.ndarray, labels: Mapping[str, np.ndarray], aspect: float, low: float, high: float,
@@ -130,42 +133,31 @@ def _centred_text(draw: Any, text: str, centre_x: float, y: float, font: Any) ->
     draw.text((centre_x - draw.textlength(text, font=font) / 2, y), text, fill="black", font=font)
 
 
-def _legend(draw: Any, names: list[str], class_names: Sequence[str], colours: Sequence[tuple[int, int, int]],
-            font: Any, width: int) -> list[list[tuple[str, str, Any]]]:
-    """The legend's entries (kind, text, colour or line style) in rows that fit `width`."""
+def _legend_rows(names: list[str], class_names: Sequence[str], colours: Sequence[tuple[int, int, int]],
+                 font: Any, width: int) -> list[list[tuple[str, str, Any, float]]]:
+    """The legend's entries (kind, text, colour or line style, width in pixels) in rows that fit `width`."""
     entries: list[tuple[str, str, Any]] = [("class", name, colours[c]) for c, name in enumerate(class_names)]
     entries += [("outline", f"{n} (outline)", LINE_STYLES[i % len(LINE_STYLES)]) for i, n in enumerate(names[:-1])]
     if names:
         entries.append(("filled", f"{names[-1]} (filled)", None))
-    rows: list[list[tuple[str, str, Any]]] = [[]]
+    rows: list[list[tuple[str, str, Any, float]]] = [[]]
     used = _MARGIN
-    for entry in entries:
-        needed = _SWATCH + 6 + draw.textlength(entry[1], font=font) + 2 * _MARGIN
-        if rows[-1] and used + needed > width - _MARGIN:
+    for kind, text, style in entries:
+        needed = _SWATCH + 6 + font.getlength(text)
+        if rows[-1] and used + needed + 2 * _MARGIN > width - _MARGIN:
             rows.append([])
             used = _MARGIN
-        rows[-1].append(entry)
-        used += needed
+        rows[-1].append((kind, text, style, needed))
+        used += needed + 2 * _MARGIN
     return rows
 
 
-_SWATCH = 28  # a legend entry's colour box or line, in pixels
-
-
-def _with_legend(canvas: Any, rows: list[list[tuple[str, str, Any]]]) -> Any:
-    """`canvas` with the legend's rows below it, each row centred."""
-    from PIL import Image, ImageDraw
-
-    row_height = _FONT_SIZE + 12
-    out = Image.new("RGB", (canvas.width, canvas.height + row_height * len(rows) + _MARGIN), "white")
-    out.paste(canvas, (0, 0))
-    draw = ImageDraw.Draw(out)
-    font = _font(_FONT_SIZE)
+def _draw_legend(draw: Any, rows: list[list[tuple[str, str, Any, float]]], font: Any, top: int, width: int) -> None:
+    """The legend's rows from `top` down, each row centred."""
     for number, row in enumerate(rows):
-        widths = [_SWATCH + 6 + draw.textlength(text, font=font) for _, text, _ in row]
-        x = (out.width - sum(widths) - 2 * _MARGIN * (len(row) - 1)) / 2
-        y = canvas.height + number * row_height
-        for (kind, text, style), entry_width in zip(row, widths):
+        x = (width - sum(entry[3] for entry in row) - 2 * _MARGIN * (len(row) - 1)) / 2
+        y = top + number * _ROW
+        for kind, text, style, entry_width in row:
             box = (x, y + 4, x + _SWATCH, y + 4 + _FONT_SIZE - 2)
             if kind == "class":
                 draw.rectangle(box, fill=style)
@@ -178,7 +170,6 @@ def _with_legend(canvas: Any, rows: list[list[tuple[str, str, Any]]]) -> Any:
                     draw.line((x + start, middle, x + min(start + drawn, _SWATCH) - 1, middle), fill="black", width=2)
             draw.text((x + _SWATCH + 6, y), text, fill="black", font=font)
             x += entry_width + 2 * _MARGIN
-    return out
 
 
 def _planes(centre: Sequence[int], spacing: Sequence[float]) -> list[tuple[str, tuple, float]]:
